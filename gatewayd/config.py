@@ -1,0 +1,223 @@
+"""The configuration, declared once.
+
+Every setting is a field of a frozen dataclass whose metadata holds its kind
+(type and bounds), default, unit, one line of documentation and how a reload
+treats it. The loader, ``--print-config`` and the man page's key list are all
+read from these declarations, so none of them can drift from the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import kinds as k
+
+# How a reload treats a setting: the man page prints these words.
+RELOAD_LIVE = "applied in place on reload"
+RELOAD_NEW = "applies to new connections and requests after a reload"
+RELOAD_RESTART = "read at start only; a reload that changes it is refused"
+
+
+def setting(
+    kind: k.Kind,
+    default: Any = dataclasses.MISSING,
+    doc: str = "",
+    *,
+    unit: str = "",
+    reload: str = RELOAD_LIVE,
+) -> Any:
+    """Declare one configuration key (see the module docstring)."""
+    meta = {"kind": kind, "doc": doc, "unit": unit, "reload": reload}
+    return field(default=default, metadata=meta)
+
+
+def settings_of(cls: type) -> list[dataclasses.Field[Any]]:
+    """The declared settings of a section class, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "kind" in f.metadata]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    listen: tuple[str, ...] = setting(
+        k.ListenList(), ("127.0.0.1:8080",), "addresses the gateway accepts clients on",
+        reload="new addresses are bound before removed ones close",
+    )
+    workers: int | str = setting(
+        k.Workers(), 1, 'worker processes; "auto" starts one per CPU', reload=RELOAD_RESTART
+    )
+    max_connections: int = setting(
+        k.Int(1, 10_000_000), 10000,
+        "open client connections for the whole gateway; accepting pauses at the limit",
+    )
+    backlog: int = setting(
+        k.Int(1, 65535), 1024, "listen backlog (capped by net.core.somaxconn)", reload=RELOAD_NEW
+    )
+    keepalive_timeout: float = setting(
+        k.Duration(), 75.0, "an idle keep-alive connection is closed after this",
+        unit="seconds", reload=RELOAD_NEW,
+    )
+    request_header_timeout: float = setting(
+        k.Duration(), 10.0, "a request head must arrive in full within this of its first byte",
+        unit="seconds", reload=RELOAD_NEW,
+    )
+    request_body_timeout: float = setting(
+        k.Duration(), 20.0, "a request body must arrive within this (answered 408 otherwise)",
+        unit="seconds", reload=RELOAD_NEW,
+    )
+    request_body_min_rate: int = setting(
+        k.Int(1), 500, "the body timeout grows by 1 s for every this many bytes received",
+        unit="bytes per second", reload=RELOAD_NEW,
+    )
+    max_body_size: int = setting(
+        k.Size(), 10 * 1024 * 1024, "larger request bodies are answered 413",
+        unit="bytes", reload=RELOAD_NEW,
+    )
+    shutdown_timeout: float = setting(
+        k.Duration(0.0, lo_open=False), 30.0,
+        "on SIGTERM, in-flight requests get this long to finish", unit="seconds",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlConfig:
+    socket: str = setting(
+        k.Text(), "gatewayd.sock",
+        "path of the control socket; relative to the configuration file's folder",
+        reload=RELOAD_RESTART,
+    )
+    mode: int = setting(k.FileMode(), 0o600, "file mode of the control socket", reload=RELOAD_RESTART)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    listen: str | None = setting(
+        k.Listen(), None,
+        "address of the Prometheus /metrics, /healthz and /readyz listener; unset: none",
+        reload=RELOAD_RESTART,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    level: str = setting(
+        k.Choice(("debug", "info", "warning", "error")), "info", "daemon log level (stderr)"
+    )
+    access_log: str = setting(
+        k.Text(), "-", 'access log: "-" for stdout, a file path, or "off"',
+        reload="a changed file is opened on reload",
+    )
+    access_format: str = setting(
+        k.Choice(("combined", "json")), "combined", "access log line format"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamConfig:
+    name: str = ""  # the table's key in [upstreams]
+    servers: tuple[k.Server, ...] | None = setting(
+        k.Servers(), None, "HTTP servers of this upstream (exclusive with handler)",
+        reload=RELOAD_NEW,
+    )
+    handler: str | None = setting(
+        k.ImportPath(), None, 'in-process handler "module:callable" (exclusive with servers)',
+        reload=RELOAD_NEW,
+    )
+    executor: str = setting(
+        k.Choice(("inline", "process")), "inline",
+        'how a handler runs: "inline" (an async aiohttp handler on the event loop) or '
+        '"process" (a plain function in a pool of processes)',
+        reload=RELOAD_NEW,
+    )
+    processes: int = setting(
+        k.Int(1, 256), 2, 'size of the process pool when executor = "process"', reload=RELOAD_NEW
+    )
+    connect_timeout: float = setting(
+        k.Duration(), 2.0, "longest wait for a connection to a server", unit="seconds",
+        reload=RELOAD_NEW,
+    )
+    read_timeout: float = setting(
+        k.Duration(), 30.0, "longest wait for the next bytes from the upstream (504 before the head)",
+        unit="seconds", reload=RELOAD_NEW,
+    )
+    max_connections: int = setting(
+        k.Int(0), 1000, "connections to this upstream's servers at once (0 = no limit)",
+        reload=RELOAD_NEW,
+    )
+    keepalive_timeout: float = setting(
+        k.Duration(), 4.0,
+        "an idle pooled connection is closed after this; keep it below the server's own",
+        unit="seconds", reload=RELOAD_NEW,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteConfig:
+    name: str = setting(k.Name(), doc="unique route name, used in metrics, logs and the dashboard")
+    path_prefix: str = setting(k.PathPrefix(), "/", "the longest matching prefix wins")
+    strip_prefix: bool = setting(k.Bool(), False, "forward the path without the prefix")
+    host: str | None = setting(
+        k.HostName(), None, "match only this Host (port ignored); unset: any host"
+    )
+    upstream: str = setting(k.Name(), doc="a key of [upstreams]")
+    max_concurrency: int = setting(
+        k.Int(1, 1_000_000), 100, "requests of this route at the upstream at once"
+    )
+    max_queue: int = setting(
+        k.Int(0, 1_000_000), 1000, "requests allowed to wait for a slot; 0 = none wait"
+    )
+    queue_timeout: float = setting(
+        k.Duration(), 2.0, "longest wait in the queue before a 503 queue_timeout", unit="seconds"
+    )
+    retry_after: int = setting(
+        k.Int(0, 86400), 1, "value of the Retry-After header on this route's 503s", unit="seconds"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole validated configuration file."""
+
+    path: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    def route(self, name: str) -> RouteConfig:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def socket_path(self) -> Path:
+        """The control socket's path, relative paths taken from the file's folder."""
+        p = Path(self.control.socket)
+        return p if p.is_absolute() else Path(self.path).resolve().parent / p
+
+    def access_log_path(self) -> str:
+        """``-``, ``off`` or an absolute path."""
+        a = self.log.access_log
+        if a in ("-", "off") or Path(a).is_absolute():
+            return a
+        return str(Path(self.path).resolve().parent / a)
+
+
+# Sections of the file: TOML table name -> declaration.
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "control": ControlConfig,
+    "metrics": MetricsConfig,
+    "log": LogConfig,
+}

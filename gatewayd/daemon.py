@@ -1,0 +1,161 @@
+"""Running one gatewayd process: start-up, signals, graceful shutdown.
+
+Signal handlers only put the signal on a queue; one loop takes them off and
+acts, so a reload and a shutdown never run at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+import sys
+from typing import Any
+
+from . import notify
+from .config import Config
+from .control import ControlError, ControlServer
+from .procstats import raise_fd_limit
+from .prom import MetricsListener
+from .runtime import Runtime
+from .snapshot import snapshot, waiters
+
+log = logging.getLogger("gatewayd")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gatewayd[%(process)d]: %(levelname)s: %(message)s"))
+    root = logging.getLogger("gatewayd")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    # aiohttp logs client disconnects at debug; keep its errors visible
+    logging.getLogger("aiohttp").addHandler(handler)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed (faster accept, parse and write paths), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class LocalController:
+    """Control commands for a single-process gateway."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._reload_lock = asyncio.Lock()
+
+    def snapshot(self) -> dict[str, Any]:
+        return snapshot(self.runtime)
+
+    async def reload(self, dry_run: bool) -> dict[str, Any]:
+        async with self._reload_lock:
+            if not dry_run:
+                notify.reloading()
+            try:
+                return await self.runtime.reload(dry_run=dry_run)
+            finally:
+                if not dry_run:
+                    notify.ready()
+
+    async def set_limit(self, route: str, max_concurrency: int | None,
+                        max_queue: int | None) -> dict[str, Any]:
+        try:
+            self.runtime.set_limit(route, max_concurrency, max_queue)
+        except KeyError:
+            return {"ok": False, "error": f"no route {route!r}"}
+        mc, mq = self.runtime.limits(route)
+        log.info("set_limit %s: max_concurrency=%d max_queue=%d (until the next reload)",
+                 route, mc, mq)
+        return {"ok": True, "route": route, "max_concurrency": mc, "max_queue": mq}
+
+    async def queue(self, route: str) -> dict[str, Any]:
+        if route not in self.runtime.table.routes:
+            return {"ok": False, "error": f"no route {route!r}"}
+        return {"ok": True, "route": route, "waiters": waiters(self.runtime, route)}
+
+    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
+        return {"ok": False, "error": "server_state: not supported by this upstream kind"}
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; return the exit status."""
+    loop = asyncio.get_running_loop()
+    runtime = Runtime(config)
+    try:
+        await runtime.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", ", ".join(config.server.listen), exc.strerror or exc)
+        return EXIT_FAILURE
+    controller = LocalController(runtime)
+    control = ControlServer(controller, config.socket_path, config.control.mode)
+    try:
+        await control.start()
+    except (ControlError, OSError) as exc:
+        log.error("%s", exc)
+        await runtime.shutdown(0)
+        return EXIT_FAILURE
+    metrics = None
+    if config.metrics.listen:
+        metrics = MetricsListener(config.metrics.listen, controller.snapshot, lambda: runtime.ready)
+        try:
+            await metrics.start()
+        except OSError as exc:
+            log.error("cannot listen on %s (metrics): %s", config.metrics.listen, exc.strerror)
+            await control.close()
+            await runtime.shutdown(0)
+            return EXIT_FAILURE
+
+    signals: asyncio.Queue[int] = asyncio.Queue()
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    # Everything alive now lives as long as the process: keep it out of the
+    # collector's sight so full collections stay short (see gatewayd(8), GC).
+    gc.collect()
+    gc.freeze()
+    notify.ready()
+    log.info("gatewayd %s serving on %s (control %s)", runtime.version,
+             ", ".join(config.server.listen), config.socket_path)
+    try:
+        while True:
+            sig = await signals.get()
+            if sig == signal.SIGHUP:
+                log.info("SIGHUP: reloading %s", runtime.config.path)
+                await controller.reload(False)
+            elif sig == signal.SIGUSR1:
+                runtime.access_log.reopen()
+            else:
+                log.info("%s: shutting down (up to %.1f s for in-flight requests)",
+                         signal.Signals(sig).name, runtime.config.server.shutdown_timeout)
+                break
+    finally:
+        notify.stopping()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+        await runtime.shutdown(runtime.config.server.shutdown_timeout)
+        if metrics is not None:
+            await metrics.close()
+        await control.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def run(config: Config) -> int:
+    setup_logging(config.log.level)
+    soft, _hard = raise_fd_limit()
+    if soft < config.server.max_connections + 64:
+        log.warning("open-file limit %d is below max_connections %d (+64 for upstreams and "
+                    "files): accepting will pause at the limit", soft, config.server.max_connections)
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(serve(config))

@@ -1,0 +1,134 @@
+"""The metrics core: per-route counters and histograms, recorded on the hot path.
+
+Recording is attribute arithmetic and one ``bisect`` per histogram; anything
+derived (quantiles, sums over workers) is computed when a snapshot is taken.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any
+
+# Upper bounds, in seconds, of the latency and queue-wait histograms' buckets.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+# GC pauses are much shorter: finer buckets.
+PAUSE_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0,
+)
+
+
+class Histogram:
+    """Fixed buckets; ``counts[i]`` holds observations <= ``bounds[i]``, the last +Inf."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Estimated ``q`` quantile (linear within a bucket); None when empty."""
+        return quantile(self.bounds, self.counts, q)
+
+    def export(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum": self.total, "count": self.count}
+
+
+def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """The ``q`` quantile of bucket counts, interpolated within its bucket."""
+    n = sum(counts)
+    if n == 0:
+        return None
+    rank = q * n
+    seen = 0
+    for i, c in enumerate(counts):
+        if c and seen + c >= rank:
+            lo = bounds[i - 1] if i > 0 else 0.0
+            hi = bounds[i] if i < len(bounds) else bounds[-1]
+            return lo + (hi - lo) * ((rank - seen) / c)
+        seen += c
+    return bounds[-1]
+
+
+RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class RouteStats:
+    """Everything counted for one route; survives reloads that keep the route's name."""
+
+    __slots__ = (
+        "cancelled_in_flight",
+        "cancelled_queued",
+        "codes",
+        "latency",
+        "queue_full",
+        "queue_timeout",
+        "queue_wait",
+        "requests",
+        "responses",
+        "upstream_errors",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0
+        # indexed by status // 100; index 0 unused
+        self.responses = [0, 0, 0, 0, 0, 0]
+        # status code -> count, for gatewayd_requests_total{code}
+        self.codes: dict[int, int] = {}
+        self.queue_full = 0
+        self.queue_timeout = 0
+        self.cancelled_queued = 0
+        self.cancelled_in_flight = 0
+        self.upstream_errors: dict[str, int] = {}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.queue_wait = Histogram(LATENCY_BUCKETS)
+
+    def responded(self, status: int, seconds: float) -> None:
+        cls = status // 100
+        if 1 <= cls <= 5:
+            self.responses[cls] += 1
+        codes = self.codes
+        codes[status] = codes.get(status, 0) + 1
+        self.latency.observe(seconds)
+
+    def upstream_error(self, reason: str) -> None:
+        errs = self.upstream_errors
+        errs[reason] = errs.get(reason, 0) + 1
+
+    def export(self) -> dict[str, Any]:
+        """Counters and buckets (summable over workers)."""
+        return {
+            "requests": self.requests,
+            "responses": {c: self.responses[i + 1] for i, c in enumerate(RESPONSE_CLASSES)},
+            "codes": {str(c): n for c, n in self.codes.items()},
+            "rejected": {"queue_full": self.queue_full, "queue_timeout": self.queue_timeout},
+            "cancelled_queued": self.cancelled_queued,
+            "cancelled_in_flight": self.cancelled_in_flight,
+            "upstream_errors": dict(self.upstream_errors),
+            "latency": self.latency.export(),
+            "queue_wait": self.queue_wait.export(),
+        }
+
+
+class Registry:
+    """Route statistics by route name: the one piece of long-lived mutable state."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, RouteStats] = {}
+
+    def route(self, name: str) -> RouteStats:
+        stats = self.routes.get(name)
+        if stats is None:
+            stats = self.routes[name] = RouteStats()
+        return stats

@@ -1,0 +1,309 @@
+"""The daemon's state in one object, built from a frozen configuration.
+
+Reload is build-then-swap: the new routing table (routes, upstreams, listeners,
+access log) is built completely beside the running one; only when every part
+stands is it swapped in, in one step. Any error leaves everything as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .accesslog import AccessLog
+from .admission import Gate, share
+from .confdiff import diff, restart_only_changes
+from .config import Config, RouteConfig
+from .gateway import Gateway
+from .listener import Acceptor, GatewayServer, bind
+from .loader import ConfigError, load
+from .metrics import Registry, RouteStats
+from .procstats import GcMonitor, LoopLag, TaskCounter
+from .router import Router
+from .upstream import Upstream, build
+
+log = logging.getLogger("gatewayd")
+
+
+class Route:
+    """A route of one configuration generation; its gate and stats outlive it."""
+
+    __slots__ = ("_strip", "config", "gate", "name", "retry_after", "stats", "upstream")
+
+    def __init__(self, config: RouteConfig, gate: Gate, stats: RouteStats, upstream: Upstream) -> None:
+        self.config = config
+        self.name = config.name
+        self.gate = gate
+        self.stats = stats
+        self.upstream = upstream
+        self.retry_after = str(config.retry_after)
+        self._strip = len(config.path_prefix) if config.strip_prefix else 0
+
+    def forward_path(self, target: str) -> str:
+        """The request target as sent upstream."""
+        if not self._strip:
+            return target
+        rest = target[self._strip:]
+        return rest if rest.startswith("/") else "/" + rest
+
+
+@dataclass(frozen=True)
+class Table:
+    """What one generation routes with; replaced as a whole on reload."""
+
+    router: Router[Route]
+    routes: dict[str, Route]
+    upstreams: dict[str, Upstream]
+
+
+class ReloadFailed(Exception):
+    pass
+
+
+class Runtime:
+    """Everything a running gateway (one worker process) holds."""
+
+    def __init__(self, config: Config, *, worker_index: int = 0, worker_count: int = 1) -> None:
+        self.config = config
+        self.worker_index = worker_index
+        self.worker_count = worker_count
+        self.generation = 1
+        self.last_reload: dict[str, Any] | None = None
+        self.started = time.time()
+        self.registry = Registry()
+        self.tasks = TaskCounter()
+        self.lag = LoopLag()
+        self.gc = GcMonitor()
+        self.access_log = AccessLog(config.access_log_path(), config.log.access_format)
+        self.draining = False
+        self.ready = False
+        self.overrides: dict[str, dict[str, int]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.table: Table
+        self.server: GatewayServer
+        self.acceptor: Acceptor
+
+    # -- limits divided among workers ------------------------------------------------
+    def _share(self, total: int, minimum: int) -> int:
+        return share(total, self.worker_index, self.worker_count, minimum)
+
+    def _route_limits(self, rc: RouteConfig) -> tuple[int, int]:
+        o = self.overrides.get(rc.name, {})
+        mc = o.get("max_concurrency", rc.max_concurrency)
+        mq = o.get("max_queue", rc.max_queue)
+        return self._share(mc, 1), self._share(mq, 0)
+
+    # -- building ------------------------------------------------------------------
+    async def _build_table(self, config: Config, old: Table | None) -> tuple[Table, list[Upstream]]:
+        """A complete table for ``config``; the upstreams it had to start are returned
+        too so that a failed reload can close them."""
+        started: list[Upstream] = []
+        upstreams: dict[str, Upstream] = {}
+        try:
+            for uc in config.upstreams:
+                prev = old.upstreams.get(uc.name) if old else None
+                if prev is not None and prev.config == uc:
+                    upstreams[uc.name] = prev
+                    continue
+                u = build(uc)
+                await u.start()
+                started.append(u)
+                upstreams[uc.name] = u
+        except BaseException:
+            for u in started:
+                await u.close(0)
+            raise
+        routes: dict[str, Route] = {}
+        for rc in config.routes:
+            prev_route = old.routes.get(rc.name) if old else None
+            if prev_route is not None:
+                gate = prev_route.gate  # the queue and in-flight count carry over
+            else:
+                gate = Gate(*self._route_limits(rc))
+            routes[rc.name] = Route(rc, gate, self.registry.route(rc.name), upstreams[rc.upstream])
+        router = Router((r.config, r) for r in routes.values())
+        return Table(router, routes, upstreams), started
+
+    def _server(self, config: Config) -> GatewayServer:
+        s = config.server
+        return GatewayServer(
+            Gateway(self),
+            head_timeout=s.request_header_timeout,
+            on_close=self._connection_closed,
+            handler_cancellation=True,
+            keepalive_timeout=s.keepalive_timeout,
+            access_log=None,
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=128,
+            lingering_time=2.0,
+            request_factory=self._request_factory,
+        )
+
+    def _request_factory(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                         task: Any) -> Any:
+        from aiohttp.web_request import BaseRequest
+
+        # client_max_size bounds what an inline handler may read() at once
+        return BaseRequest(message, payload, protocol, writer, task, protocol._loop,
+                           client_max_size=self.config.server.max_body_size)
+
+    def _connection_closed(self) -> None:
+        self.acceptor.closed_one()
+
+    @property
+    def connections(self) -> int:
+        return self.acceptor.open
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self, sockets: dict[str, Any] | None = None) -> None:
+        """Build everything and start accepting. ``sockets`` are pre-bound listeners."""
+        loop = asyncio.get_running_loop()
+        self.tasks.install(loop)
+        self.lag.start()
+        self.gc.install()
+        self.access_log.open()
+        self.table, _ = await self._build_table(self.config, None)
+        self.server = self._server(self.config)
+        self.acceptor = Acceptor(self.server, self._share(self.config.server.max_connections, 1))
+        bound = dict(sockets or {})
+        try:
+            for address in self.config.server.listen:
+                if address not in bound:
+                    bound[address] = bind(address, self.config.server.backlog,
+                                          reuse_port=self.worker_count > 1)
+        except OSError:
+            for sock in bound.values():
+                sock.close()
+            raise
+        for address, sock in bound.items():
+            self.acceptor.serve(address, sock)
+        self.ready = True
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish within ``timeout``, close pools."""
+        self.draining = True
+        self.ready = False
+        await self.acceptor.stop_all()
+        await self.server.shutdown(timeout)
+        for u in self.table.upstreams.values():
+            await u.close(1.0)
+        for task in list(self._retiring):
+            task.cancel()
+        self.lag.stop()
+        self.gc.uninstall()
+        self.access_log.close()
+
+    # -- reload --------------------------------------------------------------------
+    async def reload(self, *, dry_run: bool = False, config: Config | None = None) -> dict[str, Any]:
+        """Re-read the file (or take ``config``), build, swap. The outcome as a control answer."""
+        try:
+            new = config if config is not None else load(self.config.path)
+        except ConfigError as exc:
+            return self._reload_failed("\n".join(exc.errors), dry_run)
+        changes = diff(self.config, new)
+        refused = restart_only_changes(self.config, new)
+        if refused:
+            return self._reload_failed(
+                f"{new.path}: " + "; ".join(f"{k} cannot change on reload (restart needed)" for k in refused),
+                dry_run,
+            )
+        if dry_run:
+            return {"ok": True, "dry_run": True, "generation": self.generation, "changes": changes}
+        try:
+            await self._apply(new)
+        except (OSError, ReloadFailed, ImportError) as exc:
+            return self._reload_failed(f"{new.path}: {exc}", False)
+        self.generation += 1
+        self.last_reload = {"ok": True, "time": time.time(), "error": None, "changes": changes}
+        log.info("reloaded %s: generation %d; %s", new.path, self.generation,
+                 "; ".join(changes) or "no changes")
+        return {"ok": True, "generation": self.generation, "changes": changes}
+
+    def _reload_failed(self, error: str, dry_run: bool) -> dict[str, Any]:
+        if not dry_run:
+            self.last_reload = {"ok": False, "time": time.time(), "error": error, "changes": []}
+            log.error("reload failed, configuration unchanged: %s", error)
+        return {"ok": False, "error": error}
+
+    async def _apply(self, new: Config) -> None:
+        old_config, old_table = self.config, self.table
+        # 1. build everything that can fail
+        access = None
+        if (new.access_log_path(), new.log.access_format) != (
+            old_config.access_log_path(), old_config.log.access_format
+        ):
+            access = AccessLog(new.access_log_path(), new.log.access_format)
+            access.open()
+        table, started = await self._build_table(new, old_table)
+        old_addresses = set(old_config.server.listen)
+        new_addresses = [a for a in new.server.listen if a not in old_addresses]
+        bound: dict[str, Any] = {}
+        try:
+            for address in new_addresses:
+                bound[address] = bind(address, new.server.backlog, reuse_port=self.worker_count > 1)
+        except OSError as exc:
+            for sock in bound.values():
+                sock.close()
+            for u in started:
+                await u.close(0)
+            if access is not None:
+                access.close()
+            raise ReloadFailed(f"server.listen: cannot bind {address}: {exc.strerror}") from None
+        # 2. swap, in one step as far as requests can see
+        self.overrides.clear()  # set_limit lasts until the next reload
+        self.config = new
+        self.table = table
+        for route in table.routes.values():
+            route.gate.set_limits(*self._route_limits(route.config))
+        s = new.server
+        self.server._kwargs["keepalive_timeout"] = s.keepalive_timeout
+        self.server.head_timeout = s.request_header_timeout
+        self.acceptor.set_limit(self._share(s.max_connections, 1))
+        logging.getLogger("gatewayd").setLevel(new.log.level.upper())
+        if access is not None:
+            old_access, self.access_log = self.access_log, access
+            old_access.close()
+        for address, sock in bound.items():
+            self.acceptor.serve(address, sock)
+        # 3. retire what the new generation no longer uses
+        for address in old_addresses - set(new.server.listen):
+            await self.acceptor.stop(address)
+        kept = {id(u) for u in table.upstreams.values()}
+        for u in old_table.upstreams.values():
+            if id(u) not in kept:
+                task = asyncio.get_running_loop().create_task(u.close(None))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+
+    # -- live limits ---------------------------------------------------------------
+    def set_limit(self, route: str, max_concurrency: int | None, max_queue: int | None) -> None:
+        """Change a route's gateway-wide limits until the next reload."""
+        r = self.table.routes.get(route)
+        if r is None:
+            raise KeyError(route)
+        o = self.overrides.setdefault(route, {})
+        if max_concurrency is not None:
+            o["max_concurrency"] = max_concurrency
+        if max_queue is not None:
+            o["max_queue"] = max_queue
+        r.gate.set_limits(*self._route_limits(r.config))
+
+    def limits(self, route: str) -> tuple[int, int]:
+        """The gateway-wide limits in force for a route (overrides included)."""
+        rc = self.table.routes[route].config
+        o = self.overrides.get(route, {})
+        return o.get("max_concurrency", rc.max_concurrency), o.get("max_queue", rc.max_queue)
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def version(self) -> str:
+        return __version__

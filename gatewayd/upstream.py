@@ -1,0 +1,94 @@
+"""What every upstream kind shares: the exchange it serves, its failures, and a
+close that waits for the last request it is serving (reloads replace pools).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .config import UpstreamConfig
+
+if TYPE_CHECKING:
+    from .body import RequestBody
+
+
+class UpstreamFailure(Exception):
+    """The upstream failed before a response head reached the client."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Exchange:
+    """One admitted request on its way through an upstream."""
+
+    __slots__ = ("body", "client_ip", "head_sent", "path", "request", "sent", "status", "truncated")
+
+    def __init__(self, request: web.BaseRequest, path: str, client_ip: str,
+                 body: RequestBody | None) -> None:
+        self.request = request
+        self.path = path  # the target as sent upstream (prefix stripped if asked)
+        self.client_ip = client_ip
+        self.body = body
+        self.status = 0
+        self.head_sent = False
+        self.sent = 0  # response body bytes written to the client
+        self.truncated: str | None = None  # reason, when the upstream failed mid-body
+
+
+class Upstream:
+    """Base of the upstream kinds. ``serve`` writes the whole response to the client."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.active = 0
+        self._idle: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        """Open what the upstream needs (pools, sessions); called once, on the loop."""
+
+    async def serve(self, ex: Exchange) -> web.StreamResponse:
+        """Send the response for ``ex`` to its client in full; return it (sent)."""
+        raise NotImplementedError
+
+    def enter(self) -> None:
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Close after the requests being served finished (or ``timeout`` passed)."""
+        if self.active:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                pass
+        await self._close()
+
+    async def _close(self) -> None:
+        pass
+
+
+def build(config: UpstreamConfig) -> Upstream:
+    """The upstream object for a validated configuration."""
+    if config.servers is not None:
+        from .upstream_http import HttpUpstream
+
+        return HttpUpstream(config)
+    if config.executor == "process":
+        from .upstream_process import ProcessUpstream
+
+        return ProcessUpstream(config)
+    from .upstream_handler import HandlerUpstream
+
+    return HandlerUpstream(config)

@@ -1,0 +1,40 @@
+"""In-process upstreams: an async aiohttp handler run on the event loop."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .config import UpstreamConfig
+from .importing import resolve
+from .upstream import Exchange, Upstream
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class HandlerUpstream(Upstream):
+    """``handler = "module:callable"``: ``async def handler(request) -> StreamResponse``.
+
+    The handler's response is sent inside the route's slot, so the slot is held
+    until the client has it all; a client that leaves cancels the handler's task.
+    """
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        super().__init__(config)
+        assert config.handler
+        self._handler: Handler = resolve(config.handler)
+
+    async def serve(self, ex: Exchange) -> web.StreamResponse:
+        request = ex.request
+        if ex.path != request.raw_path:
+            request = request.clone(rel_url=ex.path)
+        resp = await self._handler(request)
+        ex.status = resp.status
+        if not resp.prepared:
+            await resp.prepare(request)
+        ex.head_sent = True
+        await resp.write_eof()
+        body = getattr(resp, "body", None)
+        ex.sent = len(body) if isinstance(body, bytes) else resp.body_length
+        return resp
