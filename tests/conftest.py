@@ -210,11 +210,11 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True, env: dict[str, str] | None = None) -> GatewayProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gatewayd", "--config", str(self.config_path)],
-            stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"),
-            env={**os.environ, **(env or {})}, cwd=str(ROOT),
-        )
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gatewayd", "--config", str(self.config_path)],
+                stdout=out, stderr=err, env={**os.environ, **(env or {})}, cwd=str(ROOT),
+            )
         if wait_ready:
             wait_for_sync(lambda: self.answers() or self.proc.poll() is not None, timeout=20)
             if self.proc.poll() is not None:
