@@ -101,6 +101,7 @@ class ControlServer:
         self.mode = mode
         self.clients = 0
         self.dropped_snapshots = 0
+        self.subscriber_backlog = SUBSCRIBER_BACKLOG
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
 
@@ -129,6 +130,11 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.controller.snapshot()
+        snap["control"] = {"clients": self.clients, "dropped_snapshots": self.dropped_snapshots}
+        return snap
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -144,13 +150,13 @@ class ControlServer:
                     line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
                     await self._send(writer, {"ok": False,
-                                              "error": f"line longer than {MAX_LINE} bytes; closing"})
+                                              "error": "line longer than 64 KiB; closing"})
                     return
                 if not line:
                     return
                 if len(line) > MAX_LINE:
                     await self._send(writer, {"ok": False,
-                                              "error": f"line longer than {MAX_LINE} bytes; closing"})
+                                              "error": "line longer than 64 KiB; closing"})
                     return
                 if not line.strip():
                     continue
@@ -182,7 +188,7 @@ class ControlServer:
             if cmd == "hello":
                 return {"ok": True, "version": __version__, "protocol": PROTOCOL, "pid": os.getpid()}
             if cmd == "snapshot":
-                return {"ok": True, "snapshot": c.snapshot()}
+                return {"ok": True, "snapshot": self.snapshot()}
             if cmd == "reload":
                 dry = req.get("dry_run", False)
                 if not isinstance(dry, bool):
@@ -232,10 +238,10 @@ class ControlServer:
         transport = writer.transport
         try:
             while not closed.done():
-                if transport.get_write_buffer_size() > SUBSCRIBER_BACKLOG:
+                if transport.get_write_buffer_size() > self.subscriber_backlog:
                     self.dropped_snapshots += 1
                 else:
-                    line = json.dumps({"ok": True, "snapshot": self.controller.snapshot()},
+                    line = json.dumps({"ok": True, "snapshot": self.snapshot()},
                                       separators=(",", ":")).encode() + b"\n"
                     writer.write(line)
                 await asyncio.wait([closed], timeout=interval)

@@ -163,3 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in changes:
             print(f"  {c}")
     return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -142,7 +142,8 @@ async def serve(config: Config) -> int:
     finally:
         notify.stopping()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            loop.remove_signal_handler(sig)
+            # the drain is bounded by shutdown_timeout; more signals change nothing
+            loop.add_signal_handler(sig, log.info, "%s: already shutting down", sig)
         await runtime.shutdown(runtime.config.server.shutdown_timeout)
         if metrics is not None:
             await metrics.close()
