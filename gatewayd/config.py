@@ -75,6 +75,11 @@ class ServerConfig:
         k.Size(), 10 * 1024 * 1024, "larger request bodies are answered 413",
         unit="bytes", reload=RELOAD_NEW,
     )
+    worker_timeout: float = setting(
+        k.Duration(), 30.0,
+        "with workers > 1: a worker whose figures stop arriving this long is killed and replaced",
+        unit="seconds",
+    )
     shutdown_timeout: float = setting(
         k.Duration(0.0, lo_open=False), 30.0,
         "on SIGTERM, in-flight requests get this long to finish", unit="seconds",

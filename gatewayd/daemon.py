@@ -124,6 +124,7 @@ async def serve(config: Config) -> int:
     # collector's sight so full collections stay short (see gatewayd(8), GC).
     gc.collect()
     gc.freeze()
+    runtime.gc.reset()  # the deliberate start-up collection is not a pause anyone waited on
     notify.ready()
     log.info("gatewayd %s serving on %s (control %s)", runtime.version,
              ", ".join(config.server.listen), config.socket_path)
@@ -154,6 +155,11 @@ async def serve(config: Config) -> int:
 
 def run(config: Config) -> int:
     setup_logging(config.log.level)
+    from .master import run as run_master
+    from .master import worker_count
+
+    if worker_count(config) > 1:
+        return run_master(config)
     soft, _hard = raise_fd_limit()
     if soft < config.server.max_connections + 64:
         log.warning("open-file limit %d is below max_connections %d (+64 for upstreams and "

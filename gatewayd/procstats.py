@@ -123,6 +123,12 @@ class GcMonitor:
         if pause > self.max_pause:
             self.max_pause = pause
 
+    def reset(self) -> None:
+        """Forget what was measured so far (keeps the callback installed)."""
+        installed = self._installed
+        self.__init__()  # type: ignore[misc]
+        self._installed = installed
+
     def install(self) -> None:
         if not self._installed:
             gc.callbacks.append(self._callback)

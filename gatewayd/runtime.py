@@ -65,13 +65,26 @@ class ReloadFailed(Exception):
     pass
 
 
+@dataclass
+class Pending:
+    """A reload built and bound, not yet swapped in."""
+
+    config: Config
+    table: Table
+    started: list[Upstream]
+    bound: dict[str, Any]
+    access: AccessLog | None
+
+
 class Runtime:
     """Everything a running gateway (one worker process) holds."""
 
-    def __init__(self, config: Config, *, worker_index: int = 0, worker_count: int = 1) -> None:
+    def __init__(self, config: Config, *, worker_index: int = 0, worker_count: int = 1,
+                 reuse_port: bool = False) -> None:
         self.config = config
         self.worker_index = worker_index
         self.worker_count = worker_count
+        self.reuse_port = reuse_port
         self.generation = 1
         self.last_reload: dict[str, Any] | None = None
         self.started = time.time()
@@ -176,7 +189,7 @@ class Runtime:
             for address in self.config.server.listen:
                 if address not in bound:
                     bound[address] = bind(address, self.config.server.backlog,
-                                          reuse_port=self.worker_count > 1)
+                                          reuse_port=self.reuse_port)
         except OSError:
             for sock in bound.values():
                 sock.close()
@@ -217,7 +230,7 @@ class Runtime:
             return {"ok": True, "dry_run": True, "generation": self.generation, "changes": changes}
         try:
             await self._apply(new)
-        except (OSError, ReloadFailed, ImportError) as exc:
+        except ReloadFailed as exc:
             return self._reload_failed(f"{new.path}: {exc}", False)
         self.generation += 1
         self.last_reload = {"ok": True, "time": time.time(), "error": None, "changes": changes}
@@ -232,47 +245,68 @@ class Runtime:
         return {"ok": False, "error": error}
 
     async def _apply(self, new: Config) -> None:
-        old_config, old_table = self.config, self.table
-        # 1. build everything that can fail
+        await self.commit(await self.prepare(new))
+
+    async def prepare(self, new: Config) -> Pending:
+        """Build everything ``new`` needs beside the running generation; raise
+        ReloadFailed (having undone its own work) if any part cannot be built."""
+        old_config = self.config
         access = None
         if (new.access_log_path(), new.log.access_format) != (
             old_config.access_log_path(), old_config.log.access_format
         ):
-            access = AccessLog(new.access_log_path(), new.log.access_format)
-            access.open()
-        table, started = await self._build_table(new, old_table)
-        old_addresses = set(old_config.server.listen)
-        new_addresses = [a for a in new.server.listen if a not in old_addresses]
-        bound: dict[str, Any] = {}
+            try:
+                access = AccessLog(new.access_log_path(), new.log.access_format)
+                access.open()
+            except OSError as exc:
+                raise ReloadFailed(f"log.access_log: cannot open {new.log.access_log}: {exc.strerror}") from None
         try:
-            for address in new_addresses:
-                bound[address] = bind(address, new.server.backlog, reuse_port=self.worker_count > 1)
-        except OSError as exc:
-            for sock in bound.values():
-                sock.close()
-            for u in started:
-                await u.close(0)
+            table, started = await self._build_table(new, self.table)
+        except Exception as exc:
             if access is not None:
                 access.close()
-            raise ReloadFailed(f"server.listen: cannot bind {address}: {exc.strerror}") from None
-        # 2. swap, in one step as far as requests can see
+            raise ReloadFailed(f"upstreams: {exc}") from None
+        pending = Pending(new, table, started, {}, access)
+        old_addresses = set(old_config.server.listen)
+        for address in new.server.listen:
+            if address in old_addresses:
+                continue
+            try:
+                pending.bound[address] = bind(address, new.server.backlog, reuse_port=self.reuse_port)
+            except OSError as exc:
+                await self.abort(pending)
+                raise ReloadFailed(f"server.listen: cannot bind {address}: {exc.strerror}") from None
+        return pending
+
+    async def abort(self, pending: Pending) -> None:
+        """Undo a prepared reload that will not be committed."""
+        for sock in pending.bound.values():
+            sock.close()
+        for u in pending.started:
+            await u.close(0)
+        if pending.access is not None:
+            pending.access.close()
+
+    async def commit(self, pending: Pending) -> None:
+        """Swap the prepared generation in; retire what it no longer uses."""
+        old_config, old_table = self.config, self.table
+        new, table = pending.config, pending.table
+        # the swap, in one step as far as requests can see
         self.overrides.clear()  # set_limit lasts until the next reload
         self.config = new
         self.table = table
-        for route in table.routes.values():
-            route.gate.set_limits(*self._route_limits(route.config))
+        self._apply_limits()
         s = new.server
         self.server._kwargs["keepalive_timeout"] = s.keepalive_timeout
         self.server.head_timeout = s.request_header_timeout
-        self.acceptor.set_limit(self._share(s.max_connections, 1))
         logging.getLogger("gatewayd").setLevel(new.log.level.upper())
-        if access is not None:
-            old_access, self.access_log = self.access_log, access
+        if pending.access is not None:
+            old_access, self.access_log = self.access_log, pending.access
             old_access.close()
-        for address, sock in bound.items():
+        for address, sock in pending.bound.items():
             self.acceptor.serve(address, sock)
-        # 3. retire what the new generation no longer uses
-        for address in old_addresses - set(new.server.listen):
+        # retire what the new generation no longer uses
+        for address in set(old_config.server.listen) - set(new.server.listen):
             await self.acceptor.stop(address)
         kept = {id(u) for u in table.upstreams.values()}
         for u in old_table.upstreams.values():
@@ -280,6 +314,16 @@ class Runtime:
                 task = asyncio.get_running_loop().create_task(u.close(None))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
+
+    def _apply_limits(self) -> None:
+        for route in self.table.routes.values():
+            route.gate.set_limits(*self._route_limits(route.config))
+        self.acceptor.set_limit(self._share(self.config.server.max_connections, 1))
+
+    def set_share(self, index: int, count: int) -> None:
+        """This worker is now ``index`` of ``count`` live workers: re-divide the limits."""
+        self.worker_index, self.worker_count = index, count
+        self._apply_limits()
 
     # -- live limits ---------------------------------------------------------------
     def set_limit(self, route: str, max_concurrency: int | None, max_queue: int | None) -> None:

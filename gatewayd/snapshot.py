@@ -13,6 +13,7 @@ from .metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, quantile
 from .procstats import cpu_seconds, fd_limit, open_fds, rss_bytes
 
 if TYPE_CHECKING:
+    from .config import Config
     from .runtime import Runtime
 
 XRAY_SUMMARY = 5  # waiters listed per route in a snapshot (the queue command lists all)
@@ -186,6 +187,7 @@ def present(runtime_info: dict[str, Any], exports: list[dict[str, Any]],
         "open_fds": e["open_fds"], "fd_limit": e["fd_limit"], "cpu_s": e["cpu_s"],
         "generation": e["generation"], "accepted": e["accepted"],
         "gc_pause_ms": e["gc"]["pause_ms"],
+        "requests": sum(r["requests"] for r in e["routes"].values()),
         "in_flight": sum(r["in_flight"] for r in e["routes"].values()),
         "queued": sum(r["queued"] for r in e["routes"].values()),
     } for e in exports]
@@ -224,9 +226,16 @@ def runtime_info(runtime: Runtime) -> dict[str, Any]:
 
 
 def route_order(runtime: Runtime) -> list[dict[str, Any]]:
+    return route_order_from(runtime.config, runtime.overrides)
+
+
+def route_order_from(config: Config, overrides: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """The configured routes with their gateway-wide limits (``set_limit`` included)."""
     out = []
-    for r in runtime.config.routes:
-        mc, mq = runtime.limits(r.name)
+    for r in config.routes:
+        o = overrides.get(r.name, {})
+        mc = o.get("max_concurrency", r.max_concurrency)
+        mq = o.get("max_queue", r.max_queue)
         out.append({"name": r.name, "upstream": r.upstream, "path_prefix": r.path_prefix,
                     "host": r.host, "max_concurrency": mc, "max_queue": mq,
                     "queue_timeout": r.queue_timeout})
@@ -236,3 +245,27 @@ def route_order(runtime: Runtime) -> list[dict[str, Any]]:
 def snapshot(runtime: Runtime) -> dict[str, Any]:
     """The snapshot of a single-process gateway."""
     return present(runtime_info(runtime), [export(runtime)], route_order(runtime))
+
+
+_COUNTERS = ("requests", "cancelled_queued", "cancelled_in_flight")
+_COUNTER_DICTS = ("responses", "codes", "rejected", "upstream_errors")
+
+
+def retire(retired: dict[str, Any], gone: dict[str, Any]) -> None:
+    """Keep the counters of a worker that exited (its gauges go with it), so that
+    gateway-wide totals never go backwards."""
+    routes = retired.setdefault("routes", {})
+    for name, r in gone.get("routes", {}).items():
+        into = routes.get(name)
+        if into is None:
+            into = routes[name] = {k: 0 for k in _COUNTERS}
+            for k in _COUNTER_DICTS:
+                into[k] = {}
+            into["latency"] = None
+            into["queue_wait"] = None
+        for k in _COUNTERS:
+            into[k] += r[k]
+        for k in _COUNTER_DICTS:
+            _sum_dicts(into[k], r[k])
+        into["latency"] = _add_hist(into["latency"], r["latency"])
+        into["queue_wait"] = _add_hist(into["queue_wait"], r["queue_wait"])
