@@ -191,16 +191,16 @@ async def test_reload_under_load_with_two_workers(gateway_process, upstream):
 
 
 async def test_sigterm_drains_both_workers(gateway_process, upstream):
-    gp = gateway_process(TWO.format(url=upstream.url, mc=10), workers=2, shutdown_timeout=10)
+    gp = gateway_process(TWO.format(url=upstream.url, mc=20), workers=2, shutdown_timeout=10)
     port = port_of(gp)
     await asyncio.to_thread(wait_for_workers, gp, 2)
     # enough slow requests on fresh connections that both workers hold some
-    tasks = [asyncio.create_task(fresh_get(port, "/slow?ms=1000")) for _ in range(8)]
+    tasks = [asyncio.create_task(fresh_get(port, "/slow?ms=4000")) for _ in range(16)]
     s = await asyncio.to_thread(poll, lambda: (lambda s: s if all(w["in_flight"] > 0 for w in s["workers"])
-                                               and s["routes"][0]["in_flight"] == 8 else None)(snap(gp)))
+                                               and s["routes"][0]["in_flight"] == 16 else None)(snap(gp)))
     assert len(s["workers"]) == 2
     gp.signal(signal.SIGTERM)
-    assert await asyncio.gather(*tasks) == [200] * 8
+    assert await asyncio.gather(*tasks) == [200] * 16
     assert await asyncio.to_thread(gp.wait, 20) == 0
     assert not gp.socket_path.exists()
 
