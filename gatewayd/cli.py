@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import __version__
-from .daemon import EXIT_CONFIG, EXIT_OK
+from .exits import EXIT_CONFIG, EXIT_OK
 from .loader import ConfigError, dump, load
 
 DEFAULT_CONFIG = "/etc/gatewayd/config.toml"

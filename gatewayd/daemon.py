@@ -23,9 +23,7 @@ from .snapshot import snapshot, waiters
 
 log = logging.getLogger("gatewayd")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 78
+from .exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK  # noqa: F401  (re-exported)
 
 
 def setup_logging(level: str) -> None:

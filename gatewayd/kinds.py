@@ -7,32 +7,75 @@ the file, line and key path.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .tomlpos import Path, toml_key, toml_string
+
 
 class Invalid(ValueError):
-    """A value does not fit its kind; ``str()`` says what was expected."""
+    """A value does not fit its kind; ``str()`` says what was expected.
+
+    ``at`` locates the bad part inside the value (``(1,)``: its second item);
+    ``others`` holds further problems in the same value (other items of an array).
+    """
+
+    def __init__(self, message: str, at: Path = (), others: tuple[Invalid, ...] = ()) -> None:
+        super().__init__(message)
+        self.at = at
+        self.others = others
+
+    def every(self) -> list[Invalid]:
+        return [self, *self.others]
+
+    @classmethod
+    def of_items(cls, problems: list[Invalid]) -> Invalid:
+        """One exception for the problems of several items of an array."""
+        return cls(str(problems[0]), problems[0].at, tuple(problems[1:]))
+
+
+_SHOWN_MAX = 60
 
 
 def shown(value: Any) -> str:
-    """The value as an operator wrote it, for 'got ...' in an error."""
+    """The value as an operator wrote it (TOML, on one line, shortened), for 'got ...'."""
+    text = _toml(value)
+    return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 3] + "..."
+
+
+def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return repr(value).replace("'", '"') if '"' not in value else repr(value)
+        return toml_string(value)
     if isinstance(value, dict):
-        return "a table"
+        return "{" + ", ".join(f"{toml_key(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
-        return "an array"
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
     return str(value)
 
 
-def _expected(what: str, value: Any) -> Invalid:
-    return Invalid(f"expected {what}, got {shown(value)}")
+def _expected(what: str, value: Any, at: Path = ()) -> Invalid:
+    return Invalid(f"expected {what}, got {shown(value)}", at)
+
+
+def _check_bounds(
+    what: str, value: float, lo: float | None, hi: float | None, lo_open: bool = False, raw: Any = None
+) -> None:
+    """Raise naming only the bound ``value`` breaks: "expected an integer >= 0, got -5"."""
+    got = value if raw is None else raw
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise _expected(f"{what} {'>' if lo_open else '>='} {_num(lo)}", got)
+    if hi is not None and value > hi:
+        raise _expected(f"{what} <= {_num(hi)}", got)
 
 
 class Kind:
@@ -73,8 +116,7 @@ class Int(Kind):
     def parse(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _expected(self.describe, value)
-        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
-            raise _expected(self.describe, value)
+        _check_bounds("an integer", value, self.lo, self.hi)
         return value
 
 
@@ -93,17 +135,17 @@ class Duration(Kind):
     def parse(self, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _expected(self.describe, value)
-        v = float(value)
-        if math.isnan(v) or math.isinf(v):
-            raise _expected(self.describe, value)
-        if (self.lo_open and v <= self.lo) or (not self.lo_open and v < self.lo):
-            raise _expected(self.describe, value)
-        if self.hi is not None and v > self.hi:
-            raise _expected(self.describe, value)
+        try:
+            v = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise _expected(self.describe, value) from None
+        if not math.isfinite(v):
+            raise _expected("a finite number of seconds", value)
+        _check_bounds("a number of seconds", v, self.lo, self.hi, self.lo_open, raw=value)
         return v
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {
     "B": 1,
     "KB": 1000,
@@ -131,7 +173,7 @@ class Size(Kind):
         if isinstance(value, int):
             n = value
         elif isinstance(value, str):
-            m = _SIZE_RE.match(value)
+            m = _SIZE_RE.fullmatch(value)
             if not m:
                 raise _expected(self.describe, value)
             n = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()]
@@ -187,46 +229,73 @@ class Name(Kind):
 
 @dataclass(frozen=True)
 class Text(Kind):
-    describe = "a string"
+    """A string; empty only when ``empty`` (a path or a name must say something)."""
+
+    empty: bool = False
+
+    @property
+    def describe(self) -> str:  # type: ignore[override]
+        return "a string" if self.empty else "a non-empty string"
 
     def parse(self, value: Any) -> str:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or (not value and not self.empty) or "\0" in value:
             raise _expected(self.describe, value)
         return value
+
+
+def _visible(text: str) -> bool:
+    """No blanks or control characters: nothing an operator could not see."""
+    return all(c.isprintable() and not c.isspace() for c in text)
 
 
 @dataclass(frozen=True)
 class PathPrefix(Kind):
-    describe = 'a path starting with "/"'
+    describe = 'a path starting with "/", without spaces or "#"'
 
     def parse(self, value: Any) -> str:
-        if not isinstance(value, str) or not value.startswith("/"):
+        if not isinstance(value, str) or not value.startswith("/") or not _visible(value) or "#" in value:
             raise _expected(self.describe, value)
         return value
 
 
+_HOST_RE = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*", re.ASCII)
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.\-]+)?", re.ASCII)
+
+
 @dataclass(frozen=True)
 class HostName(Kind):
-    describe = "a host name"
+    """A Host header value to match, without its port (the router drops ports)."""
+
+    describe = 'a host name without a port, such as "example.com" (IPv6 as "[::1]")'
 
     def parse(self, value: Any) -> str:
-        if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.\-_\[\]:]+", value):
+        if not isinstance(value, str):
+            raise _expected(self.describe, value)
+        if not (
+            _HOST_RE.fullmatch(value) or (value[:1] == "[" and value[-1:] == "]" and _IPV6_RE.fullmatch(value[1:-1]))
+        ):
             raise _expected(self.describe, value)
         return value.lower()
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    """Split ``host:port`` or ``[v6]:port``; raise ValueError when malformed."""
+    """Split ``host:port`` or ``[v6]:port`` (host returned without brackets).
+
+    Raises ValueError whose text says what was expected.
+    """
+    malformed = ValueError('an address "host:port" (IPv6 as "[::1]:8080")')
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(text)
+        if not sep or not _IPV6_RE.fullmatch(host):
+            raise malformed
     else:
         host, sep, port = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(text)
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(text)
+        if not sep or not _HOST_RE.fullmatch(host):
+            raise malformed
+    if not re.fullmatch(r"[0-9]+", port, re.ASCII):
+        raise malformed
+    if int(port) > 65535:
+        raise ValueError("an address with a port <= 65535")
     return host, int(port)
 
 
@@ -241,8 +310,8 @@ class Listen(Kind):
             raise _expected(self.describe, value)
         try:
             parse_hostport(value)
-        except ValueError:
-            raise _expected(self.describe, value) from None
+        except ValueError as exc:
+            raise _expected(str(exc), value) from None
         return value
 
 
@@ -250,21 +319,28 @@ class Listen(Kind):
 class ListenList(Kind):
     """One or more ``host:port`` addresses (a single string is accepted)."""
 
-    describe = 'an array of addresses "host:port"'
+    describe = 'an array of one or more addresses "host:port"'
 
     def parse(self, value: Any) -> tuple[str, ...]:
-        items = [value] if isinstance(value, str) else value
+        single = isinstance(value, str)
+        items = [value] if single else value
         if not isinstance(items, list) or not items:
             raise _expected(self.describe, value)
         one = Listen()
-        out = []
-        for item in items:
+        out: list[str] = []
+        problems = []
+        for i, item in enumerate(items):
+            where: Path = () if single else (i,)
             try:
-                out.append(one.parse(item))
-            except Invalid:
-                raise _expected(self.describe, item) from None
-        if len(set(out)) != len(out):
-            raise Invalid(f"expected distinct addresses, got {shown(value)}")
+                address = one.parse(item)
+            except Invalid as exc:
+                problems.append(Invalid(str(exc), where))
+                continue
+            if address in out:
+                problems.append(Invalid(f"expected distinct addresses, got {shown(address)} twice", where))
+            out.append(address)
+        if problems:
+            raise Invalid.of_items(problems)
         return tuple(out)
 
     def dump(self, value: Any) -> Any:
@@ -276,20 +352,16 @@ class FileMode(Kind):
     describe = 'a file mode such as 0o600 or "0600"'
 
     def parse(self, value: Any) -> int:
-        if isinstance(value, bool):
-            raise _expected(self.describe, value)
-        if isinstance(value, str):
-            try:
-                value_i = int(value, 8)
-            except ValueError:
-                raise _expected(self.describe, value) from None
-        elif isinstance(value, int):
-            value_i = value
+        if isinstance(value, str) and re.fullmatch(r"(0o)?[0-7]{1,4}", value, re.ASCII):
+            n = int(value.removeprefix("0o"), 8)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            n = value
         else:
             raise _expected(self.describe, value)
-        if not 0 <= value_i <= 0o777:
-            raise _expected(self.describe, value)
-        return value_i
+        if not 0 <= n <= 0o777:
+            got = shown(value) + (f" (0o{value:o})" if isinstance(value, int) and value >= 0 else "")
+            raise Invalid(f"expected a file mode from 0o000 to 0o777, got {got}")
+        return n
 
     def dump(self, value: Any) -> Any:
         return f"{value:04o}"
@@ -317,39 +389,57 @@ class Server:
     weight: int = 1
 
 
+_URL = 'a URL "http://host:port" (no path, query or user)'
+
+
 @dataclass(frozen=True)
 class Servers(Kind):
     describe = 'an array of "http://host:port" URLs or {url = "...", weight = N} tables'
 
     def parse(self, value: Any) -> tuple[Server, ...]:
-        items = [value] if isinstance(value, str) else value
+        single = isinstance(value, str)
+        items = [value] if single else value
         if not isinstance(items, list) or not items:
             raise _expected(self.describe, value)
         out = []
-        for item in items:
-            weight = 1
-            url = item
-            if isinstance(item, dict):
-                extra = set(item) - {"url", "weight"}
-                if extra or "url" not in item:
-                    raise _expected(self.describe, item)
-                url = item["url"]
-                weight = item.get("weight", 1)
-                if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
-                    raise _expected("a weight >= 1 and <= 1000", weight)
-            if not isinstance(url, str):
-                raise _expected(self.describe, item)
-            parts = urlsplit(url)
+        problems = []
+        for i, item in enumerate(items):
+            where: Path = () if single else (i,)
             try:
-                port = parts.port
-            except ValueError:
-                raise _expected('a URL "http://host:port"', url) from None
-            if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-                raise _expected('a URL "http://host:port" (no path)', url)
-            if parts.query or parts.fragment or parts.username:
-                raise _expected('a URL "http://host:port" (no path)', url)
-            out.append(Server(url.rstrip("/"), parts.hostname, port or 80, weight))
+                out.append(self._one(item))
+            except Invalid as exc:
+                problems.append(Invalid(str(exc), (*where, *exc.at)))
+        if problems:
+            raise Invalid.of_items(problems)
         return tuple(out)
+
+    def _one(self, item: Any) -> Server:
+        weight = 1
+        url = item
+        if isinstance(item, dict):
+            unknown = [key for key in item if key not in ("url", "weight")]
+            if unknown:
+                raise _expected('only the keys "url" and "weight"', unknown[0], (unknown[0],))
+            if "url" not in item:
+                raise _expected("a url in each table", item)
+            url = item["url"]
+            weight = item.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
+                raise _expected("a weight >= 1 and <= 1000", weight, ("weight",))
+        if not isinstance(url, str):
+            raise _expected(self.describe if url is item else _URL, url, () if url is item else ("url",))
+        at: Path = () if url is item else ("url",)
+        # urlsplit silently drops tabs and line breaks, and allows what a server URL must not have
+        if not _visible(url) or "?" in url or "#" in url or "@" in url:
+            raise _expected(_URL, url, at)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:  # a bad port or a malformed [IPv6] address
+            raise _expected(_URL, url, at) from None
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or port == 0:
+            raise _expected(_URL, url, at)
+        return Server(url.rstrip("/"), parts.hostname, port or 80, weight)
 
     def dump(self, value: Any) -> Any:
         return [s.url if s.weight == 1 else {"url": s.url, "weight": s.weight} for s in value]
@@ -360,8 +450,10 @@ class ImportPath(Kind):
     describe = 'an import path "module:callable"'
 
     def parse(self, value: Any) -> str:
-        if not isinstance(value, str) or not re.fullmatch(
-            r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value
-        ):
+        if not isinstance(value, str) or not _IMPORT_RE.fullmatch(value):
             raise _expected(self.describe, value)
         return value
+
+
+_IDENT = r"[^\W\d]\w*"
+_IMPORT_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")

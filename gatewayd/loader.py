@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 import tomllib
 from typing import Any
@@ -28,58 +29,184 @@ class ConfigError(Exception):
 
 
 class _Errors:
+    """Collects every problem; ``sorted()`` gives them in the file's line order."""
+
     def __init__(self, filename: str, locator: Locator) -> None:
         self.filename = filename
         self.locator = locator
-        self.lines: list[str] = []
+        self.found: list[tuple[int, str]] = []
 
     def add(self, path: Path, message: str) -> None:
-        self.lines.append(
-            f"{self.filename}:{self.locator.line(path)}: {format_path(path)}: {message}"
-        )
+        line = self.locator.line(path)
+        self.found.append((line, f"{self.filename}:{line}: {format_path(path)}: {message}"))
+
+    def sorted(self) -> list[str]:
+        return [text for _, text in sorted(self.found, key=lambda found: found[0])]
 
 
-def _section(cls: type, table: Any, path: Path, errors: _Errors, **extra: Any) -> Any:
+_TOP = (*SECTIONS, "upstreams", "routes")
+
+
+def _unknown_key(key: str, declared: list[str]) -> str:
+    close = difflib.get_close_matches(key, declared, n=1)
+    if close:
+        return f'unknown key; did you mean "{close[0]}"?'
+    return "unknown key; expected one of " + ", ".join(declared)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _section(cls: type, table: Any, path: Path, errors: _Errors, **extra: Any) -> tuple[Any, dict[str, Any]]:
+    """The section's object (None if any of its keys is wrong) and its valid values.
+
+    The valid values, defaults filled in, let checks across keys and sections run
+    even where another key of the same table is wrong.
+    """
     if not isinstance(table, dict):
         errors.add(path, f"expected a table, got {k.shown(table)}")
-        return None
+        return None, {}
+    before = len(errors.found)
     declared = {f.name: f for f in settings_of(cls)}
-    values: dict[str, Any] = dict(extra)
-    ok = True
+    values: dict[str, Any] = {}
     for key, raw in table.items():
         decl = declared.get(key)
         if decl is None:
-            close = difflib.get_close_matches(key, declared, n=1)
-            hint = f'did you mean "{close[0]}"?' if close else "expected one of " + ", ".join(declared)
-            errors.add((*path, key), f"unknown key; {hint}")
-            ok = False
+            errors.add((*path, key), _unknown_key(key, list(declared)))
             continue
         try:
             values[key] = decl.metadata["kind"].parse(raw)
         except k.Invalid as exc:
-            errors.add((*path, key), str(exc))
-            ok = False
+            for problem in exc.every():
+                errors.add((*path, key, *problem.at), str(problem))
     for name, decl in declared.items():
-        if name not in table and decl.default is dataclasses.MISSING:
+        if name in table:
+            continue
+        if decl.default is dataclasses.MISSING:
             errors.add((*path, name), f"missing; expected {decl.metadata['kind'].describe}")
-            ok = False
-    return cls(**values) if ok else None
+        else:
+            values[name] = decl.default
+    if len(errors.found) > before:
+        return None, values
+    return cls(**values, **extra), values
 
 
-def _check_upstream(u: UpstreamConfig, path: Path, errors: _Errors) -> None:
-    if (u.servers is None) == (u.handler is None):
-        got = "both" if u.servers is not None else "neither"
-        errors.add(path, f"expected exactly one of servers or handler, got {got}")
-    if u.executor == "process" and u.handler is None:
-        errors.add((*path, "executor"), 'expected executor = "process" only with a handler')
-    if u.handler is not None:
+def _upstreams(data: dict[str, Any], errors: _Errors) -> tuple[list[UpstreamConfig], list[str] | None]:
+    """The valid upstreams, and the names of all in file order (None when [upstreams] is no table)."""
+    raw = data.get("upstreams", {})
+    if not isinstance(raw, dict):
+        errors.add(("upstreams",), f"expected tables [upstreams.NAME], got {k.shown(raw)}")
+        return [], None
+    out = []
+    for name, table in raw.items():
+        path: Path = ("upstreams", name)
         try:
-            obj = resolve(u.handler)
-        except Exception as exc:  # an operator's module may fail in any way
-            errors.add((*path, "handler"), f"cannot import {u.handler!r}: {exc}")
-            return
-        if not callable(obj):
-            errors.add((*path, "handler"), f"expected a callable, got {type(obj).__name__}")
+            k.Name().parse(name)
+        except k.Invalid as exc:
+            errors.add(path, str(exc))
+            continue
+        u, values = _section(UpstreamConfig, table, path, errors, name=name)
+        if isinstance(table, dict):
+            _check_upstream(table, values, path, errors)
+        if u is not None:
+            out.append(u)
+    return out, list(raw)
+
+
+def _check_upstream(table: dict[str, Any], values: dict[str, Any], path: Path, errors: _Errors) -> None:
+    if ("servers" in table) == ("handler" in table):
+        got = "both" if "servers" in table else "neither"
+        errors.add(path, f"expected exactly one of servers or handler, got {got}")
+    executor = values.get("executor")  # None: wrong, and already reported
+    if executor == "process" and "handler" not in table:
+        errors.add((*path, "executor"), 'expected "inline" for an upstream without a handler, got "process"')
+    if values.get("handler") is not None:
+        _check_handler(values["handler"], executor, (*path, "handler"), errors)
+
+
+def _check_handler(handler: str, executor: str | None, path: Path, errors: _Errors) -> None:
+    got = k.shown(handler)
+    try:
+        obj = resolve(handler)
+    except (Exception, SystemExit) as exc:  # an operator's module may fail in any way
+        reason = _one_line(f"{type(exc).__name__}: {exc}")
+        errors.add(path, f'expected an importable "module:callable", got {got} ({reason})')
+        return
+    if not callable(obj):
+        errors.add(path, f"expected a callable, got {got} (a {type(obj).__name__})")
+        return
+    function = inspect.unwrap(obj)
+    if not (inspect.isfunction(function) or inspect.ismethod(function)):
+        return  # a class or a callable object: nothing to tell before it runs
+    is_async = inspect.iscoroutinefunction(function)
+    if executor == "inline" and not is_async:
+        errors.add(
+            path,
+            f'expected an async function for executor = "inline", got {got} (a plain function; '
+            'executor = "process" runs those)',
+        )
+    elif executor == "process" and is_async:
+        errors.add(path, f'expected a plain function for executor = "process", got {got} (an async function)')
+
+
+def _routes(data: dict[str, Any], upstream_names: list[str] | None, errors: _Errors) -> list[RouteConfig]:
+    raw = data.get("routes")
+    if raw is None:
+        errors.add(("routes",), "missing; expected one or more [[routes]] tables")
+        return []
+    if not isinstance(raw, list) or not raw:
+        errors.add(("routes",), f"expected one or more [[routes]] tables, got {k.shown(raw)}")
+        return []
+    out = []
+    names: dict[str, int] = {}
+    matches: dict[tuple[str | None, str], int] = {}
+    for i, table in enumerate(raw):
+        r, values = _section(RouteConfig, table, ("routes", i), errors)
+        name = values.get("name")
+        if name in names:
+            errors.add(
+                ("routes", i, "name"), f"expected a unique name, got {k.shown(name)} (also routes[{names[name]}])"
+            )
+        elif name is not None:
+            names[name] = i
+        if "host" in values and "path_prefix" in values:
+            match = (values["host"], values["path_prefix"])
+            if match in matches:
+                host = "any host" if match[0] is None else f"host {k.shown(match[0])}"
+                errors.add(
+                    ("routes", i, "path_prefix"),
+                    f"expected a host and path_prefix no other route has, got {k.shown(match[1])} "
+                    f"on {host} (also routes[{matches[match]}])",
+                )
+            matches.setdefault(match, i)
+        upstream = values.get("upstream")
+        if upstream is not None and upstream_names is not None and upstream not in upstream_names:
+            known = ", ".join(k.toml_key(n) for n in upstream_names) or "none defined"
+            errors.add(("routes", i, "upstream"), f"expected a key of [upstreams] ({known}), got {k.shown(upstream)}")
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def _toml_error(exc: tomllib.TOMLDecodeError, text: str, filename: str) -> ConfigError:
+    m = re.search(r"\(at line (\d+), column \d+\)$", str(exc))
+    # "at end of document": the last line with something on it
+    line = int(m.group(1)) if m else text.rstrip().count("\n") + 1
+    return ConfigError([f"{filename}:{line}: toml: {_one_line(str(exc))}"])
+
+
+def _check_top(data: dict[str, Any], errors: _Errors) -> None:
+    for key, value in data.items():
+        if key in _TOP:
+            continue
+        owner = next((name for name, cls in SECTIONS.items() if key in {f.name for f in settings_of(cls)}), None)
+        if owner is not None and not isinstance(value, dict):
+            errors.add((key,), f'unknown key; did you mean "{owner}.{key}" (under [{owner}])?')
+        else:
+            kind = "section" if isinstance(value, dict) else "key"
+            errors.add((key,), _unknown_key(key, list(_TOP)).replace("unknown key", f"unknown {kind}"))
 
 
 def parse(text: str, filename: str) -> Config:
@@ -87,84 +214,36 @@ def parse(text: str, filename: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        msg = str(exc)
-        m = re.search(r"\(at line (\d+), column \d+\)$", msg)
-        line = m.group(1) if m else "1"
-        raise ConfigError([f"{filename}:{line}: toml: {msg}"]) from None
-    locator = Locator(text)
-    errors = _Errors(filename, locator)
-    values: dict[str, Any] = {}
-
-    for key in data:
-        if key not in (*SECTIONS, "upstreams", "routes"):
-            close = difflib.get_close_matches(key, [*SECTIONS, "upstreams", "routes"], n=1)
-            hint = f'did you mean "{close[0]}"?' if close else "expected a section"
-            errors.add((key,), f"unknown key; {hint}")
-
+        raise _toml_error(exc, text, filename) from None
+    except RecursionError:
+        raise ConfigError([f"{filename}:1: toml: arrays or tables nested too deeply"]) from None
+    errors = _Errors(filename, Locator(text))
+    _check_top(data, errors)
+    sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
-        parsed = _section(cls, data.get(name, {}), (name,), errors)
-        if parsed is not None:
-            values[name] = parsed
-
-    upstreams: list[UpstreamConfig] = []
-    raw_upstreams = data.get("upstreams", {})
-    if not isinstance(raw_upstreams, dict):
-        errors.add(("upstreams",), f"expected tables [upstreams.NAME], got {k.shown(raw_upstreams)}")
-        raw_upstreams = {}
-    for name, table in raw_upstreams.items():
-        path: Path = ("upstreams", name)
-        try:
-            k.Name().parse(name)
-        except k.Invalid as exc:
-            errors.add(path, f"upstream name {exc}")
-            continue
-        u = _section(UpstreamConfig, table, path, errors, name=name)
-        if u is not None:
-            _check_upstream(u, path, errors)
-            upstreams.append(u)
-
-    routes: list[RouteConfig] = []
-    raw_routes = data.get("routes", [])
-    if not isinstance(raw_routes, list) or not raw_routes:
-        errors.add(("routes",), f"expected one or more [[routes]] tables, got {k.shown(raw_routes)}")
-        raw_routes = []
-    seen_names: dict[str, int] = {}
-    seen_matches: dict[tuple[str | None, str], int] = {}
-    upstream_names = set(raw_upstreams)
-    for i, table in enumerate(raw_routes):
-        r = _section(RouteConfig, table, ("routes", i), errors)
-        if r is None:
-            continue
-        if r.name in seen_names:
-            errors.add(("routes", i, "name"),
-                       f'expected a unique name, got "{r.name}" (also routes[{seen_names[r.name]}])')
-        seen_names.setdefault(r.name, i)
-        match = (r.host, r.path_prefix)
-        if match in seen_matches:
-            errors.add(("routes", i, "path_prefix"),
-                       f"expected a distinct host and path_prefix, got the same as "
-                       f"routes[{seen_matches[match]}]")
-        seen_matches.setdefault(match, i)
-        if r.upstream not in upstream_names:
-            known = ", ".join(sorted(upstream_names)) or "none"
-            errors.add(("routes", i, "upstream"),
-                       f'expected a key of [upstreams] ({known}), got "{r.upstream}"')
-        routes.append(r)
-
-    if errors.lines:
-        raise ConfigError(errors.lines)
-    return Config(path=filename, upstreams=tuple(upstreams), routes=tuple(routes), **values)
+        sections[name], _ = _section(cls, data.get(name, {}), (name,), errors)
+    upstreams, upstream_names = _upstreams(data, errors)
+    routes = _routes(data, upstream_names, errors)
+    server, metrics = sections["server"], sections["metrics"]
+    if server is not None and metrics is not None and metrics.listen in server.listen:
+        errors.add(("metrics", "listen"), f"expected an address not in server.listen, got {k.shown(metrics.listen)}")
+    if errors.found:
+        raise ConfigError(errors.sorted())
+    return Config(path=filename, upstreams=tuple(upstreams), routes=tuple(routes), **sections)
 
 
 def load(path: str) -> Config:
     """Read and validate the file at ``path``."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:  # as tomllib.load: line breaks are TOML's to read
+            data = fh.read()
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}:1: toml: not UTF-8 ({exc.reason})"]) from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}:{line}: toml: not UTF-8 ({exc.reason} at byte {exc.start})"]) from None
     return parse(text, path)
 
 

@@ -110,6 +110,7 @@ async def test_process_executor_keeps_loop_free(start_gateway, upstream):
         path_prefix = "/cpu"
         upstream = "cpu"
         max_concurrency = 2
+        queue_timeout = 60
 
         [[routes]]
         name = "app"
