@@ -16,14 +16,13 @@ from typing import Any
 from . import notify
 from .config import Config
 from .control import ControlError, ControlServer
+from .exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK  # noqa: F401  (re-exported)
 from .procstats import raise_fd_limit
 from .prom import MetricsListener
 from .runtime import Runtime
 from .snapshot import snapshot, waiters
 
 log = logging.getLogger("gatewayd")
-
-from .exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK  # noqa: F401  (re-exported)
 
 
 def setup_logging(level: str) -> None:
