@@ -1,0 +1,1 @@
+"""gatewayd-dashboard: a Textual TUI that talks to gatewayd only through its control socket."""

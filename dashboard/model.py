@@ -1,0 +1,339 @@
+"""Pure functions from successive snapshots to what the screen shows.
+
+Nothing here touches a socket or a terminal. A snapshot is whatever JSON object
+the daemon sent: every field is read defensively (:func:`dig`, :func:`number`),
+so an unknown field is ignored and a missing or mistyped one becomes ``None``
+(shown blank).
+Rates compare a snapshot with an earlier one *of the same daemon process*;
+across a restart (another pid, or counters going backwards) there is no rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+Snapshot = dict[str, Any]
+
+
+def dig(obj: Any, *path: str | int) -> Any:
+    """``obj[path[0]][path[1]]...``, or None where a step is missing or of the wrong kind."""
+    for step in path:
+        if isinstance(step, int):
+            if not isinstance(obj, list) or not -len(obj) <= step < len(obj):
+                return None
+        elif not isinstance(obj, dict):
+            return None
+        obj = obj[step] if isinstance(step, int) else obj.get(step)
+    return obj
+
+
+def number(value: Any) -> float | None:
+    """A finite int or float (bool excluded) as float, else None."""
+    # exact type checks: bool is an int subclass, and this runs ~20 times a route a snapshot
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if type(value) is int:
+        return float(value)
+    return None
+
+
+def num_at(obj: Any, *path: str | int) -> float | None:
+    return number(dig(obj, *path))
+
+
+def text_at(obj: Any, *path: str | int) -> str | None:
+    value = dig(obj, *path)
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One snapshot and when it arrived (``time.monotonic()`` on our side)."""
+
+    snap: Snapshot
+    received: float
+
+    @property
+    def pid(self) -> float | None:
+        return num_at(self.snap, "pid")
+
+    @cached_property
+    def by_name(self) -> dict[str, dict[str, Any]]:
+        """The route objects that have a name, by name, in the daemon's order."""
+        routes = self.snap.get("routes")
+        if not isinstance(routes, list):
+            return {}
+        return {r["name"]: r for r in routes if isinstance(r, dict) and isinstance(r.get("name"), str)}
+
+    def routes(self) -> Iterable[dict[str, Any]]:
+        return self.by_name.values()
+
+
+def same_process(earlier: Sample, later: Sample) -> bool:
+    """Whether counters of ``later`` continue those of ``earlier`` (no restart between)."""
+    if earlier.pid != later.pid:
+        return False
+    a, b = num_at(earlier.snap, "uptime_s"), num_at(later.snap, "uptime_s")
+    return a is None or b is None or b >= a
+
+
+def elapsed(earlier: Sample, later: Sample) -> float | None:
+    """Seconds between two samples: the daemon's ``time`` fields when both have one."""
+    a, b = num_at(earlier.snap, "time"), num_at(later.snap, "time")
+    dt = b - a if a is not None and b is not None else later.received - earlier.received
+    return dt if dt > 0 else None
+
+
+def rate(now: float | None, before: float | None, dt: float | None) -> float | None:
+    """Per-second increase of a counter; None when unknown or when it went backwards."""
+    if now is None or before is None or dt is None or now < before:
+        return None
+    return (now - before) / dt
+
+
+# --------------------------------------------------------------------------- routes
+@dataclass(frozen=True)
+class RouteView:
+    """One row of the routes table: the figures, not their formatting."""
+
+    name: str
+    in_flight: float | None
+    max_concurrency: float | None
+    queued: float | None
+    max_queue: float | None
+    oldest_wait_ms: float | None
+    rps: float | None
+    p50: float | None
+    p99: float | None
+    queue_full: float | None
+    queue_timeout: float | None
+    rejected_rps: float | None  # 503s per second, both reasons
+    cancelled: float | None
+    upstream_errors: float | None
+    error_rps: float | None  # upstream errors per second
+
+    def sort_value(self, column: str) -> Any:
+        return getattr(self, column, None)
+
+
+def _table(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _rejected(r: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """queue_full, queue_timeout and their sum (None only when both are missing)."""
+    rej = _table(r, "rejected")
+    full, tmo = number(rej.get("queue_full")), number(rej.get("queue_timeout"))
+    both = None if full is None and tmo is None else (full or 0.0) + (tmo or 0.0)
+    return full, tmo, both
+
+
+def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
+    """The routes of ``cur``; rates against ``base`` (an earlier sample of the same process)."""
+    dt = elapsed(base, cur) if base is not None and same_process(base, cur) else None
+    before = base.by_name if dt is not None and base is not None else {}
+    out = []
+    for r in cur.routes():
+        old = before.get(r["name"], {})
+        full, tmo, rejected = _rejected(r)
+        errors = number(r.get("upstream_errors"))
+        latency = _table(r, "latency_ms")
+        out.append(RouteView(
+            name=r["name"],
+            in_flight=number(r.get("in_flight")),
+            max_concurrency=number(r.get("max_concurrency")),
+            queued=number(r.get("queued")),
+            max_queue=number(r.get("max_queue")),
+            oldest_wait_ms=number(r.get("oldest_wait_ms")),
+            rps=rate(number(r.get("requests")), number(old.get("requests")), dt),
+            p50=number(latency.get("p50")),
+            p99=number(latency.get("p99")),
+            queue_full=full,
+            queue_timeout=tmo,
+            rejected_rps=rate(rejected, _rejected(old)[2], dt),
+            cancelled=number(r.get("cancelled")),
+            upstream_errors=errors,
+            error_rps=rate(errors, number(old.get("upstream_errors")), dt),
+        ))
+    return out
+
+
+SORT_COLUMNS = ("name", "in_flight", "queued", "oldest_wait_ms", "rps", "p50", "p99",
+                "queue_full", "queue_timeout", "cancelled", "upstream_errors")
+
+
+def ordered(views: Iterable[RouteView], column: str, reverse: bool = False) -> list[str]:
+    """Route names in display order: names A-Z, figures largest first; ``reverse`` flips
+    that. Routes with a blank figure always come last."""
+    if column not in SORT_COLUMNS:
+        column = "name"
+    if column == "name":
+        return sorted((v.name for v in views), reverse=reverse)
+    present: list[tuple[float, str]] = []
+    blank: list[str] = []
+    for v in views:
+        value = v.sort_value(column)
+        if value is None:
+            blank.append(v.name)
+        else:
+            present.append((-value, v.name))
+    present.sort(reverse=reverse)
+    return [name for _, name in present] + sorted(blank)
+
+
+# --------------------------------------------------------------------------- totals and history
+@dataclass(frozen=True)
+class Totals:
+    """Gateway-wide figures of one sample, for the time series."""
+
+    rps: float | None
+    queued: float | None
+    loop_lag_ms: float | None
+    gc_ms_per_s: float | None  # GC pause time per second of wall time
+
+
+def totals(cur: Sample, base: Sample | None) -> Totals:
+    """Total req/s (routes present in both samples), queue depth, loop lag, GC ms/s."""
+    dt = elapsed(base, cur) if base is not None and same_process(base, cur) else None
+    routes = list(cur.routes())
+    queued = [q for q in (number(r.get("queued")) for r in routes) if q is not None]
+    rps = None
+    if dt is not None and base is not None:
+        before = base.by_name
+        # a route added by a reload has no earlier count: leave it out of this rate
+        pairs = [(number(r.get("requests")), number(before[r["name"]].get("requests")))
+                 for r in routes if r["name"] in before]
+        now = [a for a, _ in pairs if a is not None]
+        then = [b for _, b in pairs if b is not None]
+        if pairs and len(now) == len(then) == len(pairs):
+            rps = rate(sum(now), sum(then), dt)
+    gc_before = num_at(base.snap, "gc", "pause_ms", "total") if base is not None else None
+    return Totals(
+        rps=rps,
+        queued=sum(queued) if queued else None,
+        loop_lag_ms=num_at(cur.snap, "loop_lag_ms", "last"),
+        gc_ms_per_s=rate(num_at(cur.snap, "gc", "pause_ms", "total"), gc_before, dt),
+    )
+
+
+class RateWindow:
+    """The recent samples of one process; :meth:`base` is the one about ``seconds`` ago."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds = seconds
+        self._samples: deque[Sample] = deque()
+
+    def push(self, sample: Sample) -> None:
+        if self._samples and not same_process(self._samples[-1], sample):
+            self._samples.clear()
+        self._samples.append(sample)
+        # keep the newest sample that is at least `seconds` old, drop the ones before it
+        while len(self._samples) > 2:
+            dt = elapsed(self._samples[1], sample)
+            if dt is None or dt < self.seconds:
+                break
+            self._samples.popleft()
+
+    def base(self) -> Sample | None:
+        return self._samples[0] if len(self._samples) > 1 else None
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+
+SERIES = ("rps", "queued", "loop_lag_ms", "gc_ms_per_s")
+
+
+class History:
+    """The last ``length`` values of each time series (kept across reconnections)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.series: dict[str, deque[float]] = {k: deque(maxlen=length) for k in SERIES}
+
+    def add(self, t: Totals) -> None:
+        for key, values in self.series.items():
+            value = getattr(t, key)
+            # a blank is drawn as the previous value, so one missing figure leaves no dip
+            if value is None:
+                value = values[-1] if values else 0.0
+            values.append(value)
+
+    def values(self, key: str) -> list[float]:
+        return list(self.series[key])
+
+
+# --------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class Event:
+    """A line of the event pane. ``level``: info, warning or error."""
+
+    time: float | None
+    level: str
+    text: str
+
+
+def reload_event(last_reload: Any, generation: float | None, time: float | None) -> Event:
+    when = num_at(last_reload, "time")
+    if dig(last_reload, "ok") is True:
+        changes = dig(last_reload, "changes")
+        lines = [c for c in changes if isinstance(c, str)] if isinstance(changes, list) else []
+        gen = f"generation {int(generation)}" if generation is not None else "reloaded"
+        return Event(when or time, "info",
+                     f"reload ok, {gen}: " + ("; ".join(lines) if lines else "no changes"))
+    error = text_at(last_reload, "error") or "unknown error"
+    return Event(when or time, "error", f"reload FAILED (nothing changed): {error}")
+
+
+def events_between(prev: Sample | None, cur: Sample) -> list[Event]:
+    """What happened between two successive samples: restarts, reloads, limit changes."""
+    if prev is None:
+        return []
+    t = num_at(cur.snap, "time")
+    if prev.pid != cur.pid or not same_process(prev, cur):
+        pid = cur.pid
+        return [Event(t, "warning", "gatewayd restarted" + (f" (pid {int(pid)})" if pid is not None else ""))]
+    out = []
+    old_reload, new_reload = dig(prev.snap, "last_reload"), dig(cur.snap, "last_reload")
+    if isinstance(new_reload, dict) and new_reload != old_reload:
+        out.append(reload_event(new_reload, num_at(cur.snap, "generation"), t))
+    reloaded = num_at(prev.snap, "generation") != num_at(cur.snap, "generation")
+    # a reload lists its own changes; a limit it changed without listing it is a
+    # set_limit override that the reload ended
+    listed = dig(new_reload, "changes") if reloaded else None
+    listed = [c for c in listed if isinstance(c, str)] if isinstance(listed, list) else []
+    before = prev.by_name
+    for r in cur.routes():
+        old = before.get(r["name"])
+        if old is None:
+            continue
+        for key in ("max_concurrency", "max_queue"):
+            a, b = old.get(key), r.get(key)
+            if a == b or any(c.startswith(f"route {r['name']}:") and key in c for c in listed):
+                continue
+            a, b = number(a), number(b)
+            if a is not None and b is not None:
+                why = " (set_limit ended by the reload)" if reloaded else ""
+                out.append(Event(t, "info", f"limit {r['name']}: {key} {int(a)} -> {int(b)}{why}"))
+    return out
+
+
+def waiters(items: Any) -> list[dict[str, Any]]:
+    """The queue X-ray: waiter objects, oldest first (blank fields where missing)."""
+    if not isinstance(items, list):
+        return []
+    out = [w for w in items if isinstance(w, dict)]
+    out.sort(key=lambda w: -(num_at(w, "wait_ms") or 0.0))
+    return out
+
+
+def find_route(sample: Sample | None, name: str | None) -> dict[str, Any] | None:
+    if sample is None or name is None:
+        return None
+    return sample.by_name.get(name)

@@ -1,0 +1,224 @@
+"""The dashboard's panels. Each renders what it is given; none reads the socket."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.screen import ModalScreen
+from textual.widgets import RichLog, Static
+
+from . import fmt
+from .model import Event, RouteView, Sample, dig, num_at, text_at
+from .routetable import Cell, Column
+
+# --------------------------------------------------------------------------- routes table
+COLUMNS = (
+    Column("name", "Route", 16, left=True),
+    Column("in_flight", "In flight/limit", 17, left=True),
+    Column("queued", "Queued/max", 11),
+    Column("oldest_wait_ms", "Oldest", 8),
+    Column("rps", "req/s", 8),
+    Column("p50", "p50", 8),
+    Column("p99", "p99", 8),
+    Column("queue_full", "503 full", 9),
+    Column("queue_timeout", "503 tmo", 9),
+    Column("cancelled", "Cancel", 8),
+    Column("upstream_errors", "Up.err", 8),
+)
+BAR = 7
+
+
+def _load_style(value: float | None, limit: float | None) -> str:
+    if value is None or not limit:
+        return ""
+    share = value / limit
+    return "bold red" if share >= 1 else "yellow" if share >= 0.7 else "green"
+
+
+def row_cells(v: RouteView) -> tuple[Cell, ...]:
+    """The table row of a route: (text, style) per column, in COLUMNS order."""
+    busy = fmt.ratio(v.in_flight, v.max_concurrency)
+    full_queue = bool(v.queued and v.max_queue is not None and v.queued >= v.max_queue)
+    rejecting = "bold red" if v.rejected_rps else ""
+    return (
+        (v.name, "bold"),
+        (fmt.bar(v.in_flight, v.max_concurrency, BAR) + " " + busy.rjust(COLUMNS[1].width - BAR - 1),
+         _load_style(v.in_flight, v.max_concurrency)),
+        (fmt.ratio(v.queued, v.max_queue), "bold red" if full_queue else "yellow" if v.queued else ""),
+        (fmt.age(v.oldest_wait_ms), "yellow" if v.oldest_wait_ms else ""),
+        (fmt.per_second(v.rps), ""),
+        (fmt.ms(v.p50), ""),
+        (fmt.ms(v.p99), ""),
+        (fmt.count(v.queue_full), rejecting),
+        (fmt.count(v.queue_timeout), rejecting),
+        (fmt.count(v.cancelled), ""),
+        (fmt.count(v.upstream_errors), "bold red" if v.error_rps else ""),
+    )
+
+
+# --------------------------------------------------------------------------- header and status
+Field = tuple[str, str, str]  # label, value, style of the value
+
+
+def _line(fields: list[Field]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for i, (label, value, style) in enumerate(fields):
+        if i:
+            out.append(("  ", ""))
+        if label:
+            out.append((label + " ", "dim"))
+        out.append((value, style) if value else ("?", "dim"))
+    return out
+
+
+def _pair_ms(last: float | None, most: float | None) -> str:
+    return "" if last is None and most is None else f"{fmt.ms(last)}/{fmt.ms(most)}"
+
+
+def summary_text(sample: Sample | None, width: int = 140) -> Text:
+    """The two header lines: process and configuration, then runtime figures."""
+    if sample is None:
+        return Text("no data yet", style="dim")
+    s = sample.snap
+    workers = dig(s, "workers")
+    line1: list[Field] = [
+        ("gatewayd", text_at(s, "version") or "", "bold"),
+        ("pid", fmt.count(num_at(s, "pid")), "bold"),
+        ("up", fmt.duration(num_at(s, "uptime_s")), "bold"),
+        ("workers", str(len(workers)) if isinstance(workers, list) else "", "bold"),
+        ("generation", fmt.count(num_at(s, "generation")), "bold"),
+    ]
+    reload = dig(s, "last_reload")
+    tail: list[tuple[str, str]] = [("  last reload ", "dim")]
+    if isinstance(reload, dict):
+        when = fmt.ago(num_at(reload, "time"), num_at(s, "time"))
+        if reload.get("ok") is True:
+            tail += [("ok", "bold green"), (f" {when}", "")]
+        else:
+            used = sum(len(t) for t, _ in _line(line1)) + len(when) + 24
+            error = fmt.one_line(text_at(reload, "error") or "", max(width - used, 20))
+            tail += [("FAILED", "bold red"), (f" {when}: ", ""), (error, "red")]
+    else:
+        tail.append(("never", "dim") if "last_reload" in s else ("?", "dim"))
+    collections = dig(s, "gc", "collections")
+    line2: list[Field] = [
+        ("connections", fmt.count(num_at(s, "connections")), "bold"),
+        ("tasks", fmt.count(num_at(s, "tasks")), "bold"),
+        ("loop lag last/max", _pair_ms(num_at(s, "loop_lag_ms", "last"), num_at(s, "loop_lag_ms", "max")), "bold"),
+        ("GC pause last/max", _pair_ms(num_at(s, "gc", "pause_ms", "last"), num_at(s, "gc", "pause_ms", "max")),
+         "bold"),
+        ("GC gen0/1/2", "/".join(fmt.count(num_at(collections, i)) for i in range(3))
+         if isinstance(collections, list) else "", "bold"),
+        ("RSS", fmt.size(num_at(s, "rss_bytes")), "bold"),
+    ]
+    return Text.assemble(*_line(line1), *tail, "\n", *_line(line2), no_wrap=True, overflow="ellipsis")
+
+
+class Summary(Static):
+    text = Text()
+
+    def show(self, sample: Sample | None) -> None:
+        self.text = summary_text(sample, self.size.width or 140)
+        self.update(self.text, layout=False)
+
+
+class StatusBar(Static):
+    """One line: connected, waiting or disconnected, and what the dashboard is doing."""
+
+    STATES = ("-ok", "-down", "-waiting")
+    text = ""
+
+    def show(self, state: str, text: str) -> None:
+        for s in self.STATES:
+            self.set_class(s == f"-{state}", s)
+        if text != self.text:
+            self.text = text
+            self.update(Text(text), layout=False)
+
+
+# --------------------------------------------------------------------------- bottom panels
+def xray_table(route: str | None, waiting: list[dict[str, Any]], queued: float | None) -> Table | Text:
+    if route is None:
+        return Text("no route selected", style="dim")
+    if not waiting:
+        return Text(f"{route}: nobody waiting" if queued == 0 or queued is None else
+                    f"{route}: {fmt.count(queued)} waiting", style="dim")
+    t = Table(box=None, expand=True, padding=(0, 1), show_edge=False, header_style="dim")
+    t.add_column("waited", justify="right", no_wrap=True)
+    t.add_column("method", no_wrap=True)
+    t.add_column("path", ratio=1, no_wrap=True, overflow="ellipsis")
+    t.add_column("client", no_wrap=True, overflow="ellipsis", max_width=15)
+    # the worker's pid matters only when the waiters are spread over several
+    pids = len({num_at(w, "pid") for w in waiting}) > 1
+    if pids:
+        t.add_column("pid", justify="right", no_wrap=True)
+    for w in waiting:
+        cells = [fmt.ms(num_at(w, "wait_ms")), text_at(w, "method") or "", text_at(w, "path") or "",
+                 text_at(w, "client") or ""]
+        t.add_row(*cells, *([fmt.count(num_at(w, "pid"))] if pids else []))
+    return t
+
+
+class XRay(Static):
+    """The selected route's waiters, oldest first."""
+
+    _shown: Any = None
+
+    def shown_waiters(self) -> int:
+        return len(self._shown[1]) if self._shown else 0
+
+    def show(self, route: str | None, waiting: list[dict[str, Any]], queued: float | None) -> None:
+        if (route, waiting, queued) == self._shown:
+            return
+        self._shown = (route, waiting, queued)
+        self.border_title = f"Queue X-ray: {route}" if route else "Queue X-ray"
+        self.border_subtitle = f"{fmt.count(queued)} waiting" if queued else ""
+        self.update(xray_table(route, waiting, queued), layout=False)
+
+
+LEVEL_STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
+
+
+class EventPane(RichLog):
+    """Reloads (their changes or error), limit changes, connection lost and restored."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(max_lines=500, wrap=True, markup=False, min_width=20, **kwargs)
+        self.events: deque[Event] = deque(maxlen=500)
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+        self.write(Text.assemble((fmt.clock(event.time), "dim"), " ",
+                                 (event.text, LEVEL_STYLES.get(event.level, ""))))
+
+
+HELP = """\
+[b]Keys[/b]
+  [b]↑ ↓ PgUp PgDn Home End[/b]  select a route (its queue shows in the X-ray)
+  [b]r[/b]        reload gatewayd's configuration; the outcome shows as a notice and an event
+  [b]+[/b] / [b]=[/b]    raise the selected route's max_concurrency by 1 (set_limit)
+  [b]-[/b]        lower it by 1 (never below 1); live until the next reload
+  [b]s[/b]        sort by the next column      [b]S[/b]  reverse the order (or click a header)
+  [b]p[/b]        pause / resume the screen (data keeps being collected)
+  [b]?[/b]        this help                     [b]q[/b]  quit
+
+[b]Routes[/b]  in flight / max_concurrency (bar), queued / max_queue, the oldest waiter's age,
+  req/s over the last second, p50 and p99 latency (from the daemon's histograms), 503s
+  (queue_full, queue_timeout; red while rising), cancellations and upstream errors (totals).
+[b]Trends[/b]  the last minutes, one point an update: req/s, queued requests (all routes),
+  event-loop lag, GC pause milliseconds per second.
+[b]Events[/b]  reloads with their changes or error, limit changes, connection lost and restored.
+
+Press [b]?[/b] or [b]Esc[/b] to close."""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [("escape", "dismiss", "Close"), ("question_mark", "dismiss", "Close"),
+                ("q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        yield Static(HELP, id="help")
