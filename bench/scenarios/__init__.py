@@ -1,0 +1,23 @@
+"""The scenarios, in the order a full run takes them. Each takes a Context and
+returns its result tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..context import Context
+from ..report import Table
+from . import admission, cancel, idle, overload, profile, reload, throughput
+
+Scenario = Callable[[Context], list[Table]]
+
+SCENARIOS: dict[str, Scenario] = {
+    "throughput": throughput.run,
+    "admission": admission.run,
+    "overload": overload.run,
+    "cancel": cancel.run,
+    "reload": reload.run,
+    "idle": idle.run,
+    "profile": profile.run,
+}
+DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")

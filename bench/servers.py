@@ -1,0 +1,286 @@
+"""The servers under test and their configurations, each on 127.0.0.1 only.
+
+Every server gets its own files (configuration, pid, logs, temp paths) under
+the run's temporary folder. The proxies run pinned to the proxy CPU; upstreams
+on the load CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .deps import tool
+from .procs import Proc, Processes, free_port
+
+BODY = b"x" * 99 + b"\n"  # the upstream's fixed 100-byte body
+ROUTE = "bench"
+PROXIES = ("gatewayd", "nginx", "haproxy", "naive")
+
+
+@dataclass
+class Limits:
+    """A route's admission limits (HAProxy: server maxconn and timeout queue)."""
+
+    max_concurrency: int = 1_000_000
+    max_queue: int = 0
+    queue_timeout: float = 1.0
+
+    @property
+    def binding(self) -> bool:
+        return self.max_concurrency < 1_000_000
+
+
+@dataclass
+class Env:
+    """Where a run keeps its files and which CPUs it pins to."""
+
+    tmp: Path
+    procs: Processes
+    proxy_cpu: int | None
+    load_cpu: int | None
+    python: str = sys.executable
+    counter: dict[str, int] = field(default_factory=dict)
+
+    def folder(self, name: str) -> Path:
+        n = self.counter[name] = self.counter.get(name, 0) + 1
+        d = self.tmp / f"{name}-{n}"
+        d.mkdir(parents=True)
+        return d
+
+
+@dataclass
+class Server:
+    """A started server: its process, port and configuration file."""
+
+    kind: str
+    proc: Proc
+    port: int
+    config: Path | None
+    workdir: Path
+
+
+# ----------------------------------------------------------------------------- upstreams
+def nginx_upstream(env: Env) -> Server:
+    """nginx answering every request with the fixed 100-byte body (1 worker, load CPU)."""
+    d = env.folder("upstream-nginx")
+    port = free_port()
+    body = BODY.decode().rstrip("\n")
+    conf = _nginx_main(d, f"""
+        server {{
+            listen 127.0.0.1:{port} reuseport backlog=4096;
+            keepalive_requests 1000000;
+            keepalive_timeout 75s;
+            location / {{ default_type text/plain; return 200 "{body}\\n"; }}
+        }}
+    """)
+    return _start_nginx(env, "upstream-nginx", d, conf, port, env.load_cpu)
+
+
+def python_upstream(env: Env, delay: float, slots: int) -> Server:
+    """bench.upstream: answers after ``delay`` s, at most ``slots`` at once (load CPU)."""
+    d = env.folder("upstream-py")
+    port = free_port()
+    argv = [env.python, "-m", "bench.upstream", "--port", str(port), "--delay", str(delay),
+            "--slots", str(slots)]
+    proc = env.procs.start("upstream-py", argv, env.load_cpu, cwd=_repo())
+    proc.wait_port(port)
+    return Server("upstream-py", proc, port, None, d)
+
+
+# ----------------------------------------------------------------------------- proxies
+def start_proxy(env: Env, kind: str, upstream_port: int, limits: Limits | None = None,
+                nogate: bool = False) -> Server:
+    """Start the proxy ``kind`` (one of PROXIES) in front of ``upstream_port``."""
+    limits = limits or Limits()
+    if kind == "gatewayd":
+        return gatewayd(env, upstream_port, limits, nogate=nogate)
+    if kind == "nginx":
+        return nginx_proxy(env, upstream_port)
+    if kind == "haproxy":
+        return haproxy(env, upstream_port, limits)
+    if kind == "naive":
+        return naive(env, upstream_port)
+    raise ValueError(kind)
+
+
+def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits) -> str:
+    return textwrap.dedent(f"""\
+        [server]
+        listen = ["127.0.0.1:{port}"]
+        workers = 1
+        max_connections = 15000
+        keepalive_timeout = 75.0
+        shutdown_timeout = 1.0
+
+        [control]
+        socket = "{sock}"
+
+        [log]
+        level = "warning"
+        access_log = "off"
+
+        [upstreams.up]
+        servers = ["http://127.0.0.1:{upstream_port}"]
+        max_connections = 1000
+
+        [[routes]]
+        name = "{ROUTE}"
+        path_prefix = "/"
+        upstream = "up"
+        max_concurrency = {limits.max_concurrency}
+        max_queue = {limits.max_queue}
+        queue_timeout = {limits.queue_timeout}
+    """)
+
+
+def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False) -> Server:
+    """gatewayd, one worker; ``nogate`` swaps the admission gate for a no-op (bench only)."""
+    d = env.folder("gatewayd")
+    port = free_port()
+    conf = d / "gatewayd.toml"
+    conf.write_text(gatewayd_config(port, upstream_port, d / "gatewayd.sock", limits))
+    module = "bench.gatewayd_nogate" if nogate else "gatewayd"
+    argv = [env.python, "-m", module, "--config", str(conf)]
+    proc = env.procs.start("gatewayd-nogate" if nogate else "gatewayd", argv, env.proxy_cpu, cwd=_repo())
+    proc.wait_port(port)
+    return Server("gatewayd", proc, port, conf, d)
+
+
+def nginx_proxy(env: Env, upstream_port: int) -> Server:
+    """nginx ``proxy_pass`` with upstream keep-alive, one worker."""
+    d = env.folder("nginx")
+    port = free_port()
+    conf = _nginx_main(d, f"""
+        upstream up {{
+            server 127.0.0.1:{upstream_port};
+            keepalive 256;
+            keepalive_requests 1000000;
+            keepalive_timeout 60s;
+        }}
+        server {{
+            listen 127.0.0.1:{port} backlog=4096;
+            keepalive_requests 1000000;
+            keepalive_timeout 75s;
+            location / {{
+                proxy_pass http://up;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+                proxy_buffering on;
+            }}
+        }}
+    """)
+    return _start_nginx(env, "nginx", d, conf, port, env.proxy_cpu)
+
+
+def haproxy(env: Env, upstream_port: int, limits: Limits) -> Server:
+    """HAProxy ``mode http``, one thread; limits become ``maxconn`` and ``timeout queue``."""
+    d = env.folder("haproxy")
+    port = free_port()
+    server_opts = f" maxconn {limits.max_concurrency}" if limits.binding else ""
+    conf = d / "haproxy.cfg"
+    conf.write_text(textwrap.dedent(f"""\
+        global
+            nbthread 1
+            maxconn 9000
+            pidfile {d}/haproxy.pid
+            log stderr format short local0 warning
+
+        defaults
+            mode http
+            option http-keep-alive
+            timeout connect 2s
+            timeout client 75s
+            timeout server 30s
+            timeout http-keep-alive 75s
+            timeout http-request 10s
+            timeout queue {limits.queue_timeout:g}s
+
+        frontend fe
+            bind 127.0.0.1:{port}
+            default_backend be
+
+        backend be
+            http-reuse always
+            server s1 127.0.0.1:{upstream_port}{server_opts}
+    """))
+    proc = env.procs.start("haproxy", [tool("haproxy"), "-db", "-f", str(conf)], env.proxy_cpu)
+    proc.wait_port(port)
+    return Server("haproxy", proc, port, conf, d)
+
+
+def naive(env: Env, upstream_port: int) -> Server:
+    """bench.naive_proxy: web.Application + one default ClientSession."""
+    d = env.folder("naive")
+    port = free_port()
+    argv = [env.python, "-m", "bench.naive_proxy", "--port", str(port),
+            "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    proc = env.procs.start("naive", argv, env.proxy_cpu, cwd=_repo())
+    proc.wait_port(port)
+    return Server("naive", proc, port, None, d)
+
+
+# ----------------------------------------------------------------------------- control
+def reload(server: Server) -> dict[str, object]:
+    """Ask a running server to reload its configuration; gatewayd answers with the outcome."""
+    if server.kind == "gatewayd":
+        return control(server.workdir / "gatewayd.sock", {"cmd": "reload"})
+    server.proc.signal(signal.SIGHUP)
+    return {"ok": True}
+
+
+def control(path: Path, request: dict[str, object], timeout: float = 10.0) -> dict[str, object]:
+    """One request line on gatewayd's control socket, one answer line back."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data)
+    assert isinstance(answer, dict)
+    return answer
+
+
+# ----------------------------------------------------------------------------- helpers
+def _repo() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _nginx_main(d: Path, http_block: str) -> Path:
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
+        (d / sub).mkdir()
+    conf = d / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        daemon off;
+        master_process on;
+        worker_processes 1;
+        worker_rlimit_nofile 20000;
+        pid {d}/nginx.pid;
+        error_log {d}/logs/error.log warn;
+        events {{ worker_connections 15000; }}
+        http {{
+            access_log off;
+            client_body_temp_path {d}/client_body;
+            proxy_temp_path {d}/proxy;
+            fastcgi_temp_path {d}/fastcgi;
+            uwsgi_temp_path {d}/uwsgi;
+            scgi_temp_path {d}/scgi;
+        """) + textwrap.indent(textwrap.dedent(http_block), "    ") + "}\n")
+    return conf
+
+
+def _start_nginx(env: Env, name: str, d: Path, conf: Path, port: int, cpu: int | None) -> Server:
+    argv = [tool("nginx"), "-p", f"{d}/", "-e", str(d / "logs" / "error.log"), "-c", str(conf)]
+    proc = env.procs.start(name, argv, cpu)
+    proc.wait_port(port)
+    return Server("nginx", proc, port, conf, d)

@@ -1,0 +1,167 @@
+"""A small HTTP/1.1 upstream on raw asyncio protocols, for the scenarios nginx
+cannot play: a fixed service time with a fixed number of workers (overload),
+and a record of when each request's connection closed (cancellation).
+
+``/hold/<id>`` records the request's arrival and answers only after ``hold``
+seconds; its connection closing before that is recorded as an abort. Any other
+path is answered after ``delay`` seconds by one of ``slots`` workers (0: no
+limit), first come first served; a queued request whose connection closed is
+skipped, as a worker pool that checks its socket would.
+
+    python -m bench.upstream --port 9000 --delay 0.1 --slots 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+from .servers import BODY
+
+RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
+
+
+class Upstream:
+    """The server; ``arrived``/``aborted`` map hold ids to ``time.monotonic()`` stamps."""
+
+    def __init__(self, delay: float = 0.0, slots: int = 0, hold: float = 5.0) -> None:
+        self.delay = delay
+        self.slots = slots
+        self.hold = hold
+        self.busy = 0
+        self.waiting: deque[_Conn] = deque()
+        self.arrived: dict[int, float] = {}
+        self.aborted: dict[int, float] = {}
+        self.on_arrival: Callable[[int], None] | None = None
+        self.on_abort: Callable[[int], None] | None = None
+        self.served = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self, port: int, host: str = "127.0.0.1") -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Conn(self), host, port, backlog=4096)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    # -- the worker pool ----------------------------------------------------------
+    def submit(self, conn: _Conn) -> None:
+        if self.slots and self.busy >= self.slots:
+            self.waiting.append(conn)
+            return
+        self._run(conn)
+
+    def _run(self, conn: _Conn) -> None:
+        self.busy += 1
+        loop = asyncio.get_running_loop()
+        if self.delay:
+            loop.call_later(self.delay, self._done, conn)
+        else:
+            self._done(conn)
+
+    def _done(self, conn: _Conn) -> None:
+        self.busy -= 1
+        conn.respond()
+        self.served += 1
+        while self.waiting and (not self.slots or self.busy < self.slots):
+            nxt = self.waiting.popleft()
+            if not nxt.closed:
+                self._run(nxt)
+
+
+class _Conn(asyncio.Protocol):
+    """One client connection; requests are handled one at a time, in order."""
+
+    def __init__(self, server: Upstream) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.skip = 0  # request body bytes still to discard
+        self.pending = 0  # requests received, not yet answered
+        self.hold_id: int | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        while True:
+            if self.skip:
+                n = min(self.skip, len(buf))
+                buf, self.skip = buf[n:], self.skip - n
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head, buf = buf[:end], buf[end + 4:]
+            self.skip = _content_length(head)
+            self._request(head.split(b" ", 2)[1])
+        self.buf = buf
+
+    def _request(self, path: bytes) -> None:
+        self.pending += 1
+        server = self.server
+        if path.startswith(b"/hold/"):
+            rid = int(path[6:])
+            self.hold_id = rid
+            server.arrived[rid] = time.monotonic()
+            if server.on_arrival is not None:
+                server.on_arrival(rid)
+            asyncio.get_running_loop().call_later(server.hold, self.respond)
+        elif self.pending == 1:
+            server.submit(self)
+
+    def respond(self) -> None:
+        if self.closed or not self.pending or self.transport is None:
+            return
+        self.pending -= 1
+        self.hold_id = None
+        self.transport.write(RESPONSE)
+        if self.pending:
+            self.server.submit(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        rid = self.hold_id
+        if rid is not None and self.pending:
+            self.server.aborted[rid] = time.monotonic()
+            if self.server.on_abort is not None:
+                self.server.on_abort(rid)
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--delay", type=float, default=0.0, help="service time, seconds")
+    p.add_argument("--slots", type=int, default=0, help="requests served at once (0: no limit)")
+    p.add_argument("--hold", type=float, default=5.0, help="how long /hold/<id> requests are held")
+    args = p.parse_args()
+
+    async def serve() -> None:
+        up = Upstream(args.delay, args.slots, args.hold)
+        await up.start(args.port)
+        await asyncio.Event().wait()
+
+    from .aio import run
+
+    try:
+        run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
