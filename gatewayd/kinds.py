@@ -8,6 +8,7 @@ the file, line and key path.
 from __future__ import annotations
 
 import datetime
+import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -443,6 +444,52 @@ class Servers(Kind):
 
     def dump(self, value: Any) -> Any:
         return [s.url if s.weight == 1 else {"url": s.url, "weight": s.weight} for s in value]
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """An upstream's active health check: ``GET path`` every ``interval`` seconds."""
+
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    healthy: int = 2  # passing probes in a row that mark a server up
+    unhealthy: int = 3  # failing probes in a row that mark it down
+
+
+_CHECK_KEYS: dict[str, Kind] = {
+    "path": PathPrefix(), "interval": Duration(), "timeout": Duration(),
+    "healthy": Int(1, 1000), "unhealthy": Int(1, 1000),
+}
+
+
+@dataclass(frozen=True)
+class HealthCheckTable(Kind):
+    describe = ('a table {path = "/", interval = 5.0, timeout = 2.0, healthy = 2, unhealthy = 3} '
+                "(every key optional; these are the defaults)")
+
+    def parse(self, value: Any) -> HealthCheck:
+        if not isinstance(value, dict):
+            raise _expected(self.describe, value)
+        values = {}
+        problems = []
+        for key, raw in value.items():
+            kind = _CHECK_KEYS.get(key)
+            if kind is None:
+                close = difflib.get_close_matches(key, list(_CHECK_KEYS), n=1)
+                hint = f'did you mean "{close[0]}"?' if close else "expected one of " + ", ".join(_CHECK_KEYS)
+                problems.append(Invalid(f"unknown key; {hint}", (key,)))
+                continue
+            try:
+                values[key] = kind.parse(raw)
+            except Invalid as exc:
+                problems.append(Invalid(str(exc), (key,)))
+        if problems:
+            raise Invalid.of_items(problems)
+        return HealthCheck(**values)
+
+    def dump(self, value: Any) -> Any:
+        return {name: getattr(value, name) for name in _CHECK_KEYS}
 
 
 @dataclass(frozen=True)

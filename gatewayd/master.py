@@ -25,29 +25,20 @@ from typing import Any
 
 from . import __version__, notify
 from .confdiff import RESTART_ONLY, diff
-from .config import Config
+from .config import Config, worker_count
 from .control import ControlError, ControlServer
 from .ipc import Channel
 from .loader import ConfigError, parse
 from .procstats import raise_fd_limit, rss_bytes
 from .prom import MetricsListener
 from .snapshot import present, retire, route_order_from
+from .upstream_state import COMMAND_STATES, check_state
 
 log = logging.getLogger("gatewayd")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long resets its slot's backoff
-
-
-def worker_count(config: Config) -> int:
-    w = config.server.workers
-    if w == "auto":
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not Linux
-            return os.cpu_count() or 1
-    return int(w)
 
 
 class WorkerHandle:
@@ -85,6 +76,8 @@ class Master:
         self._backoff: dict[int, float] = {}
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # server_state set by hand: (upstream, server) -> (command, upstream config then)
+        self.server_states: dict[tuple[str, str], tuple[dict[str, Any], Any]] = {}
 
     # -- workers -------------------------------------------------------------------
     async def spawn(self, slot: int) -> WorkerHandle:
@@ -132,6 +125,7 @@ class Master:
                     h.ready.set_result(True)
                 log.info("worker %d (pid %d) ready", h.slot, h.pid)
                 await self.reshare()
+                self._spawn_task(self._restore_server_states(h))
             elif t == "boot_error":
                 h.boot_error = msg.get("error")
 
@@ -239,8 +233,8 @@ class Master:
         except ConfigError as exc:
             return self._failed("\n".join(exc.errors), dry_run)
         changes = diff(self.config, new)
-        refused = [f"{s}.{k}" for s, k in RESTART_ONLY if (s, k) != ("server", "workers")
-                   and getattr(getattr(self.config, s), k) != getattr(getattr(new, s), k)]
+        refused = [f"{s}.{k}" for s, k in RESTART_ONLY
+                   if getattr(getattr(self.config, s), k) != getattr(getattr(new, s), k)]
         if new.server.workers != self.config.server.workers and worker_count(new) == 1:
             refused.append("server.workers (to 1: the single-process mode)")
         if refused:
@@ -316,7 +310,27 @@ class Master:
         return {"ok": True, "route": route, "waiters": waiters}
 
     async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
-        return {"ok": False, "error": "server_state: not supported by this upstream kind"}
+        """Every worker sets the server; a worker started later (a replacement) gets
+        the same state while the upstream's configuration is the one it was set under."""
+        error = check_state(state)
+        if error is not None:
+            return {"ok": False, "error": error}
+        msg = {"cmd": "server_state", "upstream": upstream, "server": server, "state": state}
+        answers = await self.call_all(msg)
+        errors = sorted({a["error"] for a in answers if not a.get("ok")})
+        if errors or not answers:
+            return {"ok": False, "error": "; ".join(errors) or "no live worker"}
+        if COMMAND_STATES[state]:
+            self.server_states.pop((upstream, server), None)  # a new worker starts with it up
+        else:
+            self.server_states[(upstream, server)] = (msg, self.config.upstream(upstream))
+        return answers[0]
+
+    async def _restore_server_states(self, h: WorkerHandle) -> None:
+        for msg, config in list(self.server_states.values()):
+            current = next((u for u in self.config.upstreams if u.name == msg["upstream"]), None)
+            if current == config:
+                await self.call(h, msg)
 
     # -- lifecycle -----------------------------------------------------------------
     async def run(self) -> int:

@@ -61,6 +61,29 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
     return bounds[-1]
 
 
+def quantiles_ms(bounds: tuple[float, ...], h: dict[str, Any]) -> dict[str, float | None]:
+    """p50, p90 and p99 of an exported histogram, in milliseconds, in one pass."""
+    n = h["count"]
+    if not n:
+        return {"p50": None, "p90": None, "p99": None}
+    counts = h["counts"]
+    out: dict[str, float | None] = {}
+    seen = 0
+    i = 0
+    last = len(counts) - 1
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        rank = q * n
+        while i < last and seen + counts[i] < rank:
+            seen += counts[i]
+            i += 1
+        c = counts[i]
+        lo = bounds[i - 1] if i > 0 else 0.0
+        hi = bounds[i] if i < len(bounds) else bounds[-1]
+        v = lo + (hi - lo) * ((rank - seen) / c) if c else hi
+        out[name] = round(v * 1000, 3)
+    return out
+
+
 RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 

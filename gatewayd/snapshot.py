@@ -9,8 +9,9 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from .metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, quantile
+from .metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, quantiles_ms
 from .procstats import cpu_seconds, fd_limit, open_fds, rss_bytes
+from .upstream_state import export_upstreams, present_upstreams, retire_upstreams
 
 if TYPE_CHECKING:
     from .config import Config
@@ -63,6 +64,7 @@ def export(runtime: Runtime) -> dict[str, Any]:
         "cpu_s": cpu_seconds(),
         "generation": runtime.generation,
         "routes": routes,
+        "upstreams": export_upstreams(runtime.table.upstreams),
     }
 
 
@@ -73,11 +75,6 @@ def _add_hist(into: dict[str, Any] | None, h: dict[str, Any]) -> dict[str, Any]:
     into["sum"] += h["sum"]
     into["count"] += h["count"]
     return into
-
-
-def _ms(bounds: tuple[float, ...], h: dict[str, Any], q: float) -> float | None:
-    v = quantile(bounds, h["counts"], q)
-    return None if v is None else round(v * 1000, 3)
 
 
 def _sum_dicts(into: dict[str, int], more: dict[str, int]) -> None:
@@ -99,15 +96,24 @@ def present(runtime_info: dict[str, Any], exports: list[dict[str, Any]],
         parts = [e["routes"][name] for e in exports if name in e["routes"]]
         if retired and name in retired.get("routes", {}):
             parts.append(retired["routes"][name])
-        responses = {c: 0 for c in RESPONSE_CLASSES}
-        codes: dict[str, int] = {}
-        rejected = {"queue_full": 0, "queue_timeout": 0}
-        errors: dict[str, int] = {}
-        latency: dict[str, Any] | None = None
-        qwait: dict[str, Any] | None = None
-        requests = cq = cf = in_flight = queued = 0
-        oldest = 0.0
-        xray: list[dict[str, Any]] = []
+        if len(parts) == 1 and not (retired and name in retired.get("routes", {})):
+            # one process: its export was built for this snapshot, take it as it is
+            p = parts[0]
+            responses, codes, rejected = p["responses"], p["codes"], p["rejected"]
+            errors, latency, qwait = p["upstream_errors"], p["latency"], p["queue_wait"]
+            requests, cq, cf = p["requests"], p["cancelled_queued"], p["cancelled_in_flight"]
+            in_flight, queued = p.get("in_flight", 0), p.get("queued", 0)
+            oldest, xray = p.get("oldest_wait_ms", 0.0), list(p.get("waiters", ()))
+            parts = []
+        else:
+            responses = {c: 0 for c in RESPONSE_CLASSES}
+            codes = {}
+            rejected = {"queue_full": 0, "queue_timeout": 0}
+            errors = {}
+            latency = qwait = None
+            requests = cq = cf = in_flight = queued = 0
+            oldest = 0.0
+            xray = []
         for p in parts:
             requests += p["requests"]
             _sum_dicts(responses, p["responses"])
@@ -147,10 +153,8 @@ def present(runtime_info: dict[str, Any], exports: list[dict[str, Any]],
             "cancelled_in_flight": cf,
             "upstream_errors": sum(errors.values()),
             "upstream_error_reasons": errors,
-            "latency_ms": {q: _ms(LATENCY_BUCKETS, latency, v)
-                           for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
-            "queue_wait_ms": {q: _ms(LATENCY_BUCKETS, qwait, v)
-                              for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
+            "latency_ms": quantiles_ms(LATENCY_BUCKETS, latency),
+            "queue_wait_ms": quantiles_ms(LATENCY_BUCKETS, qwait),
             "latency_histogram": latency,
             "queue_wait_histogram": qwait,
         })
@@ -206,6 +210,7 @@ def present(runtime_info: dict[str, Any], exports: list[dict[str, Any]],
         "open_fds": sum(e["open_fds"] for e in exports),
         "fd_limit": min((e["fd_limit"] for e in exports), default=0),
         "routes": routes,
+        "upstreams": present_upstreams(exports, retired),
         "workers": workers,
     })
     return snap
@@ -254,6 +259,7 @@ _COUNTER_DICTS = ("responses", "codes", "rejected", "upstream_errors")
 def retire(retired: dict[str, Any], gone: dict[str, Any]) -> None:
     """Keep the counters of a worker that exited (its gauges go with it), so that
     gateway-wide totals never go backwards."""
+    retire_upstreams(retired, gone)
     routes = retired.setdefault("routes", {})
     for name, r in gone.get("routes", {}).items():
         into = routes.get(name)

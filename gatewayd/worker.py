@@ -24,6 +24,7 @@ from .loader import ConfigError, parse
 from .procstats import raise_fd_limit
 from .runtime import Pending, ReloadFailed, Runtime
 from .snapshot import export, waiters
+from .upstream_state import set_server_state
 
 log = logging.getLogger("gatewayd")
 
@@ -158,6 +159,8 @@ class Worker:
             return {"ok": True}
         if cmd == "queue":
             return {"ok": True, "waiters": waiters(runtime, msg["route"])}
+        if cmd == "server_state":
+            return set_server_state(runtime.table.upstreams, msg["upstream"], msg["server"], msg["state"])
         return {"ok": False, "error": f"unknown worker command {cmd!r}"}
 
 

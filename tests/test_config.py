@@ -539,6 +539,11 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
         case k.Servers():
             table = st.fixed_dictionaries({"url": _URL}, optional={"weight": st.integers(1, 1000)})
             return _URL | st.lists(_URL | table, min_size=1, max_size=3)
+        case k.HealthCheckTable():
+            seconds = _valid_values(k.Duration())
+            return st.fixed_dictionaries({}, optional={
+                "path": _valid_values(k.PathPrefix()), "interval": seconds, "timeout": seconds,
+                "healthy": st.integers(1, 1000), "unhealthy": st.integers(1, 1000)})
     raise AssertionError(f"no strategy for {kind!r}")
 
 

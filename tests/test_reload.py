@@ -83,10 +83,10 @@ async def test_replaced_pool_closes_after_last_request(start_gateway, upstream):
     assert (await gw.command({"cmd": "reload"}))["ok"]
     new_a = gw.runtime.table.upstreams["a"]
     assert new_a is not old_a
-    assert not old_a._session.closed  # still serving the slow request
+    assert not old_a.closed  # still serving the slow request
     assert await slow == 200
-    await wait_for(lambda: old_a._session.closed, timeout=3)
-    assert not new_a._session.closed
+    await wait_for(lambda: old_a.closed, timeout=3)
+    assert not new_a.closed
 
 
 async def test_invalid_file_changes_nothing(start_gateway, upstream):
