@@ -14,8 +14,13 @@ class BodyTooLarge(Exception):
     """The body passed ``max_body_size`` while streaming (413)."""
 
 
-class BodyTimeout(Exception):
-    """The body did not arrive within the body timeout (408)."""
+class BodyTimeout(TimeoutError):
+    """The body did not arrive within the body timeout (408).
+
+    A TimeoutError: it is left in the request's payload, and aiohttp's lingering
+    read of an unread body after the response ends quietly on a TimeoutError only
+    (anything else is logged as an unhandled exception, with a traceback).
+    """
 
 
 class RequestBody:
@@ -72,13 +77,18 @@ class RequestBody:
             self._timer.cancel()
             self._timer = None
 
+    def send_continue(self) -> None:
+        """Answer ``Expect: 100-continue`` (once): the request was admitted."""
+        if self._expect:
+            self._expect = False
+            transport = self._request.transport
+            if transport is not None:
+                transport.write(CONTINUE)
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """Yield the body; raise BodyTooLarge or BodyTimeout (also kept in ``error``)."""
         request = self._request
-        if self._expect:
-            transport = request.transport
-            if transport is not None:
-                transport.write(CONTINUE)
+        self.send_continue()
         self._start = self._loop.time()
         self._timer = self._loop.call_at(self._deadline(), self._on_timer)
         content = request.content

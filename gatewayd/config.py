@@ -9,6 +9,7 @@ read from these declarations, so none of them can drift from the others.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,17 @@ class ServerConfig:
         reload="new addresses are bound before removed ones close",
     )
     workers: int | str = setting(
-        k.Workers(), 1, 'worker processes; "auto" starts one per CPU', reload=RELOAD_RESTART
+        k.Workers(), 1, 'worker processes; "auto" starts one per CPU',
+        reload="with more than one, a reload starts or stops workers to match; "
+               "changing between one and more needs a restart",
     )
     max_connections: int = setting(
         k.Int(1, 10_000_000), 10000,
         "open client connections for the whole gateway; accepting pauses at the limit",
     )
     backlog: int = setting(
-        k.Int(1, 65535), 1024, "listen backlog (capped by net.core.somaxconn)", reload=RELOAD_NEW
+        k.Int(1, 65535), 1024, "listen backlog (capped by net.core.somaxconn)",
+        reload="applies to addresses bound after the reload"
     )
     keepalive_timeout: float = setting(
         k.Duration(), 75.0, "an idle keep-alive connection is closed after this",
@@ -70,6 +74,11 @@ class ServerConfig:
     request_body_min_rate: int = setting(
         k.Int(1), 500, "the body timeout grows by 1 s for every this many bytes received",
         unit="bytes per second", reload=RELOAD_NEW,
+    )
+    send_timeout: float = setting(
+        k.Duration(), 60.0,
+        "a client that accepts none of its response for this long is disconnected and its slot freed",
+        unit="seconds", reload=RELOAD_NEW,
     )
     max_body_size: int = setting(
         k.Size(), 10 * 1024 * 1024, "larger request bodies are answered 413",
@@ -148,12 +157,55 @@ class UpstreamConfig:
         unit="seconds", reload=RELOAD_NEW,
     )
     max_connections: int = setting(
-        k.Int(0), 1000, "connections to this upstream's servers at once (0 = no limit)",
+        k.Int(0), 1000,
+        "connections to each server of this upstream at once, its pool's limit (0 = no limit)",
         reload=RELOAD_NEW,
     )
     keepalive_timeout: float = setting(
         k.Duration(), 4.0,
         "an idle pooled connection is closed after this; keep it below the server's own",
+        unit="seconds", reload=RELOAD_NEW,
+    )
+    balance: str = setting(
+        k.Choice(("round_robin", "least_in_flight", "random_two")), "round_robin",
+        'how a server is chosen, weights respected: "round_robin" (smooth weighted), '
+        '"least_in_flight" (fewest requests in flight per weight) or "random_two" (the less '
+        "busy of two servers drawn at random)",
+        reload=RELOAD_NEW,
+    )
+    max_fails: int = setting(
+        k.Int(0, 1000), 3,
+        "consecutive failed requests (connect errors, resets, timeouts, 5xx with fail_on_5xx) "
+        "that eject a server for fail_timeout; 0 = never eject",
+        reload=RELOAD_NEW,
+    )
+    fail_timeout: float = setting(
+        k.Duration(), 10.0,
+        "how long an ejected server gets no requests; then one request tries it again",
+        unit="seconds", reload=RELOAD_NEW,
+    )
+    fail_on_5xx: bool = setting(
+        k.Bool(), False,
+        "count a 5xx response as a failure of its server (the response still reaches the client)",
+        reload=RELOAD_NEW,
+    )
+    retries: int = setting(
+        k.Int(0, 100), 1,
+        "how many times a failed attempt is retried on another server: a connect failure for any "
+        "request, a reset before the response head for a GET, HEAD, OPTIONS, TRACE, PUT or DELETE "
+        "without a body; never once request bytes were sent otherwise",
+        reload=RELOAD_NEW,
+    )
+    health_check: k.HealthCheck | None = setting(  # noqa: RUF009 (a frozen dataclass)
+        k.HealthCheckTable(), None,
+        "probe each server with GET path every interval; a 2xx or 3xx within timeout passes; "
+        "unhealthy failures in a row take it out, healthy passes in a row bring it back; "
+        "unset: no active checks",
+        reload=RELOAD_NEW,
+    )
+    dns_ttl: float = setting(
+        k.Duration(), 10.0,
+        "how long a server host name's addresses are reused before it is resolved again",
         unit="seconds", reload=RELOAD_NEW,
     )
 
@@ -217,6 +269,17 @@ class Config:
         if a in ("-", "off") or Path(a).is_absolute():
             return a
         return str(Path(self.path).resolve().parent / a)
+
+
+def worker_count(config: Config) -> int:
+    """Worker processes ``server.workers`` asks for ("auto": the CPUs this process may use)."""
+    w = config.server.workers
+    if w == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+    return int(w)
 
 
 # Sections of the file: TOML table name -> declaration.

@@ -130,9 +130,17 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, histograms: bool = False) -> dict[str, Any]:
+        """The controller's snapshot plus the socket's own figures. Bucket counts
+        (the bulk of a many-route snapshot) only when asked for: /metrics has them."""
         snap = self.controller.snapshot()
         snap["control"] = {"clients": self.clients, "dropped_snapshots": self.dropped_snapshots}
+        if not histograms:
+            for r in snap.get("routes", ()):
+                r.pop("latency_histogram", None)
+                r.pop("queue_wait_histogram", None)
+            for g in snap.get("gc", {}).get("generations", ()):
+                g.pop("histogram", None)
         return snap
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -142,7 +150,9 @@ class ControlServer:
         self.clients += 1
         try:
             uid = _peer_uid(writer)
-            if uid is not None and uid not in (0, os.getuid()):
+            # a mode granting group or others access is the operator's choice: the
+            # socket file's permissions (group membership included) then decide
+            if uid is not None and uid not in (0, os.getuid()) and not self.mode & 0o077:
                 await self._send(writer, {"ok": False, "error": "permission denied: peer uid differs"})
                 return
             while True:
@@ -188,7 +198,7 @@ class ControlServer:
             if cmd == "hello":
                 return {"ok": True, "version": __version__, "protocol": PROTOCOL, "pid": os.getpid()}
             if cmd == "snapshot":
-                return {"ok": True, "snapshot": self.snapshot()}
+                return {"ok": True, "snapshot": self.snapshot(req.get("histograms") is True)}
             if cmd == "reload":
                 dry = req.get("dry_run", False)
                 if not isinstance(dry, bool):
@@ -222,7 +232,7 @@ class ControlServer:
             log.exception("control command %r failed", cmd)
             return {"ok": False, "error": f"internal error: {exc}"}
         return {"ok": False, "error": f"unknown cmd {cmd!r}; expected one of hello, snapshot, "
-                                      "subscribe, reload, set_limit, queue"}
+                                      "subscribe, reload, set_limit, queue, server_state"}
 
     async def _subscribe(self, req: dict[str, Any], reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
@@ -233,6 +243,7 @@ class ControlServer:
                                       "error": "interval: expected seconds >= 0.05 and <= 3600"})
             return
         await self._send(writer, {"ok": True})
+        histograms = req.get("histograms") is True
         # the client's next byte (or EOF) ends the subscription
         closed = asyncio.ensure_future(reader.read(1))
         transport = writer.transport
@@ -241,7 +252,7 @@ class ControlServer:
                 if transport.get_write_buffer_size() > self.subscriber_backlog:
                     self.dropped_snapshots += 1
                 else:
-                    line = json.dumps({"ok": True, "snapshot": self.snapshot()},
+                    line = json.dumps({"ok": True, "snapshot": self.snapshot(histograms)},
                                       separators=(",", ":")).encode() + b"\n"
                     writer.write(line)
                 await asyncio.wait([closed], timeout=interval)

@@ -14,13 +14,15 @@ import sys
 from typing import Any
 
 from . import notify
-from .config import Config
+from .config import Config, worker_count
 from .control import ControlError, ControlServer
 from .exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK  # noqa: F401  (re-exported)
 from .procstats import raise_fd_limit
 from .prom import MetricsListener
 from .runtime import Runtime
 from .snapshot import snapshot, waiters
+from .upstream_http import UnresolvableServer
+from .upstream_state import set_server_state
 
 log = logging.getLogger("gatewayd")
 
@@ -83,7 +85,7 @@ class LocalController:
         return {"ok": True, "route": route, "waiters": waiters(self.runtime, route)}
 
     async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
-        return {"ok": False, "error": "server_state: not supported by this upstream kind"}
+        return set_server_state(self.runtime.table.upstreams, upstream, server, state)
 
 
 async def serve(config: Config) -> int:
@@ -92,6 +94,9 @@ async def serve(config: Config) -> int:
     runtime = Runtime(config)
     try:
         await runtime.start()
+    except UnresolvableServer as exc:
+        log.error("%s", exc.located(config.path))
+        return EXIT_FAILURE
     except OSError as exc:
         log.error("cannot listen on %s: %s", ", ".join(config.server.listen), exc.strerror or exc)
         return EXIT_FAILURE
@@ -153,7 +158,6 @@ async def serve(config: Config) -> int:
 def run(config: Config) -> int:
     setup_logging(config.log.level)
     from .master import run as run_master
-    from .master import worker_count
 
     if worker_count(config) > 1:
         return run_master(config)

@@ -11,6 +11,7 @@ released on every path out.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT
 from .body import BodyTimeout, BodyTooLarge, RequestBody
+from .requestcheck import Refused, origin_target
 from .upstream import Exchange, UpstreamFailure
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ _REASON_TEXT = {
     404: b"404 no route for this request\n",
     408: b"408 request body timed out\n",
     413: b"413 request body too large\n",
+    431: b"431 request header fields too large\n",
     500: b"500 internal error\n",
     502: b"502 bad gateway\n",
     503: b"503 service overloaded, retry later\n",
@@ -38,6 +41,23 @@ _REASON_TEXT = {
 # A body left unread by a rejected request is drained by aiohttp to keep the
 # connection; past this size closing is cheaper than reading.
 _DRAIN_LIMIT = 65536
+
+
+_STATUS_LINES = {413: b"HTTP/1.1 413 Request Entity Too Large\r\n",
+                 503: b"HTTP/1.1 503 Service Unavailable\r\n"}
+
+
+@functools.lru_cache(maxsize=256)
+def _prebuilt(status: int, reason: str, retry_after: str | None, close: bool) -> bytes:
+    """A whole gateway response as bytes, built once per kind (a pure function, memoized)."""
+    body = _REASON_TEXT[status]
+    return (_STATUS_LINES[status]
+            + b"Content-Type: text/plain; charset=utf-8\r\n"
+            + b"Content-Length: %d\r\n" % len(body)
+            + (b"Retry-After: %s\r\n" % retry_after.encode() if retry_after is not None else b"")
+            + b"X-Gatewayd-Reason: %s\r\n" % reason.encode()
+            + (b"Connection: close\r\n" if close else b"")
+            + b"\r\n" + body)
 
 
 def reply(status: int, reason: str, retry_after: str | None = None) -> web.Response:
@@ -59,13 +79,30 @@ class Gateway:
         protocol = request.protocol
         protocol.head_done()  # type: ignore[attr-defined]
         try:
-            return await self._handle(request)
+            resp = await self._handle(request)
+            if not resp.prepared:
+                try:
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                except ConnectionError:
+                    # the client is gone (or the exchange was cut): as aiohttp's own
+                    # finish_response does, close quietly, no traceback at ERROR
+                    return _SENT_CLOSE  # type: ignore[return-value]
         finally:
             protocol.request_done()  # type: ignore[attr-defined]
+        # aiohttp keeps the returned response (and through it the request) alive
+        # until the connection's next request: on an idle keep-alive connection
+        # that is kilobytes per connection. Hand it a stand-in that only says
+        # whether to keep the connection.
+        return _SENT_KEEP_ALIVE if resp.keep_alive else _SENT_CLOSE  # type: ignore[return-value]
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         start = self._loop.time()
-        target = request.raw_path
+        try:
+            target = origin_target(request)
+        except Refused as refused:
+            self._log(request, None, refused.status, 0, start, refused.reason)
+            return _refuse_head(request, refused)
         route = self.runtime.table.router.match(request.headers.get("Host"), target)
         if route is None:
             resp = reply(404, "no_route")
@@ -127,10 +164,15 @@ class Gateway:
             self._log(request, route, 499, ex.sent, start, "client_gone")
             raise
         except ConnectionResetError:
-            # the client went away while we wrote to it, before its cancellation
+            # the client went away while we wrote to it, before its cancellation;
+            # re-raised, aiohttp would log it with a traceback at ERROR (any client
+            # can cause it: a log flood)
             stats.cancelled_in_flight += 1
             self._log(request, route, 499, ex.sent, start, "client_gone")
-            raise
+            _abort(request)
+            resp = web.Response(status=499)
+            resp.force_close()
+            return resp
         except UpstreamFailure as fail:
             stats.upstream_error(fail.reason)
             status, reason = fail.status, fail.reason
@@ -156,13 +198,20 @@ class Gateway:
 
     async def _refuse(self, request: web.BaseRequest, route: Route, status: int,
                       reason: str, start: float) -> web.StreamResponse:
-        """Answer without forwarding (413, 503): the body, if any, is never read."""
-        resp = reply(status, reason, route.retry_after if status == 503 else None)
-        if _unread_body_too_big(request) or status == 413:
-            resp.force_close()
+        """Answer without forwarding (413, 503): the body, if any, is never read.
+
+        This is the shedding path, taken most under overload: the response is
+        prebuilt bytes written straight to the transport, so a shed costs far
+        less than a served request and leaves the CPU to the admitted ones."""
+        close = status == 413 or not request.keep_alive or _unread_body_too_big(request)
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_prebuilt(status, reason, route.retry_after if status == 503 else None, close))
         route.stats.responded(status, self._loop.time() - start)
         self._log(request, route, status, 0, start, reason)
-        return resp
+        if close:
+            request.protocol.force_close()  # type: ignore[attr-defined]
+        return _SENT_CLOSE if close else _SENT_KEEP_ALIVE  # type: ignore[return-value]
 
     async def _fail(self, request: web.BaseRequest, status: int, reason: str,
                     body: RequestBody | None, head_sent: bool,
@@ -175,8 +224,12 @@ class Gateway:
             return resp
         if close or (body is not None and body.received == 0 and _unread_body_too_big(request)):
             resp.force_close()
-        await resp.prepare(request)
-        await resp.write_eof()
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            # the client left while the failure was being answered: nobody to tell
+            _abort(request)
         return resp
 
     def _log(self, request: web.BaseRequest, route: Route | None, status: int, size: int,
@@ -192,6 +245,42 @@ class Gateway:
             headers.get("Referer", ""), headers.get("User-Agent", ""),
             route.name if route is not None else "-", self._loop.time() - start, reason,
         )
+
+
+def _refuse_head(request: web.BaseRequest, refused: Refused) -> web.StreamResponse:
+    """Answer a request refused before routing; the connection closes (its framing is
+    not to be trusted). An HTTP/0.9 or 2.0 request line still gets an HTTP/1.1 answer."""
+    resp = reply(refused.status, refused.reason)
+    resp.force_close()
+    if refused.reason == "http_version":
+        transport = request.transport
+        if transport is not None:
+            body = resp.body
+            assert isinstance(body, bytes)
+            transport.write(b"HTTP/1.1 %d %s\r\nConnection: close\r\nX-Gatewayd-Reason: %s\r\n"
+                            b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+                            % (resp.status, resp.reason.encode(), refused.reason.encode(), len(body), body))
+        request.protocol.force_close()  # type: ignore[attr-defined]
+    return resp
+
+
+class _Sent:
+    """What aiohttp's protocol reads from a response the gateway already sent."""
+
+    __slots__ = ("keep_alive",)
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+_SENT_KEEP_ALIVE = _Sent(True)
+_SENT_CLOSE = _Sent(False)
 
 
 def _abort(request: web.BaseRequest) -> None:

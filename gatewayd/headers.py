@@ -13,13 +13,16 @@ HOP_BY_HOP = frozenset({
 REQUEST_DROP = HOP_BY_HOP | {"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
 # An upstream must not be able to forge the gateway's own reason header.
 RESPONSE_DROP = HOP_BY_HOP | {"x-gatewayd-reason"}
+# Never removed because Connection names them: a client must not make the upstream
+# see another Host than the one the request was routed by.
+END_TO_END = frozenset({"host"})
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str] | None:
     values = headers.getall("Connection", None)
     if not values:
         return None
-    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
+    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()} - END_TO_END
 
 
 def request_headers(headers: CIMultiDictProxy[str], client_ip: str, host: str) -> CIMultiDict[str]:
@@ -27,12 +30,14 @@ def request_headers(headers: CIMultiDictProxy[str], client_ip: str, host: str) -
 
     X-Forwarded-For from the client is kept and the client's address appended:
     the gateway never trusts it, it only passes the chain on.
+    Names with an underscore are dropped, as nginx does by default: CGI-style
+    servers read ``X_Forwarded_For`` as ``X-Forwarded-For`` (a spoofing path).
     """
     named = _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lname = name.lower()
-        if lname in REQUEST_DROP or (named is not None and lname in named):
+        if lname in REQUEST_DROP or (named is not None and lname in named) or "_" in lname:
             continue
         out.add(name, value)
     prior = headers.getall("X-Forwarded-For", None)

@@ -102,6 +102,9 @@ class GcMonitor:
         self.recent: deque[tuple[float, int, float]] = deque(maxlen=self.RING)
         self.last_pause = 0.0
         self.max_pause = 0.0
+        # gc.get_freeze_count() walks the permanent generation (milliseconds for a
+        # big heap): read it once, after the start-up freeze, not per snapshot
+        self.frozen = gc.get_freeze_count()
         self._start = 0
         self._installed = False
 
@@ -159,7 +162,7 @@ class GcMonitor:
             "recent": [
                 {"time": t, "generation": g, "ms": p * 1000} for t, g, p in list(self.recent)[-16:]
             ],
-            "frozen": gc.get_freeze_count(),
+            "frozen": self.frozen,
         }
 
 

@@ -18,7 +18,7 @@ from . import __version__
 from .accesslog import AccessLog
 from .admission import Gate, share
 from .confdiff import diff, restart_only_changes
-from .config import Config, RouteConfig
+from .config import Config, RouteConfig, worker_count
 from .gateway import Gateway
 from .listener import Acceptor, GatewayServer, bind
 from .loader import ConfigError, load
@@ -147,6 +147,7 @@ class Runtime:
         return GatewayServer(
             Gateway(self),
             head_timeout=s.request_header_timeout,
+            send_timeout=s.send_timeout,
             on_close=self._connection_closed,
             handler_cancellation=True,
             keepalive_timeout=s.keepalive_timeout,
@@ -221,6 +222,8 @@ class Runtime:
             return self._reload_failed("\n".join(exc.errors), dry_run)
         changes = diff(self.config, new)
         refused = restart_only_changes(self.config, new)
+        if new.server.workers != self.config.server.workers and worker_count(new) > 1:
+            refused.append("server.workers (from one process to several)")
         if refused:
             return self._reload_failed(
                 f"{new.path}: " + "; ".join(f"{k} cannot change on reload (restart needed)" for k in refused),
@@ -299,6 +302,7 @@ class Runtime:
         s = new.server
         self.server._kwargs["keepalive_timeout"] = s.keepalive_timeout
         self.server.head_timeout = s.request_header_timeout
+        self.server.send_timeout = s.send_timeout
         logging.getLogger("gatewayd").setLevel(new.log.level.upper())
         if pending.access is not None:
             old_access, self.access_log = self.access_log, pending.access

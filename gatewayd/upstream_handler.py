@@ -27,6 +27,8 @@ class HandlerUpstream(Upstream):
 
     async def serve(self, ex: Exchange) -> web.StreamResponse:
         request = ex.request
+        if ex.body is not None:
+            ex.body.send_continue()  # the handler reads request.content itself
         if ex.path != request.raw_path:
             request = request.clone(rel_url=ex.path)
         resp = await self._handler(request)

@@ -1,0 +1,89 @@
+"""Request heads refused before routing (SPEC §3: a malformed or ambiguous request
+gets a 4xx and never reaches an upstream).
+
+aiohttp's C parser (llhttp) already refuses most smuggling shapes with 400 (CL+TE,
+repeated Content-Length, bad chunk sizes, bare LF, obs-fold, ...). These are the
+ones it lets through that a gateway must not forward as they are:
+
+- HTTP/0.9 and HTTP/2.0+ request lines on an HTTP/1.1 port: 400;
+- Transfer-Encoding other than exactly ``chunked`` (``gzip, chunked``): 400 (nginx
+  answers 501, which RFC 9112 §6.1 suggests; SPEC §3 keeps the client's errors in
+  4xx); any Transfer-Encoding on HTTP/1.0: 400 (§6.1: "MUST treat the message as
+  if the framing is faulty");
+- a head over ``MAX_HEAD_SIZE`` in all (aiohttp bounds each line and the number
+  of lines, not their sum): 431;
+- header values that are not UTF-8: aiohttp's client would drop the odd bytes
+  when forwarding, silently changing the value: 400;
+- a Host that is not ``host[:port]``: 400;
+- a target that is neither origin-form (``/path``) nor absolute-form naming the
+  same authority as Host (``*``, ``host:port``, ``http://other/``): 400;
+- a path with dot-segments (``/api/../admin``, also ``%2e``-encoded): routes match
+  on the path as sent, an upstream may resolve it elsewhere (RFC 3986 §5.2.4 has
+  clients remove them before sending): 400.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11
+
+# All of a request head's bytes together (Envoy's default is 60 KiB; nginx's 4 x 8 KiB).
+MAX_HEAD_SIZE = 64 * 1024
+
+# RFC 3986 host (reg-name or IP literal) with an optional port.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?\Z")
+_ABSOLUTE = re.compile(r"https?://([^/?#]*)([^#]*)\Z", re.IGNORECASE)
+_DOT_SEGMENT = re.compile(r"/(?:\.|%2e){1,2}(?=/|\Z)", re.IGNORECASE)
+
+
+class Refused(Exception):
+    """The request must be answered ``status`` without routing it."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def origin_target(request: web.BaseRequest) -> str:
+    """The request's target in origin form (``/path?query``), to route and forward.
+
+    Raises Refused for a request the gateway must not forward.
+    """
+    version = request.version
+    if version != HttpVersion11 and version != HttpVersion10:
+        raise Refused(400, "http_version")
+    headers = request.headers
+    te = headers.get("Transfer-Encoding")
+    if te is not None:
+        if version == HttpVersion10:
+            raise Refused(400, "bad_framing")
+        if te.strip().lower() != "chunked":
+            raise Refused(400, "transfer_coding")
+    target = request.raw_path
+    size = len(request.method) + len(target) + 12
+    for name, value in request.raw_headers:
+        size += len(name) + len(value) + 4
+        if not value.isascii():
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Refused(400, "bad_header") from None
+    if size > MAX_HEAD_SIZE:
+        raise Refused(431, "header_too_large")
+    host = headers.get("Host")
+    if host is not None and _HOST.match(host) is None:
+        raise Refused(400, "bad_host")
+    if not target.startswith("/"):
+        m = _ABSOLUTE.match(target)
+        # absolute-form: routed by its path, and only when Host names the same authority
+        # (RFC 9112 §3.2.2 lets the target win; refusing the mismatch leaves nothing to guess)
+        if m is None or host is None or m.group(1).lower() != host.lower():
+            raise Refused(400, "bad_target")
+        target = m.group(2) if m.group(2).startswith("/") else "/" + m.group(2)
+    path = target.partition("?")[0]
+    if ("." in path or "%" in path) and _DOT_SEGMENT.search(path) is not None:
+        raise Refused(400, "bad_target")
+    return target
