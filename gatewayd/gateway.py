@@ -268,6 +268,7 @@ class _Sent:
     """What aiohttp's protocol reads from a response the gateway already sent."""
 
     __slots__ = ("keep_alive",)
+    prepared = True  # already on the wire: Gateway.__call__ must not send it again
 
     def __init__(self, keep_alive: bool) -> None:
         self.keep_alive = keep_alive

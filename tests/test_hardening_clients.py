@@ -1,0 +1,217 @@
+"""Slow and greedy clients (SPEC §3): slowloris heads, dribbled bodies, readers that
+never drain a large response, and deep pipelines. Each ends where SPEC §3 says,
+leaves nothing behind, and never costs another client its service.
+
+(Header timeout, keep-alive, a stalled body, max_connections and EMFILE have
+their own tests in test_lifecycle.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+
+import pytest
+
+from . import faults
+from .conftest import raw_request, status_of, wait_for
+from .faults import RawUpstream
+
+
+@pytest.fixture(autouse=True)
+def no_error_logged(caplog):
+    """Nothing a client or an upstream does may make the gateway log an ERROR (a
+    traceback per hostile request is a log flood)."""
+    yield
+    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def route_to(url: str, **route: object) -> str:
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in route.items())
+    return f"""
+        [upstreams.app]
+        servers = ["{url}"]
+        read_timeout = 30.0
+
+        [[routes]]
+        name = "app"
+        upstream = "app"
+        {extra}
+    """
+
+
+async def settled(gw) -> None:
+    runtime = gw.runtime
+    route = runtime.table.routes["app"]
+    await wait_for(lambda: runtime.connections == 0 and route.gate.in_flight == 0
+                   and not route.gate.waiters and route.upstream.active == 0, timeout=5)
+
+
+async def test_slowloris_many_connections(start_gateway, upstream):
+    """1. 40 connections each start a head and add a header line every 0.3 s, never
+    finishing it 2. meanwhile an ordinary client is served at once 3. every slowloris
+    connection gets 408 and is closed at request_header_timeout (1 s) after its first
+    byte, not later however it keeps trickling 4. none reached the upstream; nothing is
+    left behind."""
+    gw = await start_gateway(route_to(upstream.url), request_header_timeout=1.0, keepalive_timeout=30)
+
+    async def loris() -> tuple[float, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        t0 = time.monotonic()
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n")
+        answer = asyncio.create_task(reader.read())  # everything, until the gateway closes
+        i = 0
+        while not answer.done():  # a header line every 0.3 s (the 1.0 s timeout falls between)
+            await asyncio.wait([answer], timeout=0.3)
+            if not answer.done():
+                writer.write(b"X-Loris-%d: %d\r\n" % (i, i))
+                i += 1
+        elapsed = time.monotonic() - t0
+        writer.close()
+        return elapsed, answer.result()
+
+    lorises = [asyncio.create_task(loris()) for _ in range(40)]
+    await wait_for(lambda: gw.runtime.connections == 40)
+    t0 = time.monotonic()
+    ok = await raw_request(gw.port, b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(ok) == 200 and time.monotonic() - t0 < 0.5
+    results = await asyncio.gather(*lorises)
+    for elapsed, data in results:
+        assert data.startswith(b"HTTP/1.1 408"), data[:100]
+        assert 0.9 < elapsed < 2.5, elapsed
+    assert upstream.started == 1
+    await settled(gw)
+
+
+async def test_dribbled_body_is_cut_and_steady_body_is_not(start_gateway, upstream):
+    """The body deadline is request_body_timeout + received / request_body_min_rate:
+    1. a body dribbled at 20 B/s (below 1000 B/s) gets 408 soon after 0.5 s, though
+    bytes keep coming 2. a body sent steadily at 4000 B/s for 1.5 s (three times the
+    base timeout) is served whole."""
+    gw = await start_gateway(route_to(upstream.url), request_body_timeout=0.5, request_body_min_rate=1000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+    t0 = time.monotonic()
+    data = b""
+    try:
+        for _ in range(100):
+            writer.write(b"d")
+            try:
+                data = await asyncio.wait_for(reader.read(65536), 0.05)
+                if data:
+                    break
+            except TimeoutError:
+                pass
+    except ConnectionError:
+        pass
+    elapsed = time.monotonic() - t0
+    writer.close()
+    assert status_of(data) == 408 and b"body_timeout" in data, data[:200]
+    assert 0.45 < elapsed < 1.2, elapsed
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\nConnection: close\r\n\r\n")
+    for _ in range(15):
+        writer.write(b"s" * 400)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+    resp = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert status_of(resp) == 200, resp[:200]
+    assert json.loads(resp.split(b"\r\n\r\n", 1)[1])["body"] == "s" * 6000
+    await settled(gw)
+
+
+async def test_slow_reader_never_drains(start_gateway):
+    """A client asks for 256 MiB and never reads:
+    1. the upstream is read no faster than the client drains: what it managed to send
+       stops growing, bounded by the socket buffers on the way plus the gateway's own
+    2. after send_timeout without the client taking a byte the gateway drops it:
+       counted as cancelled, the slot and the upstream connection released."""
+    relay = await RawUpstream(faults.big_response(256 * 1024 * 1024)).start()
+    try:
+        gw = await start_gateway(route_to(relay.url), send_timeout=1.5)
+        route = gw.runtime.table.routes["app"]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+        await loop.sock_sendall(sock, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: route.gate.in_flight == 1)
+
+        last = -1
+        for _ in range(25):  # until what the upstream sent stops growing
+            await asyncio.sleep(0.2)
+            if relay.sent == last:
+                break
+            last = relay.sent
+        else:
+            raise AssertionError(f"the upstream kept sending: {relay.sent}")
+        sent = relay.sent
+        # loopback buffers on the way (upstream send, gateway receive and send) are a
+        # few MiB each; the gateway itself holds ~1-2 MiB (see docs/RELIABILITY.md)
+        assert sent < 32 * 1024 * 1024, sent
+        await wait_for(lambda: route.gate.in_flight == 0, timeout=5)
+        assert route.stats.cancelled_in_flight == 1
+        await wait_for(lambda: relay.open == 0, timeout=5)
+        assert relay.sent < 40 * 1024 * 1024
+        sock.close()
+        await settled(gw)
+    finally:
+        await relay.stop()
+
+
+async def test_deep_pipeline_in_order(start_gateway):
+    """60 requests in one write (GETs, and POSTs with bodies) are answered in order, one
+    upstream request each, every body exactly where its Content-Length put it; the
+    parser's queue bounds how many are read ahead."""
+    relay = await RawUpstream(faults.echo_request_line).start()
+    try:
+        gw = await start_gateway(route_to(relay.url, max_concurrency=4))
+        parts = []
+        for i in range(60):
+            if i % 3 == 2:
+                body = b"p" * i
+                parts.append(b"POST /r%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (i, len(body), body))
+            else:
+                parts.append(b"GET /r%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+        parts.append(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        resp = await raw_request(gw.port, b"".join(parts), timeout=10)
+        bodies = [chunk.split(b"\r\n\r\n", 1)[1].split(b"\n", 1)[0]
+                  for chunk in resp.split(b"HTTP/1.1 200 OK\r\n")[1:]]
+        want = [(b"%s /r%d HTTP/1.1 %d" % (b"POST" if i % 3 == 2 else b"GET", i, i if i % 3 == 2 else 0))
+                for i in range(60)] + [b"GET /last HTTP/1.1 0"]
+        assert bodies == want
+        assert not relay.errors
+        assert [r.request_line for r in relay.requests] == [w.rsplit(b" ", 1)[0].decode() for w in want]
+        await settled(gw)
+    finally:
+        await relay.stop()
+
+
+async def test_shed_on_a_keepalive_connection_is_answered_once(start_gateway, upstream):
+    """1. the route's one slot is busy and its queue is 0 2. a keep-alive connection sends
+    two requests: each gets exactly one 503 queue_full, nothing else follows 3. once the
+    slot is free the same connection is served; no ERROR was logged."""
+    gw = await start_gateway(route_to(upstream.url, max_concurrency=1, max_queue=0))
+    busy = asyncio.create_task(raw_request(gw.port, b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n", 5))
+    route = gw.runtime.table.routes["app"]
+    await wait_for(lambda: route.gate.in_flight == 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    for _ in range(2):
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 503") and b"queue_full" in head, head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+    await busy
+    writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(), 3)
+    assert rest.startswith(b"HTTP/1.1 200") and rest.count(b"HTTP/1.1 ") == 1, rest
+    writer.close()
+    await settled(gw)
