@@ -172,6 +172,8 @@ class RouteTable(ScrollView, can_focus=True):
     def on_resize(self, event: events.Resize) -> None:
         self.virtual_size = Size(event.size.width, len(self.order) + 1)
         self._lines.clear()
+        # a cursor moved before the first layout (or a smaller terminal) must come into view
+        self.call_after_refresh(self._cursor_into_view)
 
     def on_focus(self) -> None:
         self.refresh()
