@@ -220,7 +220,8 @@ queue_timeout = 30
         held_rss = 0
         held_snapshot: dict[str, Any] = {}
         results: list[dict[str, Any]] = []
-        limit = time.monotonic() + args.open_timeout + args.hold + 120
+        # opening, holding, every connection's last interval, and slack for a slow machine
+        limit = time.monotonic() + args.open_timeout + args.hold + args.interval * 1.5 + 300
         while len(results) < len(procs) and time.monotonic() < limit:
             rss = sum(rss_kib(x) for x in tree(gw.pid))
             peak_rss = max(peak_rss, rss)
