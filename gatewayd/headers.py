@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from collections.abc import Iterable
+
+from multidict import CIMultiDictProxy
 
 # Lower-case names never forwarded in either direction.
 HOP_BY_HOP = frozenset({
@@ -18,43 +20,46 @@ RESPONSE_DROP = HOP_BY_HOP | {"x-gatewayd-reason"}
 END_TO_END = frozenset({"host"})
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str] | None:
-    values = headers.getall("Connection", None)
-    if not values:
-        return None
-    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()} - END_TO_END
+def _tokens(values: Iterable[str]) -> set[str] | None:
+    tokens = {t.strip().lower() for v in values for t in v.split(",") if t.strip()} - END_TO_END
+    return tokens or None
 
 
-def request_headers(headers: CIMultiDictProxy[str], client_ip: str, host: str) -> CIMultiDict[str]:
-    """The headers sent upstream: hop-by-hop removed, X-Forwarded-* set.
+def request_headers(headers: CIMultiDictProxy[str], client_ip: str, host: str) -> list[tuple[str, str]]:
+    """The headers sent upstream, as (name, value) pairs: hop-by-hop removed,
+    X-Forwarded-* set.
 
     X-Forwarded-For from the client is kept and the client's address appended:
     the gateway never trusts it, it only passes the chain on.
     Names with an underscore are dropped, as nginx does by default: CGI-style
     servers read ``X_Forwarded_For`` as ``X-Forwarded-For`` (a spoofing path).
     """
-    named = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
+    connection = headers.getall("Connection", None)
+    named = _tokens(connection) if connection else None
+    out: list[tuple[str, str]] = []
     for name, value in headers.items():
         lname = name.lower()
         if lname in REQUEST_DROP or (named is not None and lname in named) or "_" in lname:
             continue
-        out.add(name, value)
+        out.append((name, value))
     prior = headers.getall("X-Forwarded-For", None)
-    out["X-Forwarded-For"] = ", ".join((*prior, client_ip)) if prior else client_ip
-    out["X-Forwarded-Proto"] = "http"
+    out.append(("X-Forwarded-For", ", ".join((*prior, client_ip)) if prior else client_ip))
+    out.append(("X-Forwarded-Proto", "http"))
     if host:
-        out["X-Forwarded-Host"] = host
+        out.append(("X-Forwarded-Host", host))
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's response headers as sent to the client."""
-    named = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The upstream's response headers, (name, value) pairs in its order, as sent to
+    the client (a list web.StreamResponse takes as its headers)."""
+    pairs = headers if isinstance(headers, list) else list(headers)
+    connection = [v for n, v in pairs if len(n) == 10 and n.lower() == "connection"]
+    named = _tokens(connection) if connection else None
+    out: list[tuple[str, str]] = []
+    for name, value in pairs:
         lname = name.lower()
         if lname in RESPONSE_DROP or (named is not None and lname in named):
             continue
-        out.add(name, value)
+        out.append((name, value))
     return out

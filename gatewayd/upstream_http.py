@@ -21,52 +21,65 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.resolver import AsyncResolver
-from yarl import URL
 
 from .balance import Balancer
 from .body import RequestBody
 from .config import UpstreamConfig
+from .h1client import H1Pool, Response
 from .headers import request_headers, response_headers
 from .health import HealthChecker
 from .servers import ServerState
 from .tomlpos import Locator, Path, format_path
 from .upstream import Exchange, Upstream, UpstreamFailure
 
-# aiohttp would otherwise add its own values: a transparent proxy forwards only
-# what the client sent.
-_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 RESOLVE_TIMEOUT = 5.0  # seconds for each server name resolved at start-up
-_NOTHING_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-_RESET = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError)
+SMALL = 65536  # a response body up to this size, already received, goes out with its head in one write
+_NOTHING_SENT = frozenset(("upstream_connect", "upstream_connect_timeout", "upstream_dns"))
+_NO_BODY_STATUS = frozenset((204, 304))
 _NONE: tuple[ServerState, ...] = ()
 
 
-def _failure(exc: BaseException) -> UpstreamFailure:
-    """Map a client-side error before the response head to a status and a reason."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamFailure(504, "upstream_connect_timeout")
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return UpstreamFailure(502, "upstream_dns")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamFailure(502, "upstream_connect")
-    if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
-        return UpstreamFailure(504, "upstream_timeout")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                        ConnectionResetError)):
-        return UpstreamFailure(502, "upstream_reset")
-    if isinstance(exc, aiohttp.ClientPayloadError) and "ConnectionResetError" in str(exc):
-        # a body cut by a reset: aiohttp tells it apart from a malformed body only in the text
-        return UpstreamFailure(502, "upstream_reset")
-    if isinstance(exc, (aiohttp.ClientResponseError, aiohttp.ClientPayloadError)):
-        return UpstreamFailure(502, "upstream_invalid")
-    return UpstreamFailure(502, "upstream_error")
+class _OneWrite(web.StreamResponse):
+    """A response whose head waits for its first body write: head and a small body
+    leave in one write."""
+
+    _send_headers_immediately = False
+
+
+class _CachedResolver:
+    """Server names resolved by aiodns, each answer reused for ``ttl`` seconds
+    (``dns_ttl``), as aiohttp's connector cache did."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._resolver: AsyncResolver | None = None
+        self._cache: dict[tuple[str, int], tuple[float, list[str]]] = {}
+
+    async def __call__(self, host: str, port: int) -> Sequence[str]:
+        loop = asyncio.get_running_loop()
+        key = (host, port)
+        hit = self._cache.get(key)
+        now = loop.time()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if self._resolver is None:
+            self._resolver = AsyncResolver()
+        answers = await self._resolver.resolve(host, port, family=socket.AF_UNSPEC)
+        addresses = [a["host"] for a in answers]
+        if addresses and self._ttl > 0:
+            self._cache[key] = (now + self._ttl, addresses)
+        return addresses
+
+    async def close(self) -> None:
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
 
 
 class UnresolvableServer(Exception):
@@ -95,16 +108,12 @@ def _is_ip(host: str) -> bool:
 
 
 class HttpUpstream(Upstream):
-    """One ``[upstreams.X]`` with ``servers``: a ClientSession (a pool) per server."""
+    """One ``[upstreams.X]`` with ``servers``: an H1Pool (keep-alive connections) per server."""
 
     def __init__(self, config: UpstreamConfig) -> None:
         super().__init__(config)
         assert config.servers
         self.servers = [ServerState(config.name, s) for s in config.servers]
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=config.connect_timeout,
-            sock_read=config.read_timeout,
-        )
         self._max_fails = config.max_fails
         self._fail_timeout = config.fail_timeout
         self._fail_on_5xx = config.fail_on_5xx
@@ -113,6 +122,7 @@ class HttpUpstream(Upstream):
         # a one-server upstream skips the balancer while its server is in rotation
         self._only = self.servers[0] if len(self.servers) == 1 else None
         self._checker: HealthChecker | None = None
+        self._resolver: _CachedResolver | None = None
         self._now: Callable[[], float] = time.monotonic  # the loop's clock once started
         self.retried = 0  # attempts made again on another server
         self.no_healthy = 0  # requests answered 502 no_healthy_server
@@ -121,19 +131,18 @@ class HttpUpstream(Upstream):
         await self._check_names()
         c = self.config
         for s in self.servers:
-            connector = aiohttp.TCPConnector(
-                limit=c.max_connections,
-                limit_per_host=0,
+            resolve = None
+            if not _is_ip(s.host):
+                if self._resolver is None:
+                    self._resolver = _CachedResolver(c.dns_ttl)
+                resolve = self._resolver
+            s.session = H1Pool(  # type: ignore[assignment]
+                s.host, s.port,
+                max_connections=c.max_connections,
                 keepalive_timeout=c.keepalive_timeout,
-                ttl_dns_cache=c.dns_ttl,  # type: ignore[arg-type]
-            )
-            s.session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
-                skip_auto_headers=_SKIP_AUTO,
-                trust_env=False,
-                timeout=self._timeout,
+                connect_timeout=c.connect_timeout,
+                read_timeout=c.read_timeout,
+                resolve=resolve,
             )
         loop = asyncio.get_running_loop()
         self._now = loop.time
@@ -174,6 +183,8 @@ class HttpUpstream(Upstream):
         for s in self.servers:
             if s.session is not None:
                 await s.session.close()
+        if self._resolver is not None:
+            await self._resolver.close()
 
     # -- the request ---------------------------------------------------------------
     async def serve(self, ex: Exchange) -> web.StreamResponse:
@@ -185,28 +196,28 @@ class HttpUpstream(Upstream):
                 self.no_healthy += 1
                 raise UpstreamFailure(502, "no_healthy_server")
         request = ex.request
+        method = request.method
         headers = request_headers(request.headers, ex.client_ip, request.headers.get("Host", ""))
         body: RequestBody | None = ex.body
         began = self._now() if self._retries else 0.0
         server.in_flight += 1
         server.requests += 1
         try:
-            up = await server.session._request(  # type: ignore[union-attr]
-                request.method,
-                URL(server.url + ex.path, encoded=True),
-                headers=headers,
-                data=body.chunks() if body is not None else None,
-                allow_redirects=False,
-                timeout=self._timeout,
-            )
-        except asyncio.CancelledError:
+            pool: H1Pool = server.session  # type: ignore[assignment]
+            if body is None:
+                up = await pool.request(method, ex.path, headers)
+            else:
+                up = await pool.request(method, ex.path, headers, body=body.chunks(),
+                                        body_length=request.content_length)
+        except UpstreamFailure as fail:
+            server.in_flight -= 1
+            up, server = await self._retry(ex, headers, server, fail, began)
+        except BaseException:
+            # cancelled (its client left) or the client's body failed: no verdict on the server
             server.in_flight -= 1
             if server.trial:
-                server.trial_abandoned()  # no verdict: its client left
+                server.trial_abandoned()
             raise
-        except Exception as exc:
-            server.in_flight -= 1
-            up, server = await self._retry(ex, headers, server, exc, began)
         # the head is here
         try:
             status = up.status
@@ -214,67 +225,58 @@ class HttpUpstream(Upstream):
                 server.failed(f"status_{status}", self._now(), self._max_fails, self._fail_timeout)
             elif server.fails or server.ejected_until:
                 server.succeeded()
-            done = False
+            if method != "HEAD" and status >= 200 and status not in _NO_BODY_STATUS:
+                data = up.read_small(SMALL)  # the whole body, when it is already here
+                if data is not None:
+                    small = _OneWrite(status=status, reason=up.reason, headers=response_headers(up.headers))
+                    small.content_length = len(data)  # the whole body: whatever its upstream framing
+                    await small.prepare(request)
+                    ex.status = status
+                    ex.head_sent = True
+                    ex.sent += len(data)
+                    await small.write_eof(data)  # head and body in one write
+                    return small
+            resp = web.StreamResponse(status=status, reason=up.reason, headers=response_headers(up.headers))
+            await resp.prepare(request)
+            ex.status = status
+            ex.head_sent = True
             try:
-                resp = web.StreamResponse(status=status, reason=up.reason,
-                                          headers=response_headers(up.headers))
-                await resp.prepare(request)
-                ex.status = status
-                ex.head_sent = True
-                content = up.content
-                try:
-                    while True:
-                        # aiohttp's C parser drops the read timer and never wakes the body's
-                        # reader when a later chunk header is malformed: bound each read here
-                        async with asyncio.timeout(self.config.read_timeout):
-                            chunk = await content.readany()
-                        if not chunk:
-                            break
-                        ex.sent += len(chunk)
-                        if content.at_eof():
-                            await resp.write_eof(chunk)
-                            break
-                        await resp.write(chunk)
-                    if not resp._eof_sent:
-                        await resp.write_eof()
-                except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                    if isinstance(exc, aiohttp.ClientConnectionResetError):
-                        raise  # the client went away while we wrote to it
-                    # the head is out: all we can do is cut the response short
-                    ex.truncated = _failure(exc).reason
-                    server.failed(ex.truncated, self._now(), self._max_fails, self._fail_timeout)
-                    transport = request.transport
-                    if transport is not None:
-                        transport.abort()
-                    return resp
-                done = True
-                return resp
-            finally:
-                if done:
-                    up.release()
-                else:
-                    up.close()  # unread bytes: the connection cannot go back to the pool
+                while chunk := await up.read_chunk():
+                    ex.sent += len(chunk)
+                    if up.complete:
+                        await resp.write_eof(chunk)
+                        break
+                    await resp.write(chunk)
+                await resp.write_eof()  # a no-op when already sent
+            except UpstreamFailure as fail:
+                # the head is out: all we can do is cut the response short
+                ex.truncated = fail.reason
+                server.failed(fail.reason, self._now(), self._max_fails, self._fail_timeout)
+                transport = request.transport
+                if transport is not None:
+                    transport.abort()
+            return resp
         finally:
+            up.close()  # a no-op after a complete read (the connection is back in the pool)
             server.in_flight -= 1
 
-    async def _retry(self, ex: Exchange, headers: Any, server: ServerState, exc: Exception,
-                     began: float) -> tuple[aiohttp.ClientResponse, ServerState]:
+    async def _retry(self, ex: Exchange, headers: list[tuple[str, str]], server: ServerState,
+                     fail: UpstreamFailure, began: float) -> tuple[Response, ServerState]:
         """After a failed attempt: retry on other servers where that is safe (see the
         module docstring), or raise. The response returned is counted in flight."""
         request = ex.request
         body = ex.body
         c = self.config
-        timeout = self._timeout
+        connect_timeout: float | None = None
         tried = _NONE
         while True:
             if body is not None and body.error is not None:
                 if server.trial:
                     server.trial_abandoned()  # the client's body failed, not the server
                 raise body.error from None
-            fail = _failure(exc)
             now = self._now()
             server.failed(fail.reason, now, self._max_fails, self._fail_timeout)
-            if len(tried) >= self._retries or not _may_retry(exc, request.method, body):
+            if len(tried) >= self._retries or not _may_retry(fail, request.method, body):
                 raise fail from None
             left = began + c.read_timeout - now
             tried = (*tried, server)
@@ -285,28 +287,26 @@ class HttpUpstream(Upstream):
             self.retried += 1
             server = nxt
             if left < c.connect_timeout:
-                timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=left,
-                                                sock_read=c.read_timeout)
+                connect_timeout = left
             server.in_flight += 1
             server.requests += 1
             try:
-                up = await server.session._request(  # type: ignore[union-attr]
-                    request.method,
-                    URL(server.url + ex.path, encoded=True),
-                    headers=headers,
-                    data=body.chunks() if body is not None else None,
-                    allow_redirects=False,
-                    timeout=timeout,
+                pool: H1Pool = server.session  # type: ignore[assignment]
+                up = await pool.request(
+                    request.method, ex.path, headers,
+                    body=body.chunks() if body is not None else None,
+                    body_length=request.content_length if body is not None else None,
+                    connect_timeout=connect_timeout,
                 )
-            except asyncio.CancelledError:
+            except UpstreamFailure as f:
+                server.in_flight -= 1
+                fail = f
+                continue
+            except BaseException:
                 server.in_flight -= 1
                 if server.trial:
                     server.trial_abandoned()
                 raise
-            except Exception as e:
-                server.in_flight -= 1
-                exc = e
-                continue
             return up, server
 
     # -- state, for the snapshot and the control socket ----------------------------
@@ -330,9 +330,9 @@ class HttpUpstream(Upstream):
         return [s.url for s in matched]
 
 
-def _may_retry(exc: Exception, method: str, body: RequestBody | None) -> bool:
+def _may_retry(fail: UpstreamFailure, method: str, body: RequestBody | None) -> bool:
     """Whether a failed attempt can go to another server without risk of doing twice
     what the client asked once (see the module docstring)."""
-    if isinstance(exc, _NOTHING_SENT):
+    if fail.reason in _NOTHING_SENT:
         return True
-    return body is None and method in IDEMPOTENT and isinstance(exc, _RESET)
+    return body is None and method in IDEMPOTENT and fail.reason == "upstream_reset"

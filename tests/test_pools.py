@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from gatewayd.balance import Balancer
+from gatewayd.h1client import H1Pool
 from gatewayd.kinds import Server
 from gatewayd.prom import SnapshotCollector
 from gatewayd.servers import ServerState
@@ -391,7 +392,7 @@ async def test_runtime_resolution_failure_is_a_counted_error(start_gateway, upst
     upstream_dns: counted for the server and, when no retry saves it, for the route."""
     gw = await start_gateway(pool([(upstream.url, 1), (f"http://localhost:{upstream.port}", 1)],
                                   max_fails=0, retries=0))
-    gw.runtime.table.upstreams["app"].servers[1].url = "http://nohost.invalid:8080"
+    gw.runtime.table.upstreams["app"].servers[1].session = H1Pool("nohost.invalid", 8080)
     assert sorted(await get_many(gw.url, 4)) == [(200, None)] * 2 + [(502, "upstream_dns")] * 2
     server = (await servers_of(gw))[1]
     assert server["failures"] == 2 and server["last_error"] == "upstream_dns"
