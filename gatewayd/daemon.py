@@ -151,8 +151,18 @@ async def serve(config: Config) -> int:
         if metrics is not None:
             await metrics.close()
         await control.close()
+    ignore_late_signals(loop)
     log.info("stopped")
     return EXIT_OK
+
+
+def ignore_late_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """The drain is over and the process is exiting: closing the loop would put
+    SIGTERM back to its default action, and a second SIGTERM in that gap would
+    turn a clean exit 0 into death by signal."""
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def run(config: Config) -> int:

@@ -27,6 +27,7 @@ from . import __version__, notify
 from .confdiff import RESTART_ONLY, diff
 from .config import Config, worker_count
 from .control import ControlError, ControlServer
+from .daemon import ignore_late_signals
 from .ipc import Channel
 from .loader import ConfigError, parse
 from .procstats import raise_fd_limit, rss_bytes
@@ -395,6 +396,7 @@ class Master:
             if metrics is not None:
                 await metrics.close()
             await control.close()
+        ignore_late_signals(loop)
         log.info("stopped")
         return EXIT_FAILURE if self.fatal else EXIT_OK
 

@@ -191,7 +191,7 @@ async def test_reload_under_load_with_two_workers(gateway_process, upstream):
 
 
 async def test_sigterm_drains_both_workers(gateway_process, upstream):
-    gp = gateway_process(TWO.format(url=upstream.url, mc=20), workers=2, shutdown_timeout=10)
+    gp = gateway_process(TWO.format(url=upstream.url, mc=40), workers=2, shutdown_timeout=10)  # 20 a worker: any split of 16 fits
     port = port_of(gp)
     await asyncio.to_thread(wait_for_workers, gp, 2)
     # enough slow requests on fresh connections that both workers hold some
