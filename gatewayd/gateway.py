@@ -170,9 +170,7 @@ class Gateway:
             stats.cancelled_in_flight += 1
             self._log(request, route, 499, ex.sent, start, "client_gone")
             _abort(request)
-            resp = web.Response(status=499)
-            resp.force_close()
-            return resp
+            return _SENT_CLOSE  # type: ignore[return-value]  # nothing more to send
         except UpstreamFailure as fail:
             stats.upstream_error(fail.reason)
             status, reason = fail.status, fail.reason
