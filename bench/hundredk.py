@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gatewayd.ctl import call
+
 REQUEST = b"GET /?ms=10 HTTP/1.1\r\nHost: bench\r\n\r\n"
 
 
@@ -275,18 +277,8 @@ queue_timeout = 30
 
 def _snapshot(path: Path) -> dict[str, Any] | None:
     try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(str(path))
-            s.sendall(b'{"cmd":"snapshot"}\n')
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)["snapshot"]
-    except (OSError, ValueError):
+        return call(path, {"cmd": "snapshot"}, timeout=5)["snapshot"]
+    except (OSError, ValueError, KeyError):
         return None
 
 

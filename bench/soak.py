@@ -38,6 +38,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gatewayd.ctl import call
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = b"s" * 100
 CHUNK = b"b" * 65536
@@ -197,18 +199,7 @@ queue_timeout = {2.0 + (generation % 2) * 0.5}
 
 
 def control(sock: Path, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            data += chunk
-    answer: dict[str, Any] = json.loads(data)
-    return answer
+    return call(sock, request, timeout)
 
 
 def proc_figures(pid: int) -> dict[str, int]:

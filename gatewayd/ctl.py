@@ -19,8 +19,8 @@ from .cli import DEFAULT_CONFIG
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
 
-class Unreachable(Exception):
-    pass
+class Unreachable(ConnectionError):
+    """No gatewayd answered on the socket (an OSError, for callers that catch those)."""
 
 
 def socket_from_config(config: str) -> Path:
