@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+if TYPE_CHECKING:
+    from .h1server import Request
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -17,9 +19,8 @@ class BodyTooLarge(Exception):
 class BodyTimeout(TimeoutError):
     """The body did not arrive within the body timeout (408).
 
-    A TimeoutError: it is left in the request's payload, and aiohttp's lingering
-    read of an unread body after the response ends quietly on a TimeoutError only
-    (anything else is logged as an unhandled exception, with a traceback).
+    A TimeoutError: it is left in the request's payload, where the connection's
+    lingering read of an unread body meets it.
     """
 
 
@@ -44,7 +45,7 @@ class RequestBody:
         "error",
     )
 
-    def __init__(self, request: web.BaseRequest, limit: int, timeout: float, min_rate: int) -> None:
+    def __init__(self, request: Request, limit: int, timeout: float, min_rate: int) -> None:
         self._request = request
         self._limit = limit
         self._timeout = timeout
@@ -55,6 +56,10 @@ class RequestBody:
         self._expect = request.headers.get("Expect", "").lower() == "100-continue"
         self.error: Exception | None = None
         self._loop = asyncio.get_running_loop()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
 
     @property
     def received(self) -> int:
@@ -81,9 +86,7 @@ class RequestBody:
         """Answer ``Expect: 100-continue`` (once): the request was admitted."""
         if self._expect:
             self._expect = False
-            transport = self._request.transport
-            if transport is not None:
-                transport.write(CONTINUE)
+            self._request.write(CONTINUE)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Yield the body; raise BodyTooLarge or BodyTimeout (also kept in ``error``)."""

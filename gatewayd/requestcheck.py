@@ -1,7 +1,7 @@
 """Request heads refused before routing (SPEC §3: a malformed or ambiguous request
 gets a 4xx and never reaches an upstream).
 
-aiohttp's C parser (llhttp) already refuses most smuggling shapes with 400 (CL+TE,
+aiohttp's C parser (llhttp, which gatewayd.h1server drives) already refuses most smuggling shapes with 400 (CL+TE,
 repeated Content-Length, bad chunk sizes, bare LF, obs-fold, ...). These are the
 ones it lets through that a gateway must not forward as they are:
 
@@ -25,9 +25,12 @@ ones it lets through that a gateway must not forward as they are:
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
+
+if TYPE_CHECKING:
+    from .h1server import Request
 
 # All of a request head's bytes together (Envoy's default is 60 KiB; nginx's 4 x 8 KiB).
 MAX_HEAD_SIZE = 64 * 1024
@@ -47,7 +50,7 @@ class Refused(Exception):
         self.reason = reason
 
 
-def origin_target(request: web.BaseRequest) -> str:
+def origin_target(request: Request) -> str:
     """The request's target in origin form (``/path?query``), to route and forward.
 
     Raises Refused for a request the gateway must not forward.

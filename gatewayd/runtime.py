@@ -20,7 +20,8 @@ from .admission import Gate, share
 from .confdiff import diff, restart_only_changes
 from .config import Config, RouteConfig, worker_count
 from .gateway import Gateway
-from .listener import Acceptor, GatewayServer, bind
+from .h1server import H1Server
+from .listener import Acceptor, bind
 from .loader import ConfigError, load
 from .metrics import Registry, RouteStats
 from .procstats import GcMonitor, LoopLag, TaskCounter
@@ -98,7 +99,7 @@ class Runtime:
         self.overrides: dict[str, dict[str, int]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.table: Table
-        self.server: GatewayServer
+        self.server: H1Server
         self.acceptor: Acceptor
 
     # -- limits divided among workers ------------------------------------------------
@@ -142,30 +143,15 @@ class Runtime:
         router = Router((r.config, r) for r in routes.values())
         return Table(router, routes, upstreams), started
 
-    def _server(self, config: Config) -> GatewayServer:
+    def _server(self, config: Config) -> H1Server:
         s = config.server
-        return GatewayServer(
+        return H1Server(
             Gateway(self),
             head_timeout=s.request_header_timeout,
             send_timeout=s.send_timeout,
-            on_close=self._connection_closed,
-            handler_cancellation=True,
             keepalive_timeout=s.keepalive_timeout,
-            access_log=None,
-            max_line_size=8190,
-            max_field_size=8190,
-            max_headers=128,
-            lingering_time=2.0,
-            request_factory=self._request_factory,
+            on_close=self._connection_closed,
         )
-
-    def _request_factory(self, message: Any, payload: Any, protocol: Any, writer: Any,
-                         task: Any) -> Any:
-        from aiohttp.web_request import BaseRequest
-
-        # client_max_size bounds what an inline handler may read() at once
-        return BaseRequest(message, payload, protocol, writer, task, protocol._loop,
-                           client_max_size=self.config.server.max_body_size)
 
     def _connection_closed(self) -> None:
         self.acceptor.closed_one()
@@ -300,7 +286,7 @@ class Runtime:
         self.table = table
         self._apply_limits()
         s = new.server
-        self.server._kwargs["keepalive_timeout"] = s.keepalive_timeout
+        self.server.keepalive_timeout = s.keepalive_timeout
         self.server.head_timeout = s.request_header_timeout
         self.server.send_timeout = s.send_timeout
         logging.getLogger("gatewayd").setLevel(new.log.level.upper())

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from .config import UpstreamConfig
 
 if TYPE_CHECKING:
     from .body import RequestBody
+    from .h1server import Request
 
 
 class UpstreamFailure(Exception):
@@ -29,7 +28,7 @@ class Exchange:
 
     __slots__ = ("body", "client_ip", "head_sent", "path", "request", "sent", "status", "truncated")
 
-    def __init__(self, request: web.BaseRequest, path: str, client_ip: str,
+    def __init__(self, request: Request, path: str, client_ip: str,
                  body: RequestBody | None) -> None:
         self.request = request
         self.path = path  # the target as sent upstream (prefix stripped if asked)
@@ -53,8 +52,9 @@ class Upstream:
     async def start(self) -> None:
         """Open what the upstream needs (pools, sessions); called once, on the loop."""
 
-    async def serve(self, ex: Exchange) -> web.StreamResponse:
-        """Send the response for ``ex`` to its client in full; return it (sent)."""
+    async def serve(self, ex: Exchange) -> None:
+        """Send the response for ``ex`` to its client in full (``ex.request.keep_alive``
+        says afterwards whether the connection may carry another request)."""
         raise NotImplementedError
 
     def enter(self) -> None:

@@ -25,12 +25,13 @@ class HandlerUpstream(Upstream):
         assert config.handler
         self._handler: Handler = resolve(config.handler)
 
-    async def serve(self, ex: Exchange) -> web.StreamResponse:
-        request = ex.request
+    async def serve(self, ex: Exchange) -> None:
+        ours = ex.request
         if ex.body is not None:
             ex.body.send_continue()  # the handler reads request.content itself
-        if ex.path != request.raw_path:
-            request = request.clone(rel_url=ex.path)
+        # client_max_size bounds what the handler may read() at once: max_body_size
+        limit = ex.body.limit if ex.body is not None else 0
+        request = ours.as_aiohttp(limit, ex.path if ex.path != ours.raw_path else None)
         resp = await self._handler(request)
         ex.status = resp.status
         if not resp.prepared:
@@ -39,4 +40,5 @@ class HandlerUpstream(Upstream):
         await resp.write_eof()
         body = getattr(resp, "body", None)
         ex.sent = len(body) if isinstance(body, bytes) else resp.body_length
-        return resp
+        if not resp.keep_alive:
+            ours.force_close()

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aiohttp import web
 from aiohttp.resolver import AsyncResolver
 
 from .balance import Balancer
@@ -43,13 +42,6 @@ SMALL = 65536  # a response body up to this size, already received, goes out wit
 _NOTHING_SENT = frozenset(("upstream_connect", "upstream_connect_timeout", "upstream_dns"))
 _NO_BODY_STATUS = frozenset((204, 304))
 _NONE: tuple[ServerState, ...] = ()
-
-
-class _OneWrite(web.StreamResponse):
-    """A response whose head waits for its first body write: head and a small body
-    leave in one write."""
-
-    _send_headers_immediately = False
 
 
 class _CachedResolver:
@@ -187,7 +179,7 @@ class HttpUpstream(Upstream):
             await self._resolver.close()
 
     # -- the request ---------------------------------------------------------------
-    async def serve(self, ex: Exchange) -> web.StreamResponse:
+    async def serve(self, ex: Exchange) -> None:
         server = self._only
         if server is None or server.blocked_until:
             assert self._balancer is not None
@@ -225,37 +217,36 @@ class HttpUpstream(Upstream):
                 server.failed(f"status_{status}", self._now(), self._max_fails, self._fail_timeout)
             elif server.fails or server.ejected_until:
                 server.succeeded()
-            if method != "HEAD" and status >= 200 and status not in _NO_BODY_STATUS:
-                data = up.read_small(SMALL)  # the whole body, when it is already here
-                if data is not None:
-                    small = _OneWrite(status=status, reason=up.reason, headers=response_headers(up.headers))
-                    small.content_length = len(data)  # the whole body: whatever its upstream framing
-                    await small.prepare(request)
-                    ex.status = status
-                    ex.head_sent = True
-                    ex.sent += len(data)
-                    await small.write_eof(data)  # head and body in one write
-                    return small
-            resp = web.StreamResponse(status=status, reason=up.reason, headers=response_headers(up.headers))
-            await resp.prepare(request)
+            headers = response_headers(up.headers)
+            if method == "HEAD" or status < 200 or status in _NO_BODY_STATUS:
+                request.write(request.head(status, up.reason, headers, None))
+                ex.status = status
+                ex.head_sent = True
+                return
+            data = up.read_small(SMALL)  # the whole body, when it is already here
+            if data is not None:
+                # head and body in one write, framed by their length whatever the upstream's
+                request.write(request.head(status, up.reason, headers, len(data)) + data)
+                ex.status = status
+                ex.head_sent = True
+                ex.sent += len(data)
+                return
+            request.write(request.head(status, up.reason, headers, _length(up.headers)))
             ex.status = status
             ex.head_sent = True
             try:
                 while chunk := await up.read_chunk():
                     ex.sent += len(chunk)
+                    await request.send(chunk, up.complete)
                     if up.complete:
-                        await resp.write_eof(chunk)
                         break
-                    await resp.write(chunk)
-                await resp.write_eof()  # a no-op when already sent
+                else:
+                    await request.send(b"", True)
             except UpstreamFailure as fail:
                 # the head is out: all we can do is cut the response short
                 ex.truncated = fail.reason
                 server.failed(fail.reason, self._now(), self._max_fails, self._fail_timeout)
-                transport = request.transport
-                if transport is not None:
-                    transport.abort()
-            return resp
+                request.abort()
         finally:
             up.close()  # a no-op after a complete read (the connection is back in the pool)
             server.in_flight -= 1
@@ -328,6 +319,15 @@ class HttpUpstream(Upstream):
         for s in matched:
             s.set_admin(up)
         return [s.url for s in matched]
+
+
+def _length(headers: list[tuple[str, str]]) -> int | None:
+    """The upstream's Content-Length, when it framed its body by one (h1client has
+    checked it); None for chunked or until-close bodies, re-framed for the client."""
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            return int(value)
+    return None
 
 
 def _may_retry(fail: UpstreamFailure, method: str, body: RequestBody | None) -> bool:

@@ -14,11 +14,11 @@ import concurrent.futures
 import functools
 import multiprocessing
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
-
 from .config import UpstreamConfig
+from .headers import response_headers
 from .importing import resolve
 from .upstream import Exchange, Upstream, UpstreamFailure
 
@@ -49,6 +49,13 @@ def _run(path: str, request: ProcessRequest) -> tuple[int, list[tuple[str, str]]
     return int(status), [(str(k), str(v)) for k, v in pairs], bytes(body)
 
 
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
 class ProcessUpstream(Upstream):
     """``executor = "process"``: jobs in a pool of ``processes`` processes.
 
@@ -77,7 +84,7 @@ class ProcessUpstream(Upstream):
                 None, functools.partial(pool.shutdown, wait=True, cancel_futures=True)
             )
 
-    async def serve(self, ex: Exchange) -> web.StreamResponse:
+    async def serve(self, ex: Exchange) -> None:
         request = ex.request
         assert self._pool is not None
         body = await ex.body.read_all() if ex.body is not None else b""
@@ -99,10 +106,10 @@ class ProcessUpstream(Upstream):
             raise UpstreamFailure(502, "handler_crashed") from None
         except Exception as exc:
             raise UpstreamFailure(500, "handler_error") from exc
-        resp = web.Response(status=status, body=payload, headers=headers)
         ex.status = status
-        await resp.prepare(request)
+        out = response_headers(headers)
+        if not any(n.lower() == "content-type" for n, _ in out):
+            out.append(("Content-Type", "application/octet-stream"))
+        request.write(request.head(status, _reason(status), out, len(payload)) + payload)
         ex.head_sent = True
-        await resp.write_eof()
         ex.sent = len(payload)
-        return resp

@@ -1,0 +1,517 @@
+"""Client connections: HTTP/1.1 on aiohttp's C parser, without aiohttp's server.
+
+aiohttp's ``RequestHandler`` keeps a task, a future and the last request alive
+on every idle keep-alive connection, and builds a request object, a response
+object and a task for every request, shed or not. Here an idle connection is a
+transport, this protocol, its parser and one timer; a request is a small
+``Request`` around the parser's message, and the gateway answers what it can
+(shed, 404, refusals) synchronously, inside ``data_received``: a shed costs no
+task, no coroutine and no response object. Only a request that goes upstream
+gets a task, which the connection cancels when its client leaves.
+
+What the protocol owns (the gateway never sees it):
+- pipelining: requests parsed ahead wait their turn, and reading pauses when
+  too many are waiting;
+- the request-head timer (first byte to end of head; 408), the keep-alive
+  timer, and the send timer (a client that takes none of its response for
+  ``send_timeout`` is disconnected, as nginx's ``send_timeout``);
+- a body left unread when the response is out is read and dropped for up to
+  ``LINGER`` seconds before the next request, as aiohttp did;
+- a request the parser refuses: 400 ``bad_request`` and the connection closes;
+- graceful shutdown: idle connections close, busy ones after their response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpVersion10
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestPayloadError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+log = logging.getLogger("gatewayd")
+
+MAX_LINE = 8190  # the request line and each header line (as aiohttp's server)
+MAX_HEADERS = 128
+READ_BUFFER = 65536  # a body's bytes buffered before reading from the client pauses
+MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
+LINGER = 2.0  # seconds an unread body may take to arrive after the response
+
+_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_BAD_REQUEST_BODY = b"400 bad request\n"
+_BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\n"
+                b"X-Gatewayd-Reason: bad_request\r\n"
+                b"Connection: close\r\n\r\n%s" % (len(_BAD_REQUEST_BODY), _BAD_REQUEST_BODY))
+_NO_BODY_STATUS = frozenset((204, 304))
+
+
+class Request:
+    """One request, as the gateway sees it; lives until its response is out."""
+
+    __slots__ = ("_chunked", "_remote", "body_exists", "content", "headers", "keep_alive",
+                 "message", "method", "protocol", "raw_headers", "raw_path", "task", "version")
+
+    def __init__(self, message: RawRequestMessage, payload: StreamReader, protocol: H1Protocol) -> None:
+        self.message = message
+        self.method: str = message.method
+        self.raw_path: str = message.path
+        self.version = message.version
+        self.headers = message.headers
+        self.raw_headers = message.raw_headers
+        self.content = payload
+        self.body_exists = payload is not EMPTY_PAYLOAD
+        self.keep_alive = not message.should_close and not protocol.server.closing
+        self.protocol = protocol
+        self.task: asyncio.Task[None] | None = None
+        self._remote: str | None = None
+        self._chunked = False
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.protocol.transport
+
+    @property
+    def remote(self) -> str | None:
+        if self._remote is None:
+            self._remote = self.protocol.peer_host
+        return self._remote
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None else None
+
+    # -- answering ----------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Raw bytes to the client (a prebuilt response, 100 Continue)."""
+        transport = self.protocol.transport
+        if transport is not None:
+            transport.write(data)
+
+    def force_close(self) -> None:
+        """The connection closes once this request's response is out."""
+        self.keep_alive = False
+
+    def abort(self) -> None:
+        """Cut the connection now (a response that cannot be finished)."""
+        self.keep_alive = False
+        transport = self.protocol.transport
+        if transport is not None:
+            transport.abort()
+
+    def head(self, status: int, reason: str, headers: list[tuple[str, str]],
+             length: int | None) -> bytes:
+        """A response head for ``headers`` (hop-by-hop already removed) with this
+        request's framing: ``length`` bytes, or chunked when None (close-delimited for
+        an HTTP/1.0 client). A response without a body (HEAD, 1xx, 204, 304) keeps
+        the headers as they are."""
+        parts = [f"HTTP/1.1 {status} {reason}\r\n"]
+        if self.method == "HEAD" or status < 200 or status in _NO_BODY_STATUS:
+            parts.extend(f"{n}: {v}\r\n" for n, v in headers)
+        else:
+            parts.extend(f"{n}: {v}\r\n" for n, v in headers if n.lower() != "content-length")
+            if length is not None:
+                parts.append(f"Content-Length: {length}\r\n")
+            elif self.version == HttpVersion10:
+                self.keep_alive = False  # the end of the body is the end of the connection
+            else:
+                self._chunked = True
+                parts.append("Transfer-Encoding: chunked\r\n")
+        if not self.keep_alive or self.protocol.server.closing:
+            self.keep_alive = False
+            parts.append("Connection: close\r\n")
+        elif self.version == HttpVersion10:
+            parts.append("Connection: keep-alive\r\n")
+        parts.append("\r\n")
+        return "".join(parts).encode("utf-8", "surrogateescape")
+
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """Body bytes (chunk-encoded if the head said so); ``last`` ends the body.
+        Waits while the client's buffer is full; raises ConnectionResetError when
+        the client is gone."""
+        protocol = self.protocol
+        transport = protocol.transport
+        if transport is None:
+            raise ConnectionResetError("client gone")
+        if self._chunked:
+            if data:
+                transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            if last:
+                transport.write(b"0\r\n\r\n")
+        elif data:
+            transport.write(data)
+        if protocol._paused:
+            await protocol._drain_helper()
+
+    def as_aiohttp(self, client_max_size: int, rel_url: str | None = None) -> web.BaseRequest:
+        """This request as aiohttp's, for an inline handler written against aiohttp."""
+        from aiohttp import web
+
+        protocol = self.protocol
+        writer = StreamWriter(protocol, protocol._loop)  # type: ignore[arg-type]
+        task = self.task or asyncio.current_task()
+        request = web.BaseRequest(self.message, self.content, protocol, writer,  # type: ignore[arg-type]
+                                  task, protocol._loop, client_max_size=client_max_size)  # type: ignore[arg-type]
+        if not self.keep_alive:
+            request._cache["keep_alive"] = False  # type: ignore[attr-defined]
+        if rel_url is not None:
+            request = request.clone(rel_url=rel_url)
+        return request
+
+
+class H1Server:
+    """The protocol factory for the accept loop; holds the settings every connection
+    reads (changed in place on reload) and the open connections (for shutdown)."""
+
+    def __init__(self, handler: Callable[[Request], None], *, head_timeout: float,
+                 send_timeout: float, keepalive_timeout: float,
+                 on_close: Callable[[], None]) -> None:
+        self.handler = handler
+        self.head_timeout = head_timeout
+        self.send_timeout = send_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self._on_close = on_close
+        self.connections: set[H1Protocol] = set()
+        self.closing = False
+        self.bad_requests = 0  # refused by the HTTP parser (400 bad_request)
+        self.requests = 0
+        self._empty: asyncio.Event | None = None
+
+    def __call__(self) -> H1Protocol:
+        return H1Protocol(self)
+
+    def _closed(self, protocol: H1Protocol) -> None:
+        self.connections.discard(protocol)
+        self._on_close()
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close idle connections now and the others once their response is out;
+        after ``timeout``, cancel what is left and cut those connections."""
+        self.closing = True
+        for protocol in list(self.connections):
+            protocol.close_when_idle()
+        if self.connections:
+            self._empty = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._empty.wait(), timeout)
+            except TimeoutError:
+                pass
+        for protocol in list(self.connections):
+            protocol.abort()
+
+
+class H1Protocol(BaseProtocol):
+    """One client connection. See the module docstring."""
+
+    __slots__ = (
+        "_close_after",
+        "_head_timer",
+        "_keepalive_at",
+        "_keepalive_timer",
+        "_peer",
+        "_pending",
+        "_refused",
+        "_send_timer",
+        "_stepping",
+        "_tail",
+        "current",
+        "server",
+    )
+
+    def __init__(self, server: H1Server) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(loop)
+        self.server = server
+        self._parser = HttpRequestParser(
+            self, loop, READ_BUFFER, max_line_size=MAX_LINE, max_field_size=MAX_LINE,
+            max_headers=MAX_HEADERS, payload_exception=RequestPayloadError,
+            auto_decompress=False,  # a proxy passes bodies on as they are
+        )
+        self.current: Request | None = None
+        self._pending: deque[tuple[RawRequestMessage, StreamReader]] | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._keepalive_at = 0.0
+        self._close_after = False  # the parser failed or the client's framing ended: no more requests
+        self._stepping = False
+        self._refused = False  # the parser refused bytes after the current request: 400 once it is done
+        # after an upgrade request, the bytes that follow it, unparsed until it is answered
+        # (never 101: upgrades are not proxied, and the next request is HTTP again)
+        self._tail: bytes | None = None
+        self._peer: Any = None
+
+    # -- what aiohttp's request needs of its protocol -----------------------------------
+    ssl_context = None
+    max_field_size = MAX_LINE
+    max_headers = MAX_HEADERS
+
+    @property
+    def peername(self) -> Any:
+        if self._peer is None and self.transport is not None:
+            self._peer = self.transport.get_extra_info("peername")
+        return self._peer
+
+    @property
+    def sockname(self) -> Any:
+        return self.transport.get_extra_info("sockname") if self.transport is not None else None
+
+    @property
+    def peer_host(self) -> str | None:
+        peer = self.peername
+        if isinstance(peer, (list, tuple)) and peer:
+            return str(peer[0])
+        return None
+
+    # -- connection ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # TCP_NODELAY is set by the accept loop, on the socket
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self._idle()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        for timer in (self._head_timer, self._send_timer, self._keepalive_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._send_timer = self._keepalive_timer = None
+        super().connection_lost(exc)
+        current = self.current
+        self.current = None
+        self._pending = None
+        if current is not None:
+            payload = current.content
+            if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                payload.set_exception(ConnectionResetError("client gone"))
+            if current.task is not None:
+                # the handler's task stops: its queue place, slot and upstream request go.
+                # Cancelled from the next loop turn: a task created in this one has not
+                # started, and a coroutine cancelled before its first step runs none of
+                # its cleanup (the slot it was given would leak).
+                self._loop.call_soon(current.task.cancel)
+        self._parser = None
+        self.server._closed(self)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_when_idle(self) -> None:
+        self._close_after = True
+        if self.current is None and not self._pending and self.transport is not None:
+            self.transport.close()
+
+    # -- reading ------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._close_after:
+            return
+        if self._tail is not None:
+            self._tail += data
+            if len(self._tail) >= READ_BUFFER and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+            return
+        try:
+            messages, upgraded, tail = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._bad_request(exc)
+            return
+        if upgraded:
+            self._tail = bytes(tail)
+        if messages:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            if self.current is None and self._pending is None and len(messages) == 1:
+                self._dispatch(*messages[0])
+            else:
+                pending = self._pending
+                if pending is None:
+                    pending = self._pending = deque()
+                pending.extend(messages)
+                if len(pending) >= MAX_PIPELINED and not self._buffer_paused:
+                    self._pause_reading_for_buffer()
+                if self.current is None:
+                    self._step()
+        elif self.current is None and self._head_timer is None and data:
+            # part of a head: from its first byte it has head_timeout to arrive
+            self._head_timer = self._loop.call_later(self.server.head_timeout, self._head_timed_out)
+
+    def pause_reading(self) -> None:
+        # a body's buffer is full (StreamReader's flow control): stop reading the socket
+        self._reading_paused = True
+        self._pause_transport_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._reading_paused = False
+        if not self._buffer_paused:
+            self._resume_transport_reading()
+
+    def _dispatch(self, message: RawRequestMessage, payload: StreamReader) -> None:
+        request = Request(message, payload, self)
+        if self._close_after:
+            request.keep_alive = False
+        self.current = request
+        self.server.requests += 1
+        self.server.handler(request)
+
+    def _step(self) -> None:
+        """Answer the requests waiting their turn, as long as each is done at once."""
+        if self._stepping:
+            return  # an outer _step continues the loop
+        self._stepping = True
+        try:
+            while self.current is None and self._pending and self.transport is not None:
+                message, payload = self._pending.popleft()
+                self._dispatch(message, payload)
+        finally:
+            self._stepping = False
+        if self.current is None and self.transport is not None:
+            if not self._pending:
+                self._pending = None
+                if self._tail is not None:
+                    self._declined_upgrade()
+                    return
+            if self._buffer_paused:
+                self._resume_reading_for_buffer()
+            self._idle()
+
+    def _declined_upgrade(self) -> None:
+        """The upgrade request was answered (never with 101): parse what followed it."""
+        tail, self._tail = self._tail, None
+        if self._parser is None:
+            return
+        self._parser.set_upgraded(False)
+        if self._buffer_paused:
+            self._resume_reading_for_buffer()
+        self._idle()
+        if tail:
+            self.data_received(tail)
+
+    def finish(self, request: Request) -> None:
+        """The response to ``request`` is out (or abandoned): the next request, or close."""
+        if self.current is not request:
+            return  # the connection was lost meanwhile
+        transport = self.transport
+        if transport is None:
+            self.current = None
+            return
+        if not request.keep_alive or self._close_after or self.server.closing:
+            self.current = None
+            if self._refused:
+                transport.write(_BAD_REQUEST)
+            transport.close()  # after what is buffered is sent
+            return
+        payload = request.content
+        if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+            request.task = self._loop.create_task(self._linger(request))
+            return
+        self.current = None
+        self._step()
+
+    async def _linger(self, request: Request) -> None:
+        payload = request.content
+        try:
+            async with asyncio.timeout(LINGER):
+                while not payload.is_eof():
+                    await payload.readany()
+        except (TimeoutError, ConnectionError, RequestPayloadError, asyncio.CancelledError):
+            request.keep_alive = False
+        except Exception:  # the body failed (BodyTimeout, a parser error): its framing is gone
+            request.keep_alive = False
+        if self.current is not request:
+            return
+        if not request.keep_alive:
+            self.current = None
+            if self.transport is not None:
+                self.transport.close()
+            return
+        request.task = None
+        self.current = None
+        self._step()
+
+    # -- timers -------------------------------------------------------------------------
+    def _idle(self) -> None:
+        """Nothing to answer: the connection may wait ``keepalive_timeout`` for a request.
+        One timer per connection, re-armed lazily (no timer churn per request)."""
+        self._keepalive_at = self._loop.time() + self.server.keepalive_timeout
+        if self._keepalive_timer is None:
+            self._keepalive_timer = self._loop.call_at(self._keepalive_at, self._keepalive_check)
+
+    def _keepalive_check(self) -> None:
+        self._keepalive_timer = None
+        if self.current is not None or self._pending or self.transport is None:
+            return  # busy: _idle re-arms when it is done
+        if self._head_timer is not None:
+            return  # a head is arriving: its own timer decides
+        now = self._loop.time()
+        if now < self._keepalive_at:
+            self._keepalive_timer = self._loop.call_at(self._keepalive_at, self._keepalive_check)
+            return
+        self.transport.close()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if transport is not None and self.current is None:
+            transport.write(_REQUEST_TIMEOUT)
+            self._close_after = True
+            transport.close()
+
+    def _bad_request(self, exc: HttpProcessingError) -> None:
+        # The client's fault, and any client can send one: no traceback at ERROR (a
+        # log flood) and no parser text echoed back.
+        self.server.bad_requests += 1
+        log.debug("bad request from %s: %s", self.peer_host, exc)
+        self._close_after = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        if self.current is None:
+            transport.write(_BAD_REQUEST)
+            transport.close()
+        else:
+            # answering the request before it: the 400 follows its response
+            self._refused = True
+            self._pause_transport_reading()
+
+    # -- writing ------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        # the kernel's buffer toward the client is full and ours passed its high mark
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self.server.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        # the client took nothing for send_timeout: it counts as gone (its request is
+        # cancelled, its slot and upstream connection released)
+        self._send_timer = None
+        transport = self.transport
+        if transport is not None:
+            log.debug("client %s accepted nothing for %.1f s; disconnecting",
+                      self.peername, self.server.send_timeout)
+            transport.abort()
