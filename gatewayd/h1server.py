@@ -47,6 +47,9 @@ MAX_HEADERS = 128
 READ_BUFFER = 65536  # a body's bytes buffered before reading from the client pauses
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
 LINGER = 2.0  # seconds an unread body may take to arrive after the response
+# Client reads handled in one turn of the event loop; the rest wait for the next
+# turn, in arrival order (see H1Server.admit_read).
+READS_PER_TURN = 16
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _BAD_REQUEST_BODY = b"400 bad request\n"
@@ -188,10 +191,53 @@ class H1Server:
         self.closing = False
         self.bad_requests = 0  # refused by the HTTP parser (400 bad_request)
         self.requests = 0
+        self.deferred_reads = 0  # client reads put off to a later loop turn (saturated)
         self._empty: asyncio.Event | None = None
+        self._turn_left = READS_PER_TURN
+        self._turn_armed = False
+        self._deferred: deque[H1Protocol] = deque()
 
     def __call__(self) -> H1Protocol:
         return H1Protocol(self)
+
+    # -- fairness between clients and upstreams under saturation ---------------------------
+    def admit_read(self, protocol: H1Protocol) -> bool:
+        """Whether a client's bytes are handled now or in a later loop turn.
+
+        With thousands of clients sending at once, one turn of the event loop would
+        otherwise handle all of them (shedding most) before it comes back to the
+        upstream connections: every admitted request then waits a whole turn per
+        step, tens of milliseconds, and a 100 ms backend serves half its capacity.
+        Bounding the client reads handled per turn keeps a turn short, so upstream
+        responses (read by other protocols, not counted) move at once; the clients
+        put off are handled first in the turns that follow, in arrival order.
+        Nothing changes below ``READS_PER_TURN`` ready clients."""
+        if self._turn_left > 0 and not self._deferred:
+            self._turn_left -= 1
+            if not self._turn_armed:
+                self._turn_armed = True
+                protocol._loop.call_soon(self._new_turn)
+            return True
+        self._deferred.append(protocol)
+        self.deferred_reads += 1
+        if not self._turn_armed:
+            self._turn_armed = True
+            protocol._loop.call_soon(self._new_turn)
+        return False
+
+    def _new_turn(self) -> None:
+        # runs once per loop turn, after its I/O callbacks
+        self._turn_left = READS_PER_TURN
+        deferred = self._deferred
+        while deferred and self._turn_left > 0:
+            protocol = deferred.popleft()
+            if protocol.transport is not None:
+                self._turn_left -= 1
+                protocol._undefer()
+        if deferred:
+            asyncio.get_running_loop().call_soon(self._new_turn)
+        else:
+            self._turn_armed = False
 
     def _closed(self, protocol: H1Protocol) -> None:
         self.connections.discard(protocol)
@@ -225,6 +271,7 @@ class H1Protocol(BaseProtocol):
         "_keepalive_timer",
         "_peer",
         "_pending",
+        "_put_off",
         "_refused",
         "_send_timer",
         "_stepping",
@@ -254,6 +301,7 @@ class H1Protocol(BaseProtocol):
         # after an upgrade request, the bytes that follow it, unparsed until it is answered
         # (never 101: upgrades are not proxied, and the next request is HTTP again)
         self._tail: bytes | None = None
+        self._put_off: bytes | None = None  # bytes read while other clients had the turn
         self._peer: Any = None
 
     # -- what aiohttp's request needs of its protocol -----------------------------------
@@ -318,6 +366,25 @@ class H1Protocol(BaseProtocol):
 
     # -- reading ------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self._put_off is not None:
+            # already waiting for its turn: keep the bytes (bounded: reading pauses)
+            self._put_off += data
+            if len(self._put_off) >= READ_BUFFER and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+            return
+        if not self.server.admit_read(self):
+            self._put_off = data
+            return
+        self._feed(data)
+
+    def _undefer(self) -> None:
+        data, self._put_off = self._put_off, None
+        if self._buffer_paused and not self._pending and self._tail is None:
+            self._resume_reading_for_buffer()
+        if data:
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         parser = self._parser
         if parser is None or self._close_after:
             return
@@ -401,7 +468,7 @@ class H1Protocol(BaseProtocol):
             self._resume_reading_for_buffer()
         self._idle()
         if tail:
-            self.data_received(tail)
+            self._feed(tail)
 
     def finish(self, request: Request) -> None:
         """The response to ``request`` is out (or abandoned): the next request, or close."""
@@ -455,7 +522,7 @@ class H1Protocol(BaseProtocol):
 
     def _keepalive_check(self) -> None:
         self._keepalive_timer = None
-        if self.current is not None or self._pending or self.transport is None:
+        if self.current is not None or self._pending or self._put_off is not None or self.transport is None:
             return  # busy: _idle re-arms when it is done
         if self._head_timer is not None:
             return  # a head is arriving: its own timer decides
