@@ -186,9 +186,11 @@ class Master:
     async def call_all(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self.call(h, msg) for h in self.live())))
 
-    async def _watch(self, timeout: float) -> None:
-        """Kill a worker whose loop is stuck (no figures for ``worker_timeout``)."""
+    async def _watch(self) -> None:
+        """Kill a worker whose loop is stuck (no figures for ``worker_timeout``; workers
+        push theirs at least every quarter of it)."""
         while True:
+            timeout = self.config.server.worker_timeout  # the current one: a reload may change it
             await asyncio.sleep(min(1.0, timeout / 4))
             now = time.monotonic()
             for h in list(self.workers.values()):
@@ -366,7 +368,7 @@ class Master:
                 return EXIT_FAILURE
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
-        watcher = self._spawn_task(self._watch(self.config.server.worker_timeout))
+        watcher = self._spawn_task(self._watch())
         notify.ready()
         log.info("gatewayd %s master serving on %s with %d workers (control %s)", __version__,
                  ", ".join(self.config.server.listen), n, self.config.socket_path)

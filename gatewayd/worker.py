@@ -28,7 +28,7 @@ from .upstream_state import set_server_state
 
 log = logging.getLogger("gatewayd")
 
-PUSH_INTERVAL = 0.25  # seconds between figures pushed to the master
+PUSH_INTERVAL = 0.25  # seconds between figures pushed to the master (at most)
 EXIT_BOOT = 3  # could not start: the master must not restart us in a loop
 
 
@@ -104,10 +104,13 @@ class Worker:
         return 0
 
     async def _push(self) -> None:
-        assert self.runtime is not None
+        runtime = self.runtime
+        assert runtime is not None
         while True:
-            self.channel.send({"t": "stats", "export": export(self.runtime)})
-            await asyncio.sleep(PUSH_INTERVAL)
+            self.channel.send({"t": "stats", "export": export(runtime)})
+            # the master kills a worker silent for worker_timeout: report well within it,
+            # also after a reload that shortened it
+            await asyncio.sleep(min(PUSH_INTERVAL, runtime.config.server.worker_timeout / 4))
 
     async def _commands(self) -> None:
         while True:

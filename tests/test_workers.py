@@ -227,3 +227,130 @@ def test_boot_failure_stops_instead_of_crash_looping(gateway_process, tmp_path):
         assert f"127.0.0.1:{port}" in gp.stderr() and "in use" in gp.stderr()
     finally:
         blocker.close()
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (R, S, T for stopped, Z for a zombie), None once reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+async def test_stuck_worker_is_killed_and_replaced(gateway_process, upstream):
+    """A worker frozen with SIGSTOP (a real stuck process: no figures reach the master)
+    1. is killed by the master once worker_timeout has passed, not before, and the
+    master logs why 2. is replaced by a worker with a new pid within 6 s of the kill
+    3. while it is stuck the other worker keeps answering; the only failures are
+    connections the kernel had queued on the frozen worker's SO_REUSEPORT socket
+    (timeouts or resets, never an error status) 4. once replaced, every request succeeds
+    and the new worker takes its share 5. the snapshot drops the stuck worker and keeps
+    the counters it had reported, once."""
+    timeout = 3.0  # short, yet far above a healthy worker's 0.25 s push interval on a busy machine
+    gp = gateway_process(TWO.format(url=upstream.url, mc=400), workers=2, worker_timeout=timeout)
+    port = port_of(gp)
+    s = await asyncio.to_thread(wait_for_workers, gp, 2)
+    victim, healthy = (w["pid"] for w in s["workers"])
+    assert {victim, healthy} == children(gp.proc.pid)
+    assert await asyncio.gather(*(fresh_get(port) for _ in range(100))) == [200] * 100
+    # both workers have pushed everything they served: the frozen one's last figures are whole
+    s = await asyncio.to_thread(
+        poll, lambda: (lambda s: s if s["routes"][0]["responses"]["2xx"] == 100 else None)(snap(gp)))
+    victim_counted = next(w["requests"] for w in s["workers"] if w["pid"] == victim)
+    assert victim_counted > 10
+
+    ok = stalled = 0
+    bad: list[int] = []
+    ok_at_kill: int | None = None
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        nonlocal ok, stalled
+        while not stop.is_set():
+            try:
+                status = await asyncio.wait_for(
+                    raw_request(port, b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5), 0.5)
+            except (TimeoutError, OSError):  # queued on the frozen worker, or reset when it was killed
+                stalled += 1
+                continue
+            if status_of(status) == 200:
+                ok += 1
+            else:
+                bad.append(status_of(status))
+
+    loop = asyncio.get_running_loop()
+    clients: list[asyncio.Task[None]] = []
+    try:
+        os.kill(victim, signal.SIGSTOP)
+        t0 = loop.time()
+        await asyncio.to_thread(poll, lambda: proc_state(victim) == "T", 5)
+        clients += [asyncio.create_task(load()) for _ in range(6)]
+
+        def killed() -> bool:
+            return proc_state(victim) in (None, "Z")
+
+        await asyncio.to_thread(poll, killed, timeout + 10)
+        killed_after = loop.time() - t0
+        ok_at_kill = ok
+        stop.set()  # what is timed next is the replacement's boot, not our own load
+        await asyncio.gather(*clients)
+
+        def replaced() -> dict | None:
+            s = snap(gp)
+            pids = {w["pid"] for w in s["workers"]}
+            return s if len(pids) == 2 and victim not in pids else None
+
+        s = await asyncio.to_thread(poll, replaced, timeout + 10)
+        replaced_after = loop.time() - t0
+    finally:
+        stop.set()
+        if victim in children(gp.proc.pid):  # still ours (not reaped): never leave it frozen
+            os.kill(victim, signal.SIGKILL)
+            os.kill(victim, signal.SIGCONT)
+        await asyncio.gather(*clients)
+
+    (newcomer,) = {w["pid"] for w in s["workers"]} - {healthy}
+    assert healthy in {w["pid"] for w in s["workers"]}, "the healthy worker was killed too"
+    assert newcomer != victim and children(gp.proc.pid) == {healthy, newcomer}
+    assert timeout - 0.5 <= killed_after <= timeout + 3, killed_after
+    assert replaced_after - killed_after <= 6, (killed_after, replaced_after)  # backoff 0.5 s + boot
+    assert bad == [], bad  # no 5xx or other error status: failures are only the stuck connections
+    assert ok_at_kill >= 10, ok_at_kill  # the healthy worker answered while the other was stuck
+    assert stalled > 0  # the scenario is real: the kernel did queue connections on the frozen worker
+    stderr = gp.stderr()
+    assert f"(pid {victim}) silent for" in stderr and "killing it" in stderr, stderr
+
+    # replaced: nothing fails any more, and the newcomer serves its share
+    statuses = await asyncio.gather(*(fresh_get(port) for _ in range(100)))
+    assert statuses == [200] * 100
+    s = await asyncio.to_thread(
+        poll, lambda: (lambda s: s if s["routes"][0]["responses"]["2xx"] >= 100 + ok + 100 else None)(snap(gp)))
+    per_worker = {w["pid"]: w["requests"] for w in s["workers"]}
+    assert set(per_worker) == {healthy, newcomer} and per_worker[newcomer] > 10, per_worker
+    # the frozen worker counted nothing after SIGSTOP; what it counted before is kept, once
+    assert s["routes"][0]["requests"] - sum(per_worker.values()) == victim_counted
+    assert s["routes"][0]["responses"]["5xx"] == 0
+    assert gp.proc.poll() is None
+
+
+async def test_short_worker_timeout_spares_healthy_workers(gateway_process, upstream):
+    """worker_timeout below the usual 0.25 s between a worker's figures: healthy workers
+    report often enough (a quarter of worker_timeout) and are never killed."""
+    timeout = 0.2
+    gp = gateway_process(TWO.format(url=upstream.url, mc=400), workers=2, worker_timeout=timeout)
+    port = port_of(gp)
+    s = await asyncio.to_thread(wait_for_workers, gp, 2)
+    pids = {w["pid"] for w in s["workers"]}
+    start = s["uptime_s"]
+
+    def steady_for(seconds: float) -> bool:
+        s = snap(gp)
+        assert {w["pid"] for w in s["workers"]} == pids == children(gp.proc.pid), s["workers"]
+        return s["uptime_s"] - start >= seconds
+
+    # 10 worker_timeouts, serving meanwhile
+    for _ in range(4):
+        assert await asyncio.gather(*(fresh_get(port) for _ in range(20))) == [200] * 20
+    await asyncio.to_thread(poll, lambda: steady_for(10 * timeout))
+    assert "silent for" not in gp.stderr()
