@@ -13,6 +13,7 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
+from .snapshot import snapshot_json, without_histograms
 
 log = logging.getLogger("gatewayd")
 
@@ -104,6 +106,9 @@ class ControlServer:
         self.subscriber_backlog = SUBSCRIBER_BACKLOG
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        # the snapshot lines built in this turn of the loop, by "histograms": shared by
+        # every subscriber (and snapshot request) served in the same turn
+        self._lines: dict[bool, bytes] = {}
 
     async def start(self) -> None:
         _check_directory(self.path)
@@ -132,16 +137,29 @@ class ControlServer:
 
     def snapshot(self, histograms: bool = False) -> dict[str, Any]:
         """The controller's snapshot plus the socket's own figures. Bucket counts
-        (the bulk of a many-route snapshot) only when asked for: /metrics has them."""
+        (the bulk of a many-route snapshot) only when asked for: /metrics has them.
+        The controller's route objects may be shared between snapshots: never
+        modified here."""
         snap = self.controller.snapshot()
         snap["control"] = {"clients": self.clients, "dropped_snapshots": self.dropped_snapshots}
-        if not histograms:
-            for r in snap.get("routes", ()):
-                r.pop("latency_histogram", None)
-                r.pop("queue_wait_histogram", None)
-            for g in snap.get("gc", {}).get("generations", ()):
-                g.pop("histogram", None)
-        return snap
+        return snap if histograms else without_histograms(snap)
+
+    def build_line(self, histograms: bool = False) -> bytes:
+        """``{"ok": true, "snapshot": {...}}`` and a newline, encoded now."""
+        snap = self.controller.snapshot()
+        snap["control"] = {"clients": self.clients, "dropped_snapshots": self.dropped_snapshots}
+        return snapshot_json(snap, histograms, '{"ok":true,"snapshot":', "}\n").encode()
+
+    def snapshot_line(self, histograms: bool = False) -> bytes:
+        """:meth:`build_line`, built once per turn of the event loop: subscribers whose
+        ticks fall in the same turn (see ``_subscribe``) share it."""
+        line = self._lines.get(histograms)
+        if line is None:
+            line = self.build_line(histograms)
+            if not self._lines:
+                asyncio.get_running_loop().call_soon(self._lines.clear)
+            self._lines[histograms] = line
+        return line
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -177,6 +195,16 @@ class ControlServer:
                 if request.get("cmd") == "subscribe":
                     await self._subscribe(request, reader, writer)
                     return
+                if request.get("cmd") == "snapshot":
+                    try:
+                        line = self.snapshot_line(request.get("histograms") is True)
+                    except Exception as exc:  # as _dispatch: the connection lives on
+                        log.exception("control command 'snapshot' failed")
+                        await self._send(writer, {"ok": False, "error": f"internal error: {exc}"})
+                        continue
+                    writer.write(line)
+                    await writer.drain()
+                    continue
                 await self._send(writer, await self._dispatch(request))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -197,7 +225,7 @@ class ControlServer:
         try:
             if cmd == "hello":
                 return {"ok": True, "version": __version__, "protocol": PROTOCOL, "pid": os.getpid()}
-            if cmd == "snapshot":
+            if cmd == "snapshot":  # _serve answers it with snapshot_line, the same bytes
                 return {"ok": True, "snapshot": self.snapshot(req.get("histograms") is True)}
             if cmd == "reload":
                 dry = req.get("dry_run", False)
@@ -247,17 +275,33 @@ class ControlServer:
         # the client's next byte (or EOF) ends the subscription
         closed = asyncio.ensure_future(reader.read(1))
         transport = writer.transport
+        loop = asyncio.get_running_loop()
         try:
             while not closed.done():
                 if transport.get_write_buffer_size() > self.subscriber_backlog:
                     self.dropped_snapshots += 1
                 else:
-                    line = json.dumps({"ok": True, "snapshot": self.snapshot(histograms)},
-                                      separators=(",", ":")).encode() + b"\n"
-                    writer.write(line)
-                await asyncio.wait([closed], timeout=interval)
+                    writer.write(self.snapshot_line(histograms))
+                # ticks on a grid of the loop's clock, each timer due at the same instant
+                # (call_at): subscribers with the same interval wake in the same turn of
+                # the loop and share one snapshot line
+                now = loop.time()
+                tick = (math.floor(now / interval) + 1) * interval
+                if tick - now < interval / 2:
+                    tick += interval
+                waker = loop.create_future()
+                timer = loop.call_at(tick, _wake, waker)
+                try:
+                    await asyncio.wait([closed, waker], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    timer.cancel()
         finally:
             closed.cancel()
+
+
+def _wake(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
 
 
 def _decode(line: bytes) -> dict[str, Any] | str:

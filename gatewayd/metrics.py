@@ -63,10 +63,13 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
 
 def quantiles_ms(bounds: tuple[float, ...], h: dict[str, Any]) -> dict[str, float | None]:
     """p50, p90 and p99 of an exported histogram, in milliseconds, in one pass."""
-    n = h["count"]
+    return quantiles_ms_of(bounds, h["counts"], h["count"])
+
+
+def quantiles_ms_of(bounds: tuple[float, ...], counts: list[int], n: int) -> dict[str, float | None]:
+    """p50, p90 and p99 of bucket ``counts`` holding ``n`` observations, in milliseconds."""
     if not n:
         return {"p50": None, "p90": None, "p99": None}
-    counts = h["counts"]
     out: dict[str, float | None] = {}
     seen = 0
     i = 0
