@@ -1,7 +1,7 @@
 """100,000 concurrent keep-alive connections to one gatewayd (issue 8).
 
     python -m bench.hundredk [--connections 100000] [--workers 7] [--interval 20]
-                             [--hold 60] [--procs 6]
+                             [--hold 60] [--procs 6] [--open-rate 3000]
 
 One process may hold at most 20,000 file descriptors here, so both sides are
 split: gatewayd runs ``workers`` processes (SO_REUSEPORT), and the load comes
@@ -81,7 +81,7 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
 
 
 async def _generator(index: int, count: int, port: int, source: str, interval: float,
-                     open_timeout: float, hold: float, out: Any) -> None:
+                     open_timeout: float, hold: float, open_rate: float, out: Any) -> None:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     opened = 0
@@ -136,10 +136,15 @@ async def _generator(index: int, count: int, port: int, source: str, interval: f
 
     t_start = loop.time()
     tasks = []
+    # Paced on the clock, in batches of 50: a burst of SYNs faster than the gateway
+    # accepts overflows the listen backlog, and the connections the kernel drops
+    # time out in connect() (the generator's doing, not the gateway's).
     for i in range(count):
         tasks.append(loop.create_task(one(i)))
-        if i % 200 == 199:
-            await asyncio.sleep(0.01)  # pace the SYNs a little: the backlog is finite
+        if i % 50 == 49:
+            due = t_start + (i + 1) / open_rate
+            delay = due - loop.time()
+            await asyncio.sleep(max(0.0, delay))
     try:
         await asyncio.wait_for(all_open.wait(), open_timeout)
     except TimeoutError:
@@ -174,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=20.0, help="seconds between a connection's requests")
     p.add_argument("--hold", type=float, default=60.0, help="seconds to hold all connections")
     p.add_argument("--open-timeout", type=float, default=180.0)
+    p.add_argument("--open-rate", type=float, default=3000.0,
+                   help="connections opened per second, all generators together")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -215,7 +222,8 @@ queue_timeout = 30
         t0 = time.monotonic()
         for i, n in enumerate(per):
             pr = mp.Process(target=_generator_main, args=(i, n, port, f"127.0.0.{10 + i}", args.interval,
-                                                          args.open_timeout, args.hold, out))
+                                                          args.open_timeout, args.hold,
+                                                          args.open_rate / args.procs, out))
             pr.start()
             procs.append(pr)
         peak_rss = 0
