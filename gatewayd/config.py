@@ -60,7 +60,7 @@ class ServerConfig:
         reload="applies to addresses bound after the reload"
     )
     keepalive_timeout: float = setting(
-        k.Duration(), 75.0, "an idle keep-alive connection is closed after this",
+        k.Duration(), 75.0, "an idle keep-alive connection is closed after this (checked once a second)",
         unit="seconds", reload=RELOAD_NEW,
     )
     request_header_timeout: float = setting(

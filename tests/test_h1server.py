@@ -9,7 +9,7 @@ import json
 
 from gatewayd.h1server import PARSER_IDLE, READS_PER_TURN, SWEEP_INTERVAL
 
-from .conftest import wait_for
+from .conftest import raw_request, wait_for
 
 ROUTE = """
     [upstreams.app]
@@ -97,6 +97,21 @@ async def test_burst_of_clients_is_answered_across_turns(start_gateway, upstream
             assert status == 200
             assert json.loads(body)["target"] == f"/echo?client={i}"
         assert server.deferred_reads > before
+        snap = (await gw.command({"cmd": "snapshot"}))["snapshot"]
+        assert snap["workers"][0]["deferred_reads"] == server.deferred_reads
     finally:
         for _, writer in conns:
             writer.close()
+
+
+async def test_refused_requests_are_counted_in_the_snapshot(start_gateway, upstream):
+    """1. a request the parser refuses (two Content-Lengths) gets 400 bad_request and
+    its connection closes 2. the worker's bad_requests in the snapshot counts it 3. it
+    never reached the upstream."""
+    gw = await start_gateway(ROUTE.format(url=upstream.url))
+    out = await raw_request(gw.port, b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                                     b"Content-Length: 2\r\n\r\nab")
+    assert out.startswith(b"HTTP/1.1 400 ") and b"X-Gatewayd-Reason: bad_request" in out
+    snap = (await gw.command({"cmd": "snapshot"}))["snapshot"]
+    assert snap["workers"][0]["bad_requests"] == 1
+    assert upstream.requests == []
