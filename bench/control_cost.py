@@ -60,29 +60,12 @@ from gatewayd.runtime import Runtime
 
 from . import aio
 from .procs import Processes, free_port
+from .servers import gatewayd_head
 
 
 def config_text(routes: int, port: int, upstream_port: int, sock: Path, access_log: str = "off") -> str:
     """One upstream, ``routes`` routes (``/r0``, ``/r1``, ...; the first one also ``/``)."""
-    head = textwrap.dedent(f"""\
-        [server]
-        listen = ["127.0.0.1:{port}"]
-        workers = 1
-        max_connections = 15000
-        keepalive_timeout = 75.0
-        shutdown_timeout = 1.0
-
-        [control]
-        socket = "{sock}"
-
-        [log]
-        level = "warning"
-        access_log = "{access_log}"
-
-        [upstreams.up]
-        servers = ["http://127.0.0.1:{upstream_port}"]
-        max_connections = 1000
-    """)
+    head = gatewayd_head(port, upstream_port, sock, access_log)
     parts = [head]
     for i in range(routes):
         prefix = "/" if i == 0 else f"/r{i}"

@@ -109,7 +109,8 @@ def start_proxy(env: Env, kind: str, upstream_port: int, limits: Limits | None =
     raise ValueError(kind)
 
 
-def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits) -> str:
+def gatewayd_head(port: int, upstream_port: int, sock: Path, access_log: str = "off") -> str:
+    """The [server], [control], [log] and upstream tables every gatewayd run uses."""
     return textwrap.dedent(f"""\
         [server]
         listen = ["127.0.0.1:{port}"]
@@ -123,12 +124,16 @@ def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits) -
 
         [log]
         level = "warning"
-        access_log = "off"
+        access_log = "{access_log}"
 
         [upstreams.up]
         servers = ["http://127.0.0.1:{upstream_port}"]
         max_connections = 1000
+    """)
 
+
+def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits) -> str:
+    return gatewayd_head(port, upstream_port, sock) + textwrap.dedent(f"""
         [[routes]]
         name = "{ROUTE}"
         path_prefix = "/"
