@@ -1,13 +1,23 @@
+"""The request path: route -> admission -> upstream -> response, with every
+way out counted and logged.
+
+Admission follows SPEC §3 exactly: a free slot forwards at once; otherwise the
+request queues if the queue has room, else it is shed at once with 503
+``queue_full``; a request that waited ``queue_timeout`` gets 503
+``queue_timeout``. The slot is held until the response is sent in full and is
+released on every path out.
+"""
+
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import TYPE_CHECKING
 
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT
 from .body import BodyTimeout, BodyTooLarge, RequestBody
 from .requestcheck import Refused, origin_target
+from .responses import prebuilt
 from .upstream import Exchange, UpstreamFailure
 
 if TYPE_CHECKING:
@@ -16,46 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gatewayd")
 
-_REASON_TEXT = {
-    400: b"400 bad request\n",
-    404: b"404 no route for this request\n",
-    408: b"408 request body timed out\n",
-    413: b"413 request body too large\n",
-    431: b"431 request header fields too large\n",
-    500: b"500 internal error\n",
-    502: b"502 bad gateway\n",
-    503: b"503 service overloaded, retry later\n",
-    504: b"504 upstream timed out\n",
-}
-_STATUS_LINES = {
-    400: b"HTTP/1.1 400 Bad Request\r\n",
-    404: b"HTTP/1.1 404 Not Found\r\n",
-    408: b"HTTP/1.1 408 Request Timeout\r\n",
-    413: b"HTTP/1.1 413 Request Entity Too Large\r\n",
-    431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
-    500: b"HTTP/1.1 500 Internal Server Error\r\n",
-    502: b"HTTP/1.1 502 Bad Gateway\r\n",
-    503: b"HTTP/1.1 503 Service Unavailable\r\n",
-    504: b"HTTP/1.1 504 Gateway Timeout\r\n",
-}
 # A body left unread by a rejected request is read and dropped to keep the
 # connection; past this size closing is cheaper than reading.
 _DRAIN_LIMIT = 65536
-
-
-@functools.lru_cache(maxsize=256)
-def prebuilt(status: int, reason: str, retry_after: str | None, close: bool,
-             http10_keep_alive: bool = False) -> bytes:
-    """A whole gateway response as bytes, built once per kind (a pure function, memoized)."""
-    body = _REASON_TEXT[status]
-    return (_STATUS_LINES[status]
-            + b"Content-Type: text/plain; charset=utf-8\r\n"
-            + b"Content-Length: %d\r\n" % len(body)
-            + (b"Retry-After: %s\r\n" % retry_after.encode() if retry_after is not None else b"")
-            + b"X-Gatewayd-Reason: %s\r\n" % reason.encode()
-            + (b"Connection: close\r\n" if close else
-               b"Connection: keep-alive\r\n" if http10_keep_alive else b"")
-            + b"\r\n" + body)
 
 
 def answer(request: Request, status: int, reason: str, retry_after: str | None = None,
@@ -178,17 +151,17 @@ class Gateway:
         except UpstreamFailure as fail:
             stats.upstream_error(fail.reason)
             status, reason = fail.status, fail.reason
-            self._fail(request, status, reason, body, ex.head_sent)
+            self._fail(request, status, reason, ex.head_sent)
         except BodyTooLarge:
             status, reason = 413, "body_too_large"
-            self._fail(request, status, reason, body, ex.head_sent, close=True)
+            self._fail(request, status, reason, ex.head_sent, close=True)
         except BodyTimeout:
             status, reason = 408, "body_timeout"
-            self._fail(request, status, reason, body, ex.head_sent, close=True)
+            self._fail(request, status, reason, ex.head_sent, close=True)
         except Exception:
             log.exception("route %s: unexpected error", route.name)
             status, reason = 500, "internal_error"
-            self._fail(request, status, reason, body, ex.head_sent, close=True)
+            self._fail(request, status, reason, ex.head_sent, close=True)
         finally:
             route.gate.release()
             upstream.leave()
@@ -199,15 +172,13 @@ class Gateway:
         stats.responded(status, self._loop.time() - start)
         self._log(request, route, status, ex.sent, start, reason)
 
-    def _fail(self, request: Request, status: int, reason: str, body: RequestBody | None,
-              head_sent: bool, close: bool = False) -> None:
+    def _fail(self, request: Request, status: int, reason: str, head_sent: bool,
+              close: bool = False) -> None:
         """Answer a failed exchange from inside its slot; cut it if the head is out."""
         if head_sent:
             request.abort()
             return
-        if body is not None and body.received == 0 and _unread_body_too_big(request):
-            close = True
-        answer(request, status, reason, close=close)
+        answer(request, status, reason, close=close)  # closes too when much body is left unread
 
     def _log(self, request: Request, route: Route | None, status: int, size: int,
              start: float, reason: str | None) -> None:

@@ -27,8 +27,9 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion10
 from aiohttp.http_exceptions import HttpProcessingError
@@ -37,8 +38,7 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
-if TYPE_CHECKING:
-    from aiohttp import web
+from .responses import prebuilt
 
 log = logging.getLogger("gatewayd")
 
@@ -54,12 +54,7 @@ SWEEP_INTERVAL = 1.0  # seconds between the keep-alive sweeps over the idle conn
 PARSER_IDLE = 2.0  # seconds idle after which a connection's parser is dropped (made again on its next bytes)
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-_BAD_REQUEST_BODY = b"400 bad request\n"
-_BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\n"
-                b"Content-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: %d\r\n"
-                b"X-Gatewayd-Reason: bad_request\r\n"
-                b"Connection: close\r\n\r\n%s" % (len(_BAD_REQUEST_BODY), _BAD_REQUEST_BODY))
+_BAD_REQUEST = prebuilt(400, "bad_request", None, True)
 _NO_BODY_STATUS = frozenset((204, 304))
 
 
@@ -163,8 +158,6 @@ class Request:
 
     def as_aiohttp(self, client_max_size: int, rel_url: str | None = None) -> web.BaseRequest:
         """This request as aiohttp's, for an inline handler written against aiohttp."""
-        from aiohttp import web
-
         protocol = self.protocol
         writer = StreamWriter(protocol, protocol._loop)  # type: ignore[arg-type]
         task = self.task or asyncio.current_task()
@@ -192,7 +185,6 @@ class H1Server:
         self.connections: set[H1Protocol] = set()
         self.closing = False
         self.bad_requests = 0  # refused by the HTTP parser (400 bad_request)
-        self.requests = 0
         self.deferred_reads = 0  # client reads put off to a later loop turn (saturated)
         self._empty: asyncio.Event | None = None
         self._turn_left = READS_PER_TURN
@@ -472,7 +464,6 @@ class H1Protocol(BaseProtocol):
         if self._close_after:
             request.keep_alive = False
         self.current = request
-        self.server.requests += 1
         self.server.handler(request)
 
     def _step(self) -> None:
