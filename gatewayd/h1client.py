@@ -594,13 +594,24 @@ class _Conn(asyncio.Protocol):
         state = self._state
         if state in (_CLOSED, _NEW):
             return
+        pool = self._detach(state)
+        if self._exc is None and not self._done:
+            self._exc = _reset()  # whoever still waits on this exchange
+        if graceful:
+            self._transport.close()
+        else:
+            self._transport.abort()  # unread bytes or a caller that gave up: no lingering
+        pool._free()
+        self._wake()
+
+    def _detach(self, state: int) -> H1Pool:
+        """Leave the pool's books and stop this connection's timer and body writer
+        (both ways a connection ends: closed by us, or lost)."""
         pool = self._pool
         if state == _IDLE:
             pool._idle.remove(self)
         pool._conns.discard(self)
         self._state = _CLOSED
-        if self._exc is None and not self._done:
-            self._exc = _reset()  # whoever still waits on this exchange
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -608,12 +619,7 @@ class _Conn(asyncio.Protocol):
         if writer is not None:
             self._writer = None
             writer.cancel()
-        if graceful:
-            self._transport.close()
-        else:
-            self._transport.abort()  # unread bytes or a caller that gave up: no lingering
-        pool._free()
-        self._wake()
+        return pool
 
     def _wake(self) -> None:
         w = self._waiter
@@ -693,18 +699,7 @@ class _Conn(asyncio.Protocol):
         if state in (_CLOSED, _NEW):
             self._state = _CLOSED
             return
-        pool = self._pool
-        if state == _IDLE:
-            pool._idle.remove(self)
-        pool._conns.discard(self)
-        self._state = _CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        writer = self._writer
-        if writer is not None:
-            self._writer = None
-            writer.cancel()
+        pool = self._detach(state)
         if state == _BUSY and not self._done and self._exc is None:
             if self._head_done:
                 if exc is not None:
