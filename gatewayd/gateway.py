@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT
 from .body import BodyTimeout, BodyTooLarge, RequestBody
@@ -77,7 +78,9 @@ class Gateway:
         if gate.try_enter():
             stats.queue_wait.observe(0.0)
             route.upstream.enter()
-            request.task = self._loop.create_task(self._forward(request, route, target, start))
+            ex = self._exchange(request, route, target, start)
+            if not self._inline(ex):
+                request.task = self._loop.create_task(self._run(ex, route.upstream.serve(ex)))
         elif gate.queue_full():
             stats.queue_full += 1
             self._refuse(request, route, 503, QUEUE_FULL, start)
@@ -117,23 +120,44 @@ class Gateway:
             self._refuse(request, route, 503, QUEUE_TIMEOUT, start)
             return
         stats.queue_wait.observe(self._loop.time() - start)
-        await self._forward(request, route, target, start)
+        ex = self._exchange(request, route, target, start)
+        # While its client is connected, its loss cancels what now serves it (request.task);
+        # once gone, the cancel already on its way is for this task.
+        if request.protocol.current is request and self._inline(ex):
+            return
+        await self._run(ex, route.upstream.serve(ex))
 
-    async def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
-        """An admitted request: through its upstream, inside its slot, to the end of its
-        response; then the slot is released and the connection goes on (or closes)."""
-        stats = route.stats
-        upstream = route.upstream
-        server = self.runtime.config.server
+    def _exchange(self, request: Request, route: Route, target: str, start: float) -> Exchange:
         body = None
         if request.body_exists:
+            server = self.runtime.config.server
             body = RequestBody(request, server.max_body_size, server.request_body_timeout,
                                server.request_body_min_rate)
-        ex = Exchange(request, route.forward_path(target), request.remote or "", body)
+        return Exchange(request, route, route.forward_path(target), start, request.remote or "", body)
+
+    def _inline(self, ex: Exchange) -> bool:
+        """Serve an admitted request without a task where its upstream can (the common
+        GET through a warm pool): it ends in ``settle``, ``handover`` or ``cancelled``."""
+        if ex.body is not None:
+            return False
+        handle = ex.route.upstream.serve_inline(ex, self)
+        if handle is None:
+            return False
+        ex.request.task = handle
+        return True
+
+    async def _run(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> None:
+        """An admitted request: ``work`` (the upstream's ``serve``, or what carries an
+        inline exchange on) writes its response inside its slot; then the slot is
+        released and the connection goes on (or closes)."""
+        request = ex.request
+        route = ex.route
+        stats = route.stats
+        start = ex.start
         reason: str | None = None
         status = 0
         try:
-            await upstream.serve(ex)
+            await work
             status = ex.status
             reason = ex.truncated
             if reason is not None:
@@ -163,14 +187,37 @@ class Gateway:
             status, reason = 500, "internal_error"
             self._fail(request, status, reason, ex.head_sent, close=True)
         finally:
-            route.gate.release()
-            upstream.leave()
-            if body is not None:
-                body.cancel_timer()
             # on every way out, cancelled included: the next request, or close
-            request.protocol.finish(request)
+            self._release(ex)
         stats.responded(status, self._loop.time() - start)
         self._log(request, route, status, ex.sent, start, reason)
+
+    def _release(self, ex: Exchange) -> None:
+        route = ex.route
+        route.gate.release()
+        route.upstream.leave()
+        if ex.body is not None:
+            ex.body.cancel_timer()
+        ex.request.protocol.finish(ex.request)
+
+    # -- where an inline exchange ends (upstream.Sink) ------------------------------------
+    def settle(self, ex: Exchange) -> None:
+        ex.request.task = None  # the inline exchange, which refers back to the request
+        self._release(ex)
+        route = ex.route
+        route.stats.responded(ex.status, self._loop.time() - ex.start)
+        self._log(ex.request, route, ex.status, ex.sent, ex.start, None)
+
+    def handover(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = ex.request.task = self._loop.create_task(self._run(ex, work))
+        return task
+
+    def cancelled(self, ex: Exchange) -> None:
+        ex.request.task = None
+        route = ex.route
+        route.stats.cancelled_in_flight += 1
+        self._log(ex.request, route, 499, ex.sent, ex.start, "client_gone")
+        self._release(ex)
 
     def _fail(self, request: Request, status: int, reason: str, head_sent: bool,
               close: bool = False) -> None:

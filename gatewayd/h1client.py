@@ -22,6 +22,12 @@ API::
     resp.release()                     # = resp.close(); always call it (try/finally)
     pool.snapshot(); await pool.close()
 
+    # no task, no future: a bodiless GET (HEAD, ...) on an idle connection, followed by callbacks
+    conn = pool.send_idle(method, target, headers, listener)  # None: nothing idle, use request()
+    listener.wake()                    # then: conn._head_done -> Response(conn); conn._exc -> resume
+    resp = await pool.resume(conn, method, target, headers)   # replays a stale one, or raises
+    conn.cancel()                      # the caller left
+
 The connection returns to the pool as soon as the last body byte is handed to the
 caller (``read_small``, the last ``read_chunk``), so ``release()`` after a full
 read is a no-op; before that it closes the connection. A Response that is never
@@ -108,7 +114,7 @@ import select
 import socket
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 
@@ -151,6 +157,13 @@ class _Unresolved(OSError):
 
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing (the parser reports a callback error)."""
+
+
+class Listener(Protocol):
+    """Follows an exchange started by :meth:`H1Pool.send_idle`."""
+
+    def wake(self) -> None:
+        """The exchange moved on: its head is in, or it failed (see ``send_idle``)."""
 
 
 class PoolStats:
@@ -206,16 +219,18 @@ class H1Pool:
     # -- requests ---------------------------------------------------------------------------
     async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]],
                       body: AsyncIterable[bytes] | None = None, body_length: int | None = None,
-                      connect_timeout: float | None = None) -> Response:
+                      connect_timeout: float | None = None, *, _replay: bool = False) -> Response:
         """Send a request and return its response once the head is in (see the module doc).
         ``connect_timeout`` overrides the pool's for a connection this request opens
-        (a retry with little time left)."""
+        (a retry with little time left). ``_replay``: ``send_idle`` already sent it,
+        on a connection found stale (counted once; this time on a new connection)."""
         head = self._head(method, target, headers, body is not None, body_length)
         head_only = method == "HEAD"
         stats = self.stats
-        stats.requests += 1
+        if not _replay:
+            stats.requests += 1
         replayable = body is None and method in IDEMPOTENT
-        fresh = False  # the retry after a stale pooled connection takes a new one
+        fresh = _replay  # the retry after a stale pooled connection takes a new one
         while True:
             idle = self._idle
             if idle and not fresh:  # a closed pool has none
@@ -252,6 +267,44 @@ class H1Pool:
                 if isinstance(exc, UpstreamFailure):
                     stats.fail(exc.reason)
                 raise
+
+    def send_idle(self, method: str, target: str, headers: Iterable[tuple[str, str]],
+                  listener: Listener) -> _Conn | None:
+        """Send a request without a body, of a method that may be replayed, on an idle
+        pooled connection, now; None (nothing sent) when no connection is idle.
+
+        No future and no await: ``listener.wake()`` is called, outside the parser, once
+        the response head is in (``Response(conn)`` then reads it as ``request()``'s
+        would) or the exchange failed before its head (then ``resume(conn, ...)`` does
+        what ``request()`` does on that failure: replay it or raise). It is called
+        once per read while the head is awaited: it returns at once while neither has
+        happened. ``conn.cancel()`` aborts the exchange (its caller left)."""
+        idle = self._idle
+        if not idle or method not in IDEMPOTENT:
+            return None
+        head = self._head(method, target, headers, False, None)
+        conn = idle.pop()
+        conn._state = _BUSY
+        stats = self.stats
+        stats.requests += 1
+        stats.reuses += 1
+        conn._listener = listener
+        conn._send(head, method == "HEAD", None, None)
+        return conn
+
+    async def resume(self, conn: _Conn, method: str, target: str,
+                     headers: Iterable[tuple[str, str]]) -> Response:
+        """After ``send_idle``'s exchange failed before its head: what ``request()``
+        does on the same failure (a stale connection: once more on a new one)."""
+        exc = conn._exc
+        conn.cancel()  # closed already, mostly; a timed-out one is aborted
+        if isinstance(exc, _Stale):
+            self.stats.retries += 1
+            return await self.request(method, target, headers, _replay=True)
+        if isinstance(exc, UpstreamFailure):
+            self.stats.fail(exc.reason)
+        assert exc is not None
+        raise exc
 
     def _head(self, method: str, target: str, headers: Iterable[tuple[str, str]], has_body: bool,
               length: int | None) -> bytes:
@@ -433,7 +486,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = (
         "_buf", "_buffered", "_done", "_drain", "_exc", "_garbage", "_got", "_head_done", "_head_only",
-        "_head_pos", "_headers", "_interim", "_keep_alive", "_loop", "_parser", "_partial", "_paused",
+        "_head_pos", "_headers", "_interim", "_keep_alive", "_listener", "_loop", "_parser", "_partial", "_paused",
         "_poller", "_pool", "_raw", "_reason", "_reused", "_sourcing", "_stamp", "_state", "_status", "_timer",
         "_transport", "_until_close", "_waiter", "_write_paused", "_writer",
     )
@@ -447,6 +500,7 @@ class _Conn(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._poller: Any = None  # select.poll on the socket, made at the first _peer_gone
         self._waiter: asyncio.Future[None] | None = None
+        self._listener: Listener | None = None  # an exchange driven by callbacks (send_idle)
         self._drain: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._buf: list[bytes] = []
@@ -548,6 +602,11 @@ class _Conn(asyncio.Protocol):
                 except Exception:  # running, or its own error: nothing more to do
                     pass
 
+    def cancel(self) -> None:
+        """Abort a ``send_idle`` exchange now, without telling its listener."""
+        self._listener = None
+        self._close()
+
     def _peer_gone(self) -> bool:
         """Whether the socket of a pooled connection is readable: EOF, a reset or stray bytes
         that the loop has not delivered yet. One poll(2), for requests that cannot be replayed."""
@@ -622,6 +681,15 @@ class _Conn(asyncio.Protocol):
         return pool
 
     def _wake(self) -> None:
+        """The exchange moved on (or ended): tell whoever follows it."""
+        if self._waiter is not None:
+            self._wake_waiter()
+        elif self._listener is not None:
+            self._listener.wake()
+
+    def _wake_waiter(self) -> None:
+        # Only the future: safe inside a parser callback. A listener is told after the
+        # parser returns, because it may finish the exchange and reuse this connection.
         w = self._waiter
         if w is not None:
             self._waiter = None
@@ -663,6 +731,11 @@ class _Conn(asyncio.Protocol):
             if self._state == _IDLE:
                 self._close()
             return
+        self._read(data)
+        if self._listener is not None:
+            self._listener.wake()
+
+    def _read(self, data: bytes) -> None:
         self._stamp = self._loop.time()
         self._got = True
         head = not self._head_done
@@ -768,7 +841,7 @@ class _Conn(asyncio.Protocol):
             self._until_close = _needs_eof(self._headers)
         else:
             self._until_close = False
-        self._wake()
+        self._wake_waiter()
 
     def on_body(self, data: bytes) -> None:
         if self._done:
@@ -779,14 +852,14 @@ class _Conn(asyncio.Protocol):
             self._paused = True  # a slow consumer: stop reading, the upstream's send buffer fills
             self._transport.pause_reading()
         if self._waiter is not None:
-            self._wake()
+            self._wake_waiter()
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
         self._done = True
-        self._wake()
+        self._wake_waiter()
 
 
 def _needs_eof(headers: list[tuple[str, str]]) -> bool:

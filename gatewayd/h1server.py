@@ -39,6 +39,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
 from .responses import prebuilt
+from .upstream import Cancellable
 
 log = logging.getLogger("gatewayd")
 
@@ -75,7 +76,7 @@ class Request:
         self.body_exists = payload is not EMPTY_PAYLOAD
         self.keep_alive = not message.should_close and not protocol.server.closing
         self.protocol = protocol
-        self.task: asyncio.Task[None] | None = None
+        self.task: Cancellable | None = None  # what serves it: a task, or an inline exchange
         self._remote: str | None = None
         self._chunked = False
 
@@ -160,7 +161,7 @@ class Request:
         """This request as aiohttp's, for an inline handler written against aiohttp."""
         protocol = self.protocol
         writer = StreamWriter(protocol, protocol._loop)  # type: ignore[arg-type]
-        task = self.task or asyncio.current_task()
+        task = asyncio.current_task()
         request = web.BaseRequest(self.message, self.content, protocol, writer,  # type: ignore[arg-type]
                                   task, protocol._loop, client_max_size=client_max_size)  # type: ignore[arg-type]
         if not self.keep_alive:

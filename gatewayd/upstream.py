@@ -5,13 +5,15 @@ close that waits for the last request it is serving (reloads replace pools).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import UpstreamConfig
 
 if TYPE_CHECKING:
     from .body import RequestBody
     from .h1server import Request
+    from .runtime import Route
 
 
 class UpstreamFailure(Exception):
@@ -26,18 +28,41 @@ class UpstreamFailure(Exception):
 class Exchange:
     """One admitted request on its way through an upstream."""
 
-    __slots__ = ("body", "client_ip", "head_sent", "path", "request", "sent", "status", "truncated")
+    __slots__ = ("body", "client_ip", "head_sent", "path", "request", "route", "sent", "start",
+                 "status", "truncated")
 
-    def __init__(self, request: Request, path: str, client_ip: str,
-                 body: RequestBody | None) -> None:
+    def __init__(self, request: Request, route: Route, path: str, start: float,
+                 client_ip: str, body: RequestBody | None) -> None:
         self.request = request
+        self.route = route
         self.path = path  # the target as sent upstream (prefix stripped if asked)
+        self.start = start  # the loop's clock when the request's head was in
         self.client_ip = client_ip
         self.body = body
         self.status = 0
         self.head_sent = False
         self.sent = 0  # response body bytes written to the client
         self.truncated: str | None = None  # reason, when the upstream failed mid-body
+
+
+class Cancellable(Protocol):
+    """What a connection cancels when its client leaves: a task, or an inline exchange."""
+
+    def cancel(self) -> object: ...
+
+
+class Sink(Protocol):
+    """Where an exchange served inline (``Upstream.serve_inline``) ends."""
+
+    def settle(self, ex: Exchange) -> None:
+        """The response is out in full."""
+
+    def handover(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> Cancellable:
+        """``work`` carries the exchange on, as ``serve`` would have, in a task."""
+        ...
+
+    def cancelled(self, ex: Exchange) -> None:
+        """The client left; the upstream side is stopped already."""
 
 
 class Upstream:
@@ -51,6 +76,11 @@ class Upstream:
 
     async def start(self) -> None:
         """Open what the upstream needs (pools, sessions); called once, on the loop."""
+
+    def serve_inline(self, ex: Exchange, sink: Sink) -> Cancellable | None:
+        """Serve ``ex`` without a task, ending in ``sink``, if this upstream can (see
+        HttpUpstream); None, with nothing done, to have ``serve`` do it."""
+        return None
 
     async def serve(self, ex: Exchange) -> None:
         """Send the response for ``ex`` to its client in full (``ex.request.keep_alive``

@@ -34,7 +34,7 @@ from .headers import request_headers, response_headers
 from .health import HealthChecker
 from .servers import ServerState
 from .tomlpos import Locator, Path, format_path
-from .upstream import Exchange, Upstream, UpstreamFailure
+from .upstream import Cancellable, Exchange, Sink, Upstream, UpstreamFailure
 
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 RESOLVE_TIMEOUT = 5.0  # seconds for each server name resolved at start-up
@@ -179,7 +179,7 @@ class HttpUpstream(Upstream):
             await self._resolver.close()
 
     # -- the request ---------------------------------------------------------------
-    async def serve(self, ex: Exchange) -> None:
+    def _pick(self) -> ServerState:
         server = self._only
         if server is None or server.blocked_until:
             assert self._balancer is not None
@@ -187,6 +187,33 @@ class HttpUpstream(Upstream):
             if server is None:
                 self.no_healthy += 1
                 raise UpstreamFailure(502, "no_healthy_server")
+        return server
+
+    def serve_inline(self, ex: Exchange, sink: Sink) -> Cancellable | None:
+        """The common case without a task: a bodiless GET (HEAD, ...) sent at once on
+        an idle pooled connection, its response written from the connection's read
+        callback. Anything less common on the way (a failure, a body that streams) is
+        handed to ``sink`` as a coroutine that carries on from there, so the outcome is
+        ``serve``'s. None, with nothing done, when it does not apply: use ``serve``."""
+        server = self._only
+        if server is None or server.blocked_until or ex.body is not None:
+            return None  # the balancer's choice, or a body: the general path
+        request = ex.request
+        headers = request_headers(request.headers, ex.client_ip, request.headers.get("Host", ""))
+        inline = _Inline(self, ex, sink, server, headers)
+        try:
+            conn = server.session.send_idle(request.method, ex.path, headers, inline)  # type: ignore[union-attr]
+        except ValueError:
+            return None  # a head that cannot be sent: serve says so
+        if conn is None:
+            return None
+        inline.conn = conn
+        server.in_flight += 1
+        server.requests += 1
+        return inline
+
+    async def serve(self, ex: Exchange) -> None:
+        server = self._pick()
         request = ex.request
         method = request.method
         headers = request_headers(request.headers, ex.client_ip, request.headers.get("Host", ""))
@@ -210,46 +237,85 @@ class HttpUpstream(Upstream):
             if server.trial:
                 server.trial_abandoned()
             raise
-        # the head is here
+        await self._respond(ex, server, up)
+
+    async def _resume(self, ex: Exchange, server: ServerState, headers: list[tuple[str, str]],
+                      conn: Any) -> None:
+        """``serve`` from the point an inline exchange failed before its head."""
+        began = self._now() if self._retries else 0.0
+        request = ex.request
         try:
-            status = up.status
-            if self._fail_on_5xx and status >= 500:
-                server.failed(f"status_{status}", self._now(), self._max_fails, self._fail_timeout)
-            elif server.fails or server.ejected_until:
-                server.succeeded()
-            headers = response_headers(up.headers)
-            if method == "HEAD" or status < 200 or status in _NO_BODY_STATUS:
-                request.write(request.head(status, up.reason, headers, None))
-                ex.status = status
-                ex.head_sent = True
-                return
-            data = up.read_small(SMALL)  # the whole body, when it is already here
-            if data is not None:
-                # head and body in one write, framed by their length whatever the upstream's
-                request.write(request.head(status, up.reason, headers, len(data)) + data)
-                ex.status = status
-                ex.head_sent = True
-                ex.sent += len(data)
-                return
-            request.write(request.head(status, up.reason, headers, _length(up.headers)))
-            ex.status = status
-            ex.head_sent = True
-            try:
-                while chunk := await up.read_chunk():
-                    ex.sent += len(chunk)
-                    await request.send(chunk, up.complete)
-                    if up.complete:
-                        break
-                else:
-                    await request.send(b"", True)
-            except UpstreamFailure as fail:
-                # the head is out: all we can do is cut the response short
-                ex.truncated = fail.reason
-                server.failed(fail.reason, self._now(), self._max_fails, self._fail_timeout)
-                request.abort()
+            pool: H1Pool = server.session  # type: ignore[assignment]
+            up = await pool.resume(conn, request.method, ex.path, headers)
+        except UpstreamFailure as fail:
+            server.in_flight -= 1
+            up, server = await self._retry(ex, headers, server, fail, began)
+        except BaseException:
+            server.in_flight -= 1
+            if server.trial:
+                server.trial_abandoned()
+            raise
+        await self._respond(ex, server, up)
+
+    async def _respond(self, ex: Exchange, server: ServerState, up: Response) -> None:
+        """The head is here: the response to the client, then the server is done with."""
+        try:
+            if not self._reply(ex, server, up):
+                await self._stream(ex, server, up)
         finally:
             up.close()  # a no-op after a complete read (the connection is back in the pool)
             server.in_flight -= 1
+
+    async def _stream_rest(self, ex: Exchange, server: ServerState, up: Response) -> None:
+        try:
+            await self._stream(ex, server, up)
+        finally:
+            up.close()
+            server.in_flight -= 1
+
+    def _reply(self, ex: Exchange, server: ServerState, up: Response) -> bool:
+        """Judge the server by the head; write the whole response if it is all here
+        (no body, or a small one already received). Whether it was."""
+        status = up.status
+        if self._fail_on_5xx and status >= 500:
+            server.failed(f"status_{status}", self._now(), self._max_fails, self._fail_timeout)
+        elif server.fails or server.ejected_until:
+            server.succeeded()
+        request = ex.request
+        if request.method == "HEAD" or status < 200 or status in _NO_BODY_STATUS:
+            request.write(request.head(status, up.reason, response_headers(up.headers), None))
+            ex.status = status
+            ex.head_sent = True
+            return True
+        data = up.read_small(SMALL)  # the whole body, when it is already here
+        if data is None:
+            return False
+        # head and body in one write, framed by their length whatever the upstream's
+        request.write(request.head(status, up.reason, response_headers(up.headers), len(data)) + data)
+        ex.status = status
+        ex.head_sent = True
+        ex.sent += len(data)
+        return True
+
+    async def _stream(self, ex: Exchange, server: ServerState, up: Response) -> None:
+        """The head now, the body as it comes."""
+        request = ex.request
+        request.write(request.head(up.status, up.reason, response_headers(up.headers), _length(up.headers)))
+        ex.status = up.status
+        ex.head_sent = True
+        try:
+            while chunk := await up.read_chunk():
+                ex.sent += len(chunk)
+                await request.send(chunk, up.complete)
+                if up.complete:
+                    break
+            else:
+                await request.send(b"", True)
+        except UpstreamFailure as fail:
+            # the head is out: all we can do is cut the response short
+            ex.truncated = fail.reason
+            server.failed(fail.reason, self._now(), self._max_fails, self._fail_timeout)
+            request.abort()
 
     async def _retry(self, ex: Exchange, headers: list[tuple[str, str]], server: ServerState,
                      fail: UpstreamFailure, began: float) -> tuple[Response, ServerState]:
@@ -319,6 +385,70 @@ class HttpUpstream(Upstream):
         for s in matched:
             s.set_admin(up)
         return [s.url for s in matched]
+
+
+class _Inline:
+    """An exchange followed by its connection's callbacks (``HttpUpstream.serve_inline``)."""
+
+    __slots__ = ("conn", "ex", "headers", "server", "sink", "task", "upstream")
+
+    def __init__(self, upstream: HttpUpstream, ex: Exchange, sink: Sink, server: ServerState,
+                 headers: list[tuple[str, str]]) -> None:
+        self.upstream = upstream
+        self.ex = ex
+        self.sink = sink
+        self.server = server
+        self.headers = headers
+        self.conn: Any = None  # until the head is in or the exchange failed
+        self.task: Cancellable | None = None  # what carries it on, if anything does
+
+    def wake(self) -> None:
+        conn = self.conn
+        if conn is None or (not conn._head_done and conn._exc is None):
+            return  # the head is still to come
+        self.conn = None
+        conn._listener = None
+        upstream = self.upstream
+        ex = self.ex
+        server = self.server
+        if not conn._head_done:
+            self.task = self.sink.handover(ex, upstream._resume(ex, server, self.headers, conn))
+            return
+        up = Response(conn)
+        try:
+            whole = upstream._reply(ex, server, up)
+        except Exception as exc:
+            up.close()
+            server.in_flight -= 1
+            self.task = self.sink.handover(ex, _raise(exc))  # mapped to a status as serve's would be
+            return
+        if whole:
+            up.close()  # recycles the connection when read_small has not
+            server.in_flight -= 1
+            self.sink.settle(ex)
+        else:
+            self.task = self.sink.handover(ex, upstream._stream_rest(ex, server, up))
+
+    def cancel(self) -> None:
+        """The client left: abort the upstream exchange (or the task that carries it on)."""
+        conn = self.conn
+        if conn is None:
+            if self.task is not None:
+                # from the next turn: a task made in this one has not run its first step,
+                # and cancelled before it, its coroutine would not release the slot
+                asyncio.get_running_loop().call_soon(self.task.cancel)
+            return
+        self.conn = None
+        conn.cancel()
+        server = self.server
+        server.in_flight -= 1
+        if server.trial:
+            server.trial_abandoned()
+        self.sink.cancelled(self.ex)
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def _length(headers: list[tuple[str, str]]) -> int | None:
