@@ -14,6 +14,7 @@ API::
     resp = await pool.request(method, target, headers, body=None, body_length=None,
                               connect_timeout=None)  # None: the pool's
     resp.status, resp.reason, resp.headers, resp.keep_alive
+    resp.fields                        # the header lines as received (bytes), for passing on as they are
     data = resp.read_small(65536)      # whole body if already here (sync, no await), else None
     async for chunk in resp: ...       # or resp.body(), await resp.read_chunk() (b"" at the end)
     data = await resp.read()           # everything (tests, small bodies)
@@ -118,6 +119,7 @@ from typing import Any, Protocol
 
 import httptools
 
+from .headers import split_fields
 from .upstream import UpstreamFailure
 
 __all__ = ["H1Pool", "PoolStats", "Response", "UpstreamFailure"]
@@ -485,8 +487,8 @@ class _Conn(asyncio.Protocol):
     """One upstream connection: the protocol, its parser and the current exchange's state."""
 
     __slots__ = (
-        "_buf", "_buffered", "_done", "_drain", "_exc", "_garbage", "_got", "_head_done", "_head_only",
-        "_head_pos", "_headers", "_interim", "_keep_alive", "_listener", "_loop", "_parser", "_partial", "_paused",
+        "_buf", "_buffered", "_done", "_drain", "_exc", "_fields", "_garbage", "_got", "_head_done",
+        "_head_only", "_head_pos", "_interim", "_keep_alive", "_listener", "_loop", "_parser", "_partial", "_paused",
         "_poller", "_pool", "_raw", "_reason", "_reused", "_sourcing", "_stamp", "_state", "_status", "_timer",
         "_transport", "_until_close", "_waiter", "_write_paused", "_writer",
     )
@@ -521,7 +523,7 @@ class _Conn(asyncio.Protocol):
         self._exc: BaseException | None = None
         self._status = 0
         self._reason = ""
-        self._headers: list[tuple[str, str]] = []
+        self._fields = b""  # the response's header lines, as received (split on demand)
         # The head is split by us, not by one parser callback per header (half the parsing cost):
         # llhttp validates it and finds its end; _raw is the bytes being parsed, _head_pos where the
         # current head starts in it, _partial the head bytes kept from earlier reads.
@@ -822,15 +824,21 @@ class _Conn(asyncio.Protocol):
             self._interim = True
             self._head_pos = end + 4  # the final response's head follows
             return
-        lines = raw[pos:end].decode("utf-8", "surrogateescape").split("\r\n")
-        if len(lines) > MAX_HEADERS + 1 or (end - pos > MAX_LINE and max(map(len, lines)) > MAX_LINE):
+        # The header lines stay bytes: most responses are passed on without ever being
+        # split into (name, value) pairs (Response.headers does that on demand).
+        head = bytes(raw[pos:end])
+        first = head.find(b"\r\n")
+        if first < 0:
+            status_line, fields = head, b""
+        else:
+            status_line, fields = head[:first], head[first + 2:]
+            if fields.count(b"\r\n") >= MAX_HEADERS:
+                raise _Refused
+        if end - pos > MAX_LINE and max(map(len, head.split(b"\r\n"))) > MAX_LINE:
             raise _Refused  # (a head shorter than the line limit needs no line check)
-        status_line = lines[0].split(" ", 2)
-        self._reason = status_line[2] if len(status_line) == 3 else ""
-        headers = self._headers = []
-        for i in range(1, len(lines)):
-            name, _, value = lines[i].partition(":")
-            headers.append((name, value.strip(" \t")))
+        parts = status_line.split(b" ", 2)
+        self._reason = parts[2].decode("utf-8", "surrogateescape") if len(parts) == 3 else ""
+        self._fields = fields
         self._status = status
         self._keep_alive = keep = parser.should_keep_alive()
         self._head_done = True
@@ -838,7 +846,7 @@ class _Conn(asyncio.Protocol):
             self._done = True
             self._until_close = False
         elif not keep and status != 204 and status != 304:
-            self._until_close = _needs_eof(self._headers)
+            self._until_close = _needs_eof(split_fields(fields))
         else:
             self._until_close = False
         self._wake_waiter()
@@ -880,15 +888,23 @@ def _needs_eof(headers: list[tuple[str, str]]) -> bool:
 class Response:
     """A response whose head is in; its body is read from the connection."""
 
-    __slots__ = ("_conn", "complete", "headers", "keep_alive", "reason", "status")
+    __slots__ = ("_conn", "_headers", "complete", "fields", "keep_alive", "reason", "status")
 
     def __init__(self, conn: _Conn) -> None:
         self._conn: _Conn | None = conn
         self.complete = False  # the whole body was handed over (the last chunk can go out with the EOF)
         self.status: int = conn._status
         self.reason: str = conn._reason
-        self.headers: list[tuple[str, str]] = conn._headers
+        self.fields: bytes = conn._fields  # the header lines as received, CRLF between them
+        self._headers: list[tuple[str, str]] | None = None
         self.keep_alive: bool = conn._keep_alive
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """(name, value) pairs in the upstream's order, duplicates kept."""
+        if self._headers is None:
+            self._headers = split_fields(self.fields)
+        return self._headers
 
     @property
     def buffered(self) -> int:

@@ -38,6 +38,7 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
+from .headers import response_headers, split_fields
 from .responses import prebuilt
 from .upstream import Cancellable
 
@@ -52,6 +53,7 @@ LINGER = 2.0  # seconds an unread body may take to arrive after the response
 # turn, in arrival order (see H1Server.admit_read).
 READS_PER_TURN = 16
 SWEEP_INTERVAL = 1.0  # seconds between the keep-alive sweeps over the idle connections
+HEADS_KEPT = 256  # response heads remembered (Request.head_for), forgotten all at once when full
 PARSER_IDLE = 2.0  # seconds idle after which a connection's parser is dropped (made again on its next bytes)
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -139,6 +141,31 @@ class Request:
         parts.append("\r\n")
         return "".join(parts).encode("utf-8", "surrogateescape")
 
+    def head_for(self, status: int, reason: str, fields: bytes, length: int) -> bytes:
+        """``head`` for an upstream's header lines as received (``Response.fields``) and
+        a body of ``length`` bytes (not for HEAD, 1xx, 204 or 304). Heads are
+        remembered by the server: an upstream sends the same head response after
+        response (its Date aside, once a second), and filtering and formatting it
+        costs more than the rest of a small response."""
+        server = self.protocol.server
+        if not self.keep_alive or server.closing:
+            mode = 2
+        elif self.version == HttpVersion10:
+            mode = 1
+        else:
+            mode = 0
+        key = (status, reason, fields, length, mode)
+        heads = server.heads
+        head = heads.get(key)
+        if head is None:
+            head = self.head(status, reason, response_headers(split_fields(fields)), length)
+            if len(heads) >= HEADS_KEPT:
+                heads.clear()
+            heads[key] = head
+        elif mode == 2:
+            self.keep_alive = False  # as head() decides
+        return head
+
     async def send(self, data: bytes, last: bool = False) -> None:
         """Body bytes (chunk-encoded if the head said so); ``last`` ends the body.
         Waits while the client's buffer is full; raises ConnectionResetError when
@@ -185,6 +212,7 @@ class H1Server:
         self._on_close = on_close
         self.connections: set[H1Protocol] = set()
         self.closing = False
+        self.heads: dict[tuple[int, str, bytes, int, int], bytes] = {}  # see Request.head_for
         self.bad_requests = 0  # refused by the HTTP parser (400 bad_request)
         self.deferred_reads = 0  # client reads put off to a later loop turn (saturated)
         self._empty: asyncio.Event | None = None

@@ -63,3 +63,16 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
             continue
         out.append((name, value))
     return out
+
+
+def split_fields(fields: bytes) -> list[tuple[str, str]]:
+    """Header lines, CRLF between them, as (name, value) pairs in order, decoded like
+    aiohttp (UTF-8, surrogateescape: bytes survive the round trip). The lines must
+    have passed a strict parser (llhttp): each splits at its first colon."""
+    if not fields:
+        return []
+    out = []
+    for line in fields.decode("utf-8", "surrogateescape").split("\r\n"):
+        name, _, value = line.partition(":")
+        out.append((name, value.strip(" \t")))
+    return out

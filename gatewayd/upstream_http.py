@@ -291,7 +291,7 @@ class HttpUpstream(Upstream):
         if data is None:
             return False
         # head and body in one write, framed by their length whatever the upstream's
-        request.write(request.head(status, up.reason, response_headers(up.headers), len(data)) + data)
+        request.write(request.head_for(status, up.reason, up.fields, len(data)) + data)
         ex.status = status
         ex.head_sent = True
         ex.sent += len(data)
