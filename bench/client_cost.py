@@ -36,7 +36,7 @@ from .deps import tool
 from .procs import Processes, free_port
 from .servers import Env, Server, nginx_upstream
 
-# what gatewayd forwards for a typical browser GET (request_headers' output)
+# what gatewayd forwards for a typical browser GET (headers.request_fields' output)
 HEADERS = [
     ("Host", "example.test"),
     ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
@@ -96,7 +96,7 @@ class SessionClient:
         )
 
     async def one(self, target: str) -> int:
-        headers = CIMultiDict(HEADERS)  # request_headers builds one per request
+        headers = CIMultiDict(HEADERS)  # aiohttp's parser builds one per request
         up = await self.session._request("GET", URL(self.base + target, encoded=True), headers=headers,
                                          data=None, allow_redirects=False, timeout=self.timeout)
         n = 0

@@ -37,7 +37,8 @@ released keeps its connection and slot: always release in a ``finally``.
 Requests:
 
 - ``target`` is sent as given (the raw request target), less a ``#fragment``. ``headers`` is a list of
-  ``(name, value)`` str pairs, already filtered by the caller. Framing is the
+  ``(name, value)`` str pairs, already filtered by the caller, or header lines as bytes,
+  each ending in CRLF, without framing headers (``headers.request_fields`` makes them). Framing is the
   client's: any ``Content-Length``/``Transfer-Encoding`` in ``headers`` is
   dropped and replaced from ``body``/``body_length`` (``Content-Length: N`` when
   the length is known, chunked when not, ``Content-Length: 0`` for a body-less
@@ -188,8 +189,8 @@ class H1Pool:
     """Keep-alive HTTP/1.1 connections to one server ``(host, port)``."""
 
     __slots__ = (
-        "_closed", "_connecting", "_conns", "_host_line", "_idle", "_limit", "_loop", "_open", "_resolve",
-        "_step", "_waiters", "connect_timeout", "host", "keepalive_timeout", "port",
+        "_closed", "_connecting", "_conns", "_host_bytes", "_host_line", "_idle", "_limit", "_loop", "_open",
+        "_resolve", "_step", "_waiters", "connect_timeout", "host", "keepalive_timeout", "port",
         "read_buffer", "read_timeout", "stats",
     )
 
@@ -210,6 +211,7 @@ class H1Pool:
         self._step = max(0.001, min(read_timeout, keepalive_timeout) if keepalive_timeout > 0 else read_timeout)
         bracketed = f"[{host}]" if ":" in host else host
         self._host_line = f"Host: {bracketed}:{port}\r\n" if port != 80 else f"Host: {bracketed}\r\n"
+        self._host_bytes = self._host_line.encode("utf-8", "surrogateescape")
         self._idle: list[_Conn] = []  # LIFO: append/pop at the end
         self._conns: set[_Conn] = set()  # every open connection (for close); touched per connect, not per request
         self._waiters: deque[asyncio.Future[_Conn | None]] = deque()
@@ -219,7 +221,7 @@ class H1Pool:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- requests ---------------------------------------------------------------------------
-    async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]],
+    async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]] | bytes,
                       body: AsyncIterable[bytes] | None = None, body_length: int | None = None,
                       connect_timeout: float | None = None, *, _replay: bool = False) -> Response:
         """Send a request and return its response once the head is in (see the module doc).
@@ -270,7 +272,7 @@ class H1Pool:
                     stats.fail(exc.reason)
                 raise
 
-    def send_idle(self, method: str, target: str, headers: Iterable[tuple[str, str]],
+    def send_idle(self, method: str, target: str, headers: Iterable[tuple[str, str]] | bytes,
                   listener: Listener) -> _Conn | None:
         """Send a request without a body, of a method that may be replayed, on an idle
         pooled connection, now; None (nothing sent) when no connection is idle.
@@ -295,7 +297,7 @@ class H1Pool:
         return conn
 
     async def resume(self, conn: _Conn, method: str, target: str,
-                     headers: Iterable[tuple[str, str]]) -> Response:
+                     headers: Iterable[tuple[str, str]] | bytes) -> Response:
         """After ``send_idle``'s exchange failed before its head: what ``request()``
         does on the same failure (a stale connection: once more on a new one)."""
         exc = conn._exc
@@ -308,10 +310,12 @@ class H1Pool:
         assert exc is not None
         raise exc
 
-    def _head(self, method: str, target: str, headers: Iterable[tuple[str, str]], has_body: bool,
+    def _head(self, method: str, target: str, headers: Iterable[tuple[str, str]] | bytes, has_body: bool,
               length: int | None) -> bytes:
         if "#" in target:
             target = target.partition("#")[0]  # a fragment is not part of a request-target (RFC 9112 §3.2)
+        if isinstance(headers, bytes):
+            return self._head_lines(method, target, headers, has_body, length)
         parts = [f"{method} {target} HTTP/1.1\r\n"]
         host = False
         for name, value in headers:
@@ -334,6 +338,22 @@ class H1Pool:
         if text.count("\n") != len(parts) or text.count("\r") != len(parts):
             raise ValueError("CR or LF in the request target or a header")
         return text.encode("utf-8", "surrogateescape")
+
+    def _head_lines(self, method: str, target: str, lines: bytes, has_body: bool, length: int | None) -> bytes:
+        """``_head`` for header lines already made (headers.request_fields: checked, no framing)."""
+        start = f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+        if start.count(b"\n") != 1 or start.count(b"\r") != 1:
+            raise ValueError("CR or LF in the request target")
+        if has_body:
+            framing = (b"Content-Length: %d\r\n\r\n" % length if length is not None
+                       else b"Transfer-Encoding: chunked\r\n\r\n")
+        elif method in _BODY_METHODS:
+            framing = b"Content-Length: 0\r\n\r\n"
+        else:
+            framing = b"\r\n"
+        if lines[:5].lower() == b"host:" or b"\nhost:" in lines.lower():
+            return start + lines + framing
+        return start + lines + self._host_bytes + framing
 
     # -- connections ------------------------------------------------------------------------
     async def _acquire(self, fresh: bool, connect_timeout: float | None = None) -> _Conn:

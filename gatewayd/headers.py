@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from multidict import CIMultiDictProxy
-
 # Lower-case names never forwarded in either direction.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -25,29 +23,53 @@ def _tokens(values: Iterable[str]) -> set[str] | None:
     return tokens or None
 
 
-def request_headers(headers: CIMultiDictProxy[str], client_ip: str, host: str) -> list[tuple[str, str]]:
-    """The headers sent upstream, as (name, value) pairs: hop-by-hop removed,
-    X-Forwarded-* set.
+_REQUEST_SKIP = frozenset(n.encode() for n in REQUEST_DROP) | {b"content-length"}
+
+
+def request_fields(raw_headers: tuple[tuple[bytes, bytes], ...], client_ip: str, host: str) -> bytes:
+    """The header lines sent upstream (each ending in CRLF), made from the request's
+    raw headers: hop-by-hop removed, X-Forwarded-* set, and no framing header (the
+    upstream request's own framing is added by H1Pool). Bytes in, bytes out.
 
     X-Forwarded-For from the client is kept and the client's address appended:
     the gateway never trusts it, it only passes the chain on.
     Names with an underscore are dropped, as nginx does by default: CGI-style
     servers read ``X_Forwarded_For`` as ``X-Forwarded-For`` (a spoofing path).
-    """
-    connection = headers.getall("Connection", None)
-    named = _tokens(connection) if connection else None
-    out: list[tuple[str, str]] = []
-    for name, value in headers.items():
+
+    Raises ValueError when a CR or LF would end up inside a line (request splitting):
+    the parser refuses those, this makes sure."""
+    prior: list[bytes] = []
+    named: list[bytes] | None = None
+    out: list[bytes] = []
+    for name, value in raw_headers:
         lname = name.lower()
-        if lname in REQUEST_DROP or (named is not None and lname in named) or "_" in lname:
+        if lname in _REQUEST_SKIP:
+            if lname == b"x-forwarded-for":
+                prior.append(value)
+            elif lname == b"connection":
+                if named is None:
+                    named = []
+                named.append(value)
             continue
-        out.append((name, value))
-    prior = headers.getall("X-Forwarded-For", None)
-    out.append(("X-Forwarded-For", ", ".join((*prior, client_ip)) if prior else client_ip))
-    out.append(("X-Forwarded-Proto", "http"))
+        if b"_" in lname:
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    if named is not None:
+        tokens = _tokens(v.decode("latin-1") for v in named)
+        if tokens is not None:
+            # rare (HTTP/1.1 clients seldom send Connection): filter again without those named
+            drop = {t.encode("latin-1") for t in tokens}
+            out = [line for line in out if line[:line.index(b":")].lower() not in drop]
+    ip = client_ip.encode("ascii", "surrogateescape")
+    out.append(b"X-Forwarded-For: " + b", ".join((*prior, ip)) + b"\r\n" if prior
+               else b"X-Forwarded-For: " + ip + b"\r\n")
+    out.append(b"X-Forwarded-Proto: http\r\n")
     if host:
-        out.append(("X-Forwarded-Host", host))
-    return out
+        out.append(b"X-Forwarded-Host: " + host.encode("utf-8", "surrogateescape") + b"\r\n")
+    block = b"".join(out)
+    if block.count(b"\n") != len(out) or block.count(b"\r") != len(out):
+        raise ValueError("CR or LF in a header")
+    return block
 
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -30,7 +30,7 @@ from .balance import Balancer
 from .body import RequestBody
 from .config import UpstreamConfig
 from .h1client import H1Pool, Response
-from .headers import request_headers, response_headers
+from .headers import request_fields, response_headers
 from .health import HealthChecker
 from .servers import ServerState
 from .tomlpos import Locator, Path, format_path
@@ -199,7 +199,7 @@ class HttpUpstream(Upstream):
         if server is None or server.blocked_until or ex.body is not None:
             return None  # the balancer's choice, or a body: the general path
         request = ex.request
-        headers = request_headers(request.headers, ex.client_ip, request.headers.get("Host", ""))
+        headers = request_fields(request.raw_headers, ex.client_ip, request.headers.get("Host", ""))
         inline = _Inline(self, ex, sink, server, headers)
         try:
             conn = server.session.send_idle(request.method, ex.path, headers, inline)  # type: ignore[union-attr]
@@ -216,7 +216,7 @@ class HttpUpstream(Upstream):
         server = self._pick()
         request = ex.request
         method = request.method
-        headers = request_headers(request.headers, ex.client_ip, request.headers.get("Host", ""))
+        headers = request_fields(request.raw_headers, ex.client_ip, request.headers.get("Host", ""))
         body: RequestBody | None = ex.body
         began = self._now() if self._retries else 0.0
         server.in_flight += 1
@@ -239,7 +239,7 @@ class HttpUpstream(Upstream):
             raise
         await self._respond(ex, server, up)
 
-    async def _resume(self, ex: Exchange, server: ServerState, headers: list[tuple[str, str]],
+    async def _resume(self, ex: Exchange, server: ServerState, headers: bytes,
                       conn: Any) -> None:
         """``serve`` from the point an inline exchange failed before its head."""
         began = self._now() if self._retries else 0.0
@@ -317,7 +317,7 @@ class HttpUpstream(Upstream):
             server.failed(fail.reason, self._now(), self._max_fails, self._fail_timeout)
             request.abort()
 
-    async def _retry(self, ex: Exchange, headers: list[tuple[str, str]], server: ServerState,
+    async def _retry(self, ex: Exchange, headers: bytes, server: ServerState,
                      fail: UpstreamFailure, began: float) -> tuple[Response, ServerState]:
         """After a failed attempt: retry on other servers where that is safe (see the
         module docstring), or raise. The response returned is counted in flight."""
@@ -393,7 +393,7 @@ class _Inline:
     __slots__ = ("conn", "ex", "headers", "server", "sink", "task", "upstream")
 
     def __init__(self, upstream: HttpUpstream, ex: Exchange, sink: Sink, server: ServerState,
-                 headers: list[tuple[str, str]]) -> None:
+                 headers: bytes) -> None:
         self.upstream = upstream
         self.ex = ex
         self.sink = sink
