@@ -76,7 +76,7 @@ class Gateway:
             return
         gate = route.gate
         if gate.try_enter():
-            stats.queue_wait.observe(0.0)
+            stats.queue_wait.observe_zero()
             route.upstream.enter()
             ex = self._exchange(request, route, target, start)
             if not self._inline(ex):

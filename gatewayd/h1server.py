@@ -64,7 +64,7 @@ _NO_BODY_STATUS = frozenset((204, 304))
 class Request:
     """One request, as the gateway sees it; lives until its response is out."""
 
-    __slots__ = ("_chunked", "_remote", "body_exists", "content", "headers", "keep_alive",
+    __slots__ = ("_chunked", "body_exists", "content", "headers", "keep_alive",
                  "message", "method", "protocol", "raw_headers", "raw_path", "task", "version")
 
     def __init__(self, message: RawRequestMessage, payload: StreamReader, protocol: H1Protocol) -> None:
@@ -79,7 +79,6 @@ class Request:
         self.keep_alive = not message.should_close and not protocol.server.closing
         self.protocol = protocol
         self.task: Cancellable | None = None  # what serves it: a task, or an inline exchange
-        self._remote: str | None = None
         self._chunked = False
 
     @property
@@ -88,9 +87,7 @@ class Request:
 
     @property
     def remote(self) -> str | None:
-        if self._remote is None:
-            self._remote = self.protocol.peer_host
-        return self._remote
+        return self.protocol.peer_host
 
     @property
     def content_length(self) -> int | None:
@@ -324,6 +321,7 @@ class H1Protocol(BaseProtocol):
         "_head_timer",
         "_idle_at",
         "_peer",
+        "_peer_host",
         "_pending",
         "_put_off",
         "_refused",
@@ -353,6 +351,7 @@ class H1Protocol(BaseProtocol):
         self._tail: bytes | None = None
         self._put_off: bytes | None = None  # bytes read while other clients had the turn
         self._peer: Any = None
+        self._peer_host: str | None = None  # the client's address, as the gateway logs and forwards it
 
     # -- what aiohttp's request needs of its protocol -----------------------------------
     ssl_context = None
@@ -371,10 +370,12 @@ class H1Protocol(BaseProtocol):
 
     @property
     def peer_host(self) -> str | None:
-        peer = self.peername
-        if isinstance(peer, (list, tuple)) and peer:
-            return str(peer[0])
-        return None
+        host = self._peer_host
+        if host is None:
+            peer = self.peername
+            if isinstance(peer, (list, tuple)) and peer:
+                host = self._peer_host = str(peer[0])
+        return host
 
     # -- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

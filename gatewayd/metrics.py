@@ -37,6 +37,11 @@ class Histogram:
         self.total += value
         self.count += 1
 
+    def observe_zero(self) -> None:
+        """``observe(0.0)`` (a request admitted without waiting), without the search."""
+        self.counts[0] += 1
+        self.count += 1
+
     def quantile(self, q: float) -> float | None:
         """Estimated ``q`` quantile (linear within a bucket); None when empty."""
         return quantile(self.bounds, self.counts, q)
