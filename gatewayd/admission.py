@@ -1,14 +1,18 @@
 """Per-route admission: a concurrency limit with a bounded FIFO wait queue.
 
 The common case (a free slot, nobody waiting) is one synchronous call,
-``try_enter``, with no future or coroutine created. Only a request that has to
-wait pays for a future and a timer. A freed slot is handed straight to the
-oldest waiter, so arrivals cannot overtake the queue.
+``try_enter``, with no future or coroutine created. A request that has to wait
+pays for a timer and nothing else: no future and no task. A freed slot is
+handed straight to the oldest waiter, by calling it from ``release`` (the
+request goes upstream in that same call, with no loop turn in between), so
+arrivals cannot overtake the queue and a slot is never idle while a request
+waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 ADMITTED = None
 QUEUE_FULL = "queue_full"
@@ -16,17 +20,18 @@ QUEUE_TIMEOUT = "queue_timeout"
 
 
 class Waiter:
-    """One queued request: what the queue X-ray shows, and its wake-up future."""
+    """One queued request: what the queue X-ray shows, and whom to wake."""
 
-    __slots__ = ("client", "future", "method", "path", "since")
+    __slots__ = ("client", "method", "path", "since", "timer", "wake")
 
-    def __init__(self, future: asyncio.Future[str | None], since: float,
+    def __init__(self, wake: Callable[[str | None], None], since: float,
                  method: str, path: str, client: str) -> None:
-        self.future = future
+        self.wake = wake  # called once: ADMITTED (the slot is the waiter's) or QUEUE_TIMEOUT
         self.since = since
         self.method = method
         self.path = path
         self.client = client
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class Gate:
@@ -52,33 +57,30 @@ class Gate:
     def queue_full(self) -> bool:
         return len(self.waiters) >= self.max_queue
 
-    async def wait(self, timeout: float, method: str, path: str, client: str) -> str | None:
-        """Wait in the queue: ``ADMITTED`` (the caller holds a slot) or ``QUEUE_TIMEOUT``.
-
-        Cancellation (the client went away) removes the waiter at once; a slot
-        granted in the same tick is given back.
-        """
+    def enqueue(self, wake: Callable[[str | None], None], timeout: float, method: str, path: str,
+                client: str) -> Waiter:
+        """Wait in the queue. ``wake(ADMITTED)`` is called when a slot is the waiter's
+        (from ``release`` or ``set_limits``, synchronously), or ``wake(QUEUE_TIMEOUT)``
+        after ``timeout``; once. ``leave`` takes a waiter out before either."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[str | None] = loop.create_future()
-        waiter = Waiter(future, loop.time(), method, path, client)
+        waiter = Waiter(wake, loop.time(), method, path, client)
         self.waiters[waiter] = None
-        timer = loop.call_later(timeout, self._expire, waiter)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled() and future.result() is ADMITTED:
-                self.release()
-            else:
-                self.waiters.pop(waiter, None)
-            raise
-        finally:
-            timer.cancel()
+        waiter.timer = loop.call_later(timeout, self._expire, waiter)
+        return waiter
+
+    def leave(self, waiter: Waiter) -> bool:
+        """Take a waiter out of the queue (its client left); whether it was still in it."""
+        if self.waiters.pop(waiter, False) is None:
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            return True
+        return False
 
     def _expire(self, waiter: Waiter) -> None:
-        if self.waiters.pop(waiter, False) is None and not waiter.future.done():
-            waiter.future.set_result(QUEUE_TIMEOUT)
+        if self.waiters.pop(waiter, False) is None:
+            waiter.wake(QUEUE_TIMEOUT)
 
     def release(self) -> None:
         """Give a slot back; the oldest waiter gets it if the limit allows."""
@@ -91,9 +93,10 @@ class Gate:
         while waiters and self.in_flight < self.limit:
             waiter = next(iter(waiters))
             del waiters[waiter]
-            if not waiter.future.done():
-                self.in_flight += 1
-                waiter.future.set_result(ADMITTED)
+            self.in_flight += 1
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            waiter.wake(ADMITTED)
 
     def set_limits(self, limit: int | None = None, max_queue: int | None = None) -> None:
         """Change limits in place: raising admits waiters at once; lowering lets

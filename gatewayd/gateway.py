@@ -15,7 +15,7 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT
+from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .body import BodyTimeout, BodyTooLarge, RequestBody
 from .requestcheck import Refused, origin_target
 from .responses import prebuilt
@@ -46,8 +46,11 @@ def answer(request: Request, status: int, reason: str, retry_after: str | None =
 class Gateway:
     """The request handler the connections call, synchronously, once a request's head
     is in. What can be answered at once (refusals, 404, 413, a shed 503) is answered
-    here, as prebuilt bytes; a request that is admitted or queued gets a task. Every
-    path ends in ``request.protocol.finish(request)``."""
+    here, as prebuilt bytes. A queued request is a timer and a ``_Queued``, woken by
+    the gate. An admitted one is served inline by its upstream where it can (a GET
+    through a warm pool), else by a task. ``request.task`` is whatever serves the
+    request now: the connection cancels it when the client leaves. Every path ends
+    in ``request.protocol.finish(request)``."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -78,9 +81,7 @@ class Gateway:
         if gate.try_enter():
             stats.queue_wait.observe_zero()
             route.upstream.enter()
-            ex = self._exchange(request, route, target, start)
-            if not self._inline(ex):
-                request.task = self._loop.create_task(self._run(ex, route.upstream.serve(ex)))
+            self._forward(request, route, target, start)
         elif gate.queue_full():
             stats.queue_full += 1
             self._refuse(request, route, 503, QUEUE_FULL, start)
@@ -88,7 +89,16 @@ class Gateway:
             # counted from here, queued or not: a replaced upstream closes only after
             # the last request that chose it is done
             route.upstream.enter()
-            request.task = self._loop.create_task(self._queue(request, route, target, start))
+            queued = _Queued(self, request, route, target, start)
+            queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
+                                         target, request.remote or "")
+            request.task = queued
+
+    def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
+        """An admitted request, holding its slot: inline where its upstream can, else in a task."""
+        ex = self._exchange(request, route, target, start)
+        if not self._inline(ex):
+            request.task = self._loop.create_task(self._run(ex, route.upstream.serve(ex)))
 
     def _refuse(self, request: Request, route: Route, status: int, reason: str, start: float) -> None:
         """Answer without forwarding (413, 503): the body, if any, is never read.
@@ -101,31 +111,6 @@ class Gateway:
         route.stats.responded(status, self._loop.time() - start)
         self._log(request, route, status, 0, start, reason)
         request.protocol.finish(request)
-
-    async def _queue(self, request: Request, route: Route, target: str, start: float) -> None:
-        gate = route.gate
-        stats = route.stats
-        try:
-            outcome = await gate.wait(route.config.queue_timeout, request.method,
-                                      target, request.remote or "")
-        except asyncio.CancelledError:
-            route.upstream.leave()
-            stats.cancelled_queued += 1
-            self._log(request, route, 499, 0, start, "client_gone_queued")
-            raise
-        if outcome is not ADMITTED:
-            assert outcome == QUEUE_TIMEOUT
-            route.upstream.leave()
-            stats.queue_timeout += 1
-            self._refuse(request, route, 503, QUEUE_TIMEOUT, start)
-            return
-        stats.queue_wait.observe(self._loop.time() - start)
-        ex = self._exchange(request, route, target, start)
-        # While its client is connected, its loss cancels what now serves it (request.task);
-        # once gone, the cancel already on its way is for this task.
-        if request.protocol.current is request and self._inline(ex):
-            return
-        await self._run(ex, route.upstream.serve(ex))
 
     def _exchange(self, request: Request, route: Route, target: str, start: float) -> Exchange:
         body = None
@@ -240,6 +225,56 @@ class Gateway:
             headers.get("Referer", ""), headers.get("User-Agent", ""),
             route.name if route is not None else "-", self._loop.time() - start, reason,
         )
+
+
+class _Queued:
+    """A request in its route's queue: a timer and this, no task. The gate wakes it
+    with its slot (or at its queue timeout); its connection cancels it when the
+    client leaves (``request.task``)."""
+
+    __slots__ = ("gateway", "request", "route", "start", "target", "waiter")
+
+    def __init__(self, gateway: Gateway, request: Request, route: Route, target: str, start: float) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.route = route
+        self.target = target
+        self.start = start
+        self.waiter: Waiter | None = None
+
+    def wake(self, outcome: str | None) -> None:
+        self.waiter = None
+        gateway = self.gateway
+        request = self.request
+        route = self.route
+        request.task = None
+        if outcome is not ADMITTED:
+            assert outcome == QUEUE_TIMEOUT
+            route.upstream.leave()
+            route.stats.queue_timeout += 1
+            gateway._refuse(request, route, 503, QUEUE_TIMEOUT, self.start)
+            return
+        if request.protocol.current is not request:
+            # its client left in this loop turn; the cancel on its way comes too late
+            self._gone()
+            route.gate.release()
+            return
+        route.stats.queue_wait.observe(gateway._loop.time() - self.start)
+        gateway._forward(request, route, self.target, self.start)
+
+    def cancel(self) -> None:
+        """The client left while its request waited: out of the queue, nothing sent."""
+        waiter = self.waiter
+        if waiter is not None and self.route.gate.leave(waiter):
+            self.waiter = None
+            self._gone()
+
+    def _gone(self) -> None:
+        self.request.task = None  # (it refers back to this)
+        route = self.route
+        route.upstream.leave()
+        route.stats.cancelled_queued += 1
+        self.gateway._log(self.request, route, 499, 0, self.start, "client_gone_queued")
 
 
 def _unread_body_too_big(request: Request) -> bool:

@@ -161,3 +161,41 @@ async def test_client_that_leaves_an_inline_exchange(start_gateway) -> None:
         await base.settled(relay)
     finally:
         await relay.stop()
+
+
+async def test_queued_requests_make_no_task(start_gateway) -> None:
+    """A route of one slot, its pool warm: 1. four clients send a GET at once, the
+    upstream takes 50 ms each 2. one goes upstream, three queue 3. each freed slot
+    goes to the oldest waiter, whose request goes upstream from the release itself:
+    all four are answered, in order, on the one pooled connection 4. no task was
+    made for any of them, queued or not."""
+
+    async def slow_ok(req, reader, writer, up) -> bool:
+        if req.request_line.split(" ")[1] != "/warm":
+            await asyncio.sleep(0.05)
+        return await faults.answer_ok(req, reader, writer, up)
+
+    relay = await RawUpstream(slow_ok).start()
+    try:
+        config = route_to(relay.url) + "max_concurrency = 1\nmax_queue = 10\nqueue_timeout = 5\n"
+        gw = await start_gateway(config)
+        warm = await _warm(gw, relay)
+        route = gw.runtime.table.routes["app"]
+        clients = [await Client.open(gw.port) for _ in range(4)]
+        created = gw.runtime.tasks.created
+        for i, c in enumerate(clients):
+            c.writer.write(f"GET /q{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await wait_for(lambda i=i: route.stats.requests == 2 + i)  # in this order
+        assert len(route.gate.waiters) == 3
+        for c in clients:
+            async with asyncio.timeout(5):
+                head = await c.reader.readuntil(b"\r\n\r\n")
+                assert status_of(head) == 200 and await c.reader.readexactly(3) == b"ok\n"
+        assert gw.runtime.tasks.created == created
+        assert [r.request_line.split(" ")[1] for r in relay.requests] == ["/warm", "/q0", "/q1", "/q2", "/q3"]
+        assert len(relay.connections) == 1
+        assert route.stats.queue_wait.count == 5 and route.gate.in_flight == 0
+        for c in (warm, *clients):
+            c.close()
+    finally:
+        await relay.stop()
