@@ -22,7 +22,7 @@ from . import deps, machine
 from .context import Context, Options
 from .procs import Processes
 from .report import Table
-from .scenarios import DEFAULT, SCENARIOS
+from .scenarios import DEFAULT, NEEDS, SCENARIOS
 from .servers import PROXIES, Env
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", default=",".join(DEFAULT),
-                   help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all but profile)")
+                   help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all but profile and instructions)")
     p.add_argument("--proxies", default=",".join(PROXIES), help=f"comma-separated, from: {', '.join(PROXIES)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, short runs (< 2 minutes)")
     p.add_argument("--duration", type=float, help="seconds per measured wrk run (default 8; quick 2)")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown scenarios: {', '.join(unknown)} (have: {', '.join(SCENARIOS)})")
     opts = options(args)
-    deps.ensure(install=not args.no_install)
+    deps.ensure(install=not args.no_install, extra=[t for n in names for t in NEEDS.get(n, ())])
     proxy_cpu, load_cpu = _cpus(args.proxy_cpu, args.load_cpu)
     _raise_fd_limit()
 

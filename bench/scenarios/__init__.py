@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..context import Context
 from ..report import Table
-from . import admission, cancel, idle, overload, profile, reload, throughput
+from . import admission, cancel, idle, instructions, overload, profile, reload, throughput
 
 Scenario = Callable[[Context], list[Table]]
 
@@ -19,5 +19,8 @@ SCENARIOS: dict[str, Scenario] = {
     "reload": reload.run,
     "idle": idle.run,
     "profile": profile.run,
+    "instructions": instructions.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
+# scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
+NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS}

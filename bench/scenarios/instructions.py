@@ -1,0 +1,143 @@
+"""User-space CPU instructions each proxy executes per proxied request, counted
+by valgrind's callgrind.
+
+Not part of the default run (it needs valgrind and hey, and takes minutes).
+Wall-clock and CPU-time figures swing by ±20 % on a shared machine; an
+instruction count does not: the same code serving the same requests executes
+the same instructions, within about 1 %, which makes it the figure to compare
+code changes with. It leaves out the kernel's work for the system calls, which
+the throughput table's CPU µs/req includes.
+
+Each proxy is started as the throughput scenario starts it, which writes its
+configuration, then stopped and relaunched under callgrind with that
+configuration, adjusted so that nginx serves from the one process valgrind
+watches and gatewayd's idle pooled upstream connections do not expire (and get
+reopened inside the measurement) while valgrind slows it down. After a warm-up
+the counters are zeroed, hey sends REQUESTS requests, and the counters are
+dumped: the dump's count over REQUESTS is the figure.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..context import Context
+from ..deps import tool
+from ..procs import pinned
+from ..report import Table, ratio
+from ..servers import Env, Server, start_proxy
+
+TOOLS = ("hey", "valgrind", "callgrind_control")
+REQUESTS = 3000
+CONNECTIONS = 50
+WARMUP = 1000
+START_TIMEOUT = 120.0  # start-up under valgrind is 20-50 times slower
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gatewayd(env: Env, s: Server) -> list[str]:
+    _edit(s.config, "[upstreams.up]\n", "[upstreams.up]\nkeepalive_timeout = 60.0\n")
+    return [env.python, "-m", "gatewayd", "--config", str(s.config)]
+
+
+def _nginx(env: Env, s: Server) -> list[str]:
+    _edit(s.config, "master_process on;", "master_process off;")
+    return [tool("nginx"), "-p", f"{s.workdir}/", "-e", str(s.workdir / "logs" / "error.log"),
+            "-c", str(s.config)]
+
+
+def _haproxy(env: Env, s: Server) -> list[str]:
+    return [tool("haproxy"), "-db", "-f", str(s.config)]
+
+
+def _edit(config: Path | None, old: str, new: str) -> None:
+    """Replace ``old`` in the configuration; fail loudly if servers.py no longer writes it."""
+    assert config is not None
+    text = config.read_text()
+    if old not in text:
+        raise RuntimeError(f"{config}: {old!r} not found, cannot adjust it for callgrind")
+    config.write_text(text.replace(old, new, 1))
+
+
+RELAUNCH: dict[str, Callable[[Env, Server], list[str]]] = {
+    "gatewayd": _gatewayd, "nginx": _nginx, "haproxy": _haproxy}
+
+
+def run(ctx: Context) -> list[Table]:
+    upstream = ctx.upstream()
+    kinds = [k for k in ctx.options.proxies if k in RELAUNCH]
+    per: dict[str, float] = {}
+    for kind in kinds:
+        ctx.say(f"instructions: {kind} under callgrind, hey -n {REQUESTS} -c {CONNECTIONS}")
+        per[kind] = _instructions(ctx, kind, upstream.port) / REQUESTS
+    table = Table(f"Instructions per request (callgrind; hey -n {REQUESTS} -c {CONNECTIONS}, after "
+                  f"{WARMUP} warm-up requests)", ["proxy", "instructions/req", "vs nginx", "requests"])
+    for kind in kinds:
+        table.add(kind, round(per[kind]), ratio(per[kind], per.get("nginx")), REQUESTS)
+    table.notes.append(
+        "User-space instructions of the proxy process only (not the kernel's, not the upstream's or "
+        "the client's), counted under valgrind: identical run to run within about 1 %, which is why "
+        "it is the figure to compare code changes with. It does not include the cost of system "
+        "calls, which the throughput table's CPU µs/req does.")
+    skipped = [k for k in ctx.options.proxies if k not in RELAUNCH]
+    if skipped:
+        table.notes.append(f"Not measured here: {', '.join(skipped)}.")
+    return [table]
+
+
+def _instructions(ctx: Context, kind: str, upstream_port: int) -> int:
+    """Instructions (Ir) ``kind`` executed over REQUESTS requests on a warm proxy."""
+    plain = start_proxy(ctx.env, kind, upstream_port)
+    ctx.env.procs.stop(plain.proc)
+    out = plain.workdir / "cg.out"
+    argv = [tool("valgrind"), "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no",
+            *RELAUNCH[kind](ctx.env, plain)]
+    proc = ctx.env.procs.start(f"{kind}-callgrind", argv, ctx.env.proxy_cpu, cwd=ROOT)
+    try:
+        proc.wait_port(plain.port, START_TIMEOUT)
+        _hey(ctx, plain.port, WARMUP)
+        _control("-z", proc.pid)
+        ok = _hey(ctx, plain.port, REQUESTS)
+        if ok != REQUESTS:
+            raise RuntimeError(f"{kind}: {ok} of {REQUESTS} requests answered 200 under callgrind")
+        _control("-d", proc.pid)
+        return _total(out, proc.pid)
+    finally:
+        ctx.env.procs.stop(proc)
+
+
+def _hey(ctx: Context, port: int, n: int) -> int:
+    """Send ``n`` requests over CONNECTIONS connections; the number answered 200."""
+    argv = [tool("hey"), "-n", str(n), "-c", str(CONNECTIONS), f"http://127.0.0.1:{port}/"]
+    done = subprocess.run(pinned(ctx.env.load_cpu, argv), capture_output=True, text=True, timeout=900,
+                          check=True)
+    found = re.search(r"^\s*\[200\]\s+(\d+) responses", done.stdout, re.MULTILINE)
+    return int(found.group(1)) if found else 0
+
+
+def _control(flag: str, pid: int) -> None:
+    """``callgrind_control -z`` (zero the counters) or ``-d`` (dump them) for the process ``pid``."""
+    done = subprocess.run([tool("callgrind_control"), flag, str(pid)], capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"callgrind_control {flag} {pid}: {done.stdout}{done.stderr}")
+
+
+def _total(out: Path, pid: int, timeout: float = 120.0) -> int:
+    """Ir of the newest dump (``cg.out.PID.N``, highest N; the file without N is written at exit)
+    once it is complete (its "totals:" line, at the end, is there). The figure is its "summary:",
+    the instructions counted as they ran since the zeroing; "totals:", the sum of the costs the
+    file lists, is up to about 2 % higher for gatewayd (not for nginx or HAProxy), run after run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parts = sorted(out.parent.glob(f"{out.name}.{pid}.*"), key=lambda p: int(p.suffix[1:]))
+        text = parts[-1].read_text() if parts else ""
+        summary = re.search(r"^summary:\s+(\d+)", text, re.MULTILINE)
+        if summary and re.search(r"^totals:", text, re.MULTILINE):
+            return int(summary.group(1))
+        time.sleep(0.2)
+    raise RuntimeError(f"no complete callgrind dump {out}.{pid}.N after {timeout:g} s")
