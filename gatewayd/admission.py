@@ -24,9 +24,10 @@ class Waiter:
 
     __slots__ = ("client", "method", "path", "since", "timer", "wake")
 
-    def __init__(self, wake: Callable[[str | None], None], since: float,
+    def __init__(self, wake: Callable[[str | None], bool | None], since: float,
                  method: str, path: str, client: str) -> None:
-        self.wake = wake  # called once: ADMITTED (the slot is the waiter's) or QUEUE_TIMEOUT
+        # called once: ADMITTED (the slot is the waiter's; False back declines it) or QUEUE_TIMEOUT
+        self.wake = wake
         self.since = since
         self.method = method
         self.path = path
@@ -57,11 +58,16 @@ class Gate:
     def queue_full(self) -> bool:
         return len(self.waiters) >= self.max_queue
 
-    def enqueue(self, wake: Callable[[str | None], None], timeout: float, method: str, path: str,
+    def enqueue(self, wake: Callable[[str | None], bool | None], timeout: float, method: str, path: str,
                 client: str) -> Waiter:
         """Wait in the queue. ``wake(ADMITTED)`` is called when a slot is the waiter's
         (from ``release`` or ``set_limits``, synchronously), or ``wake(QUEUE_TIMEOUT)``
-        after ``timeout``; once. ``leave`` takes a waiter out before either."""
+        after ``timeout``; once. ``leave`` takes a waiter out before either.
+
+        A waiter woken with a slot it cannot use (its client has just gone) returns
+        False: the slot goes to the next waiter in the same loop, never by calling
+        ``release`` from inside ``wake`` (hundreds of clients leaving at once would
+        otherwise nest that many calls deep)."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -96,7 +102,8 @@ class Gate:
             self.in_flight += 1
             if waiter.timer is not None:
                 waiter.timer.cancel()
-            waiter.wake(ADMITTED)
+            if waiter.wake(ADMITTED) is False:
+                self.in_flight -= 1  # declined: the next waiter's
 
     def set_limits(self, limit: int | None = None, max_queue: int | None = None) -> None:
         """Change limits in place: raising admits waiters at once; lowering lets

@@ -19,7 +19,7 @@ from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .body import BodyTimeout, BodyTooLarge, RequestBody
 from .requestcheck import Refused, origin_target
 from .responses import prebuilt
-from .upstream import Exchange, UpstreamFailure
+from .upstream import Exchange, UpstreamFailure, raising
 
 if TYPE_CHECKING:
     from .h1server import Request
@@ -97,8 +97,14 @@ class Gateway:
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
         """An admitted request, holding its slot: inline where its upstream can, else in a task."""
         ex = self._exchange(request, route, target, start)
-        if not self._inline(ex):
-            request.task = self._loop.create_task(self._run(ex, route.upstream.serve(ex)))
+        try:
+            if self._inline(ex):
+                return
+        except Exception as exc:  # a bug: answered and counted by _run, as in a task
+            work: Coroutine[Any, Any, None] = raising(exc)
+        else:
+            work = route.upstream.serve(ex)
+        request.task = self._loop.create_task(self._run(ex, work))
 
     def _refuse(self, request: Request, route: Route, status: int, reason: str, start: float) -> None:
         """Answer without forwarding (413, 503): the body, if any, is never read.
@@ -179,11 +185,13 @@ class Gateway:
 
     def _release(self, ex: Exchange) -> None:
         route = ex.route
-        route.gate.release()
-        route.upstream.leave()
-        if ex.body is not None:
-            ex.body.cancel_timer()
-        ex.request.protocol.finish(ex.request)
+        try:
+            route.gate.release()  # may start the next waiter's request
+        finally:
+            route.upstream.leave()
+            if ex.body is not None:
+                ex.body.cancel_timer()
+            ex.request.protocol.finish(ex.request)
 
     # -- where an inline exchange ends (upstream.Sink) ------------------------------------
     def settle(self, ex: Exchange) -> None:
@@ -242,7 +250,9 @@ class _Queued:
         self.start = start
         self.waiter: Waiter | None = None
 
-    def wake(self, outcome: str | None) -> None:
+    def wake(self, outcome: str | None) -> bool:
+        """From the gate: a slot (ADMITTED) or the queue timeout. False declines the
+        slot (the gate passes it on)."""
         self.waiter = None
         gateway = self.gateway
         request = self.request
@@ -253,14 +263,14 @@ class _Queued:
             route.upstream.leave()
             route.stats.queue_timeout += 1
             gateway._refuse(request, route, 503, QUEUE_TIMEOUT, self.start)
-            return
+            return False
         if request.protocol.current is not request:
             # its client left in this loop turn; the cancel on its way comes too late
             self._gone()
-            route.gate.release()
-            return
+            return False
         route.stats.queue_wait.observe(gateway._loop.time() - self.start)
         gateway._forward(request, route, self.target, self.start)
+        return True
 
     def cancel(self) -> None:
         """The client left while its request waited: out of the queue, nothing sent."""

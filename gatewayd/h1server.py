@@ -54,6 +54,7 @@ LINGER = 2.0  # seconds an unread body may take to arrive after the response
 READS_PER_TURN = 16
 SWEEP_INTERVAL = 1.0  # seconds between the keep-alive sweeps over the idle connections
 HEADS_KEPT = 256  # response heads remembered (Request.head_for), forgotten all at once when full
+HEAD_KEPT_SIZE = 4096  # bytes of upstream header lines beyond which a head is not remembered
 PARSER_IDLE = 2.0  # seconds idle after which a connection's parser is dropped (made again on its next bytes)
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -151,6 +152,8 @@ class Request:
             mode = 1
         else:
             mode = 0
+        if len(fields) > HEAD_KEPT_SIZE:  # rare, and not worth the memory
+            return self.head(status, reason, response_headers(split_fields(fields)), length)
         key = (status, reason, fields, length, mode)
         heads = server.heads
         head = heads.get(key)

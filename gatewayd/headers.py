@@ -19,7 +19,8 @@ END_TO_END = frozenset({"host"})
 
 
 def _tokens(values: Iterable[str]) -> set[str] | None:
-    tokens = {t.strip().lower() for v in values for t in v.split(",") if t.strip()} - END_TO_END
+    # OWS is spaces and tabs only (RFC 9110 §5.6.3): str.strip() would also eat \xa0
+    tokens = {t.strip(" \t").lower() for v in values for t in v.split(",") if t.strip(" \t")} - END_TO_END
     return tokens or None
 
 

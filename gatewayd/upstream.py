@@ -65,6 +65,12 @@ class Sink(Protocol):
         """The client left; the upstream side is stopped already."""
 
 
+async def raising(exc: BaseException) -> None:
+    """A coroutine that raises ``exc``: an error met outside a task, handed to the
+    task that answers and counts errors (Gateway._run)."""
+    raise exc
+
+
 class Upstream:
     """Base of the upstream kinds. ``serve`` writes the whole response to the client."""
 

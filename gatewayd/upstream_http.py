@@ -34,7 +34,7 @@ from .headers import request_fields, response_headers
 from .health import HealthChecker
 from .servers import ServerState
 from .tomlpos import Locator, Path, format_path
-from .upstream import Cancellable, Exchange, Sink, Upstream, UpstreamFailure
+from .upstream import Cancellable, Exchange, Sink, Upstream, UpstreamFailure, raising
 
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 RESOLVE_TIMEOUT = 5.0  # seconds for each server name resolved at start-up
@@ -199,9 +199,9 @@ class HttpUpstream(Upstream):
         if server is None or server.blocked_until or ex.body is not None:
             return None  # the balancer's choice, or a body: the general path
         request = ex.request
-        headers = request_fields(request.raw_headers, ex.client_ip, request.headers.get("Host", ""))
-        inline = _Inline(self, ex, sink, server, headers)
         try:
+            headers = request_fields(request.raw_headers, ex.client_ip, request.headers.get("Host", ""))
+            inline = _Inline(self, ex, sink, server, headers)
             conn = server.session.send_idle(request.method, ex.path, headers, inline)  # type: ignore[union-attr]
         except ValueError:
             return None  # a head that cannot be sent: serve says so
@@ -420,7 +420,7 @@ class _Inline:
         except Exception as exc:
             up.close()
             server.in_flight -= 1
-            self.task = self.sink.handover(ex, _raise(exc))  # mapped to a status as serve's would be
+            self.task = self.sink.handover(ex, raising(exc))  # mapped to a status as serve's would be
             return
         if whole:
             up.close()  # recycles the connection when read_small has not
@@ -445,10 +445,6 @@ class _Inline:
         if server.trial:
             server.trial_abandoned()
         self.sink.cancelled(self.ex)
-
-
-async def _raise(exc: BaseException) -> None:
-    raise exc
 
 
 def _length(headers: list[tuple[str, str]]) -> int | None:

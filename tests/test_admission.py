@@ -181,3 +181,29 @@ async def test_set_limit_raise_admits_waiters(start_gateway, upstream):
     assert [status_of(x) for x in await asyncio.gather(*tasks)] == [200] * 3
     bad = await gw.command({"cmd": "set_limit", "route": "nope", "max_concurrency": 3})
     assert bad["ok"] is False and "nope" in bad["error"]
+
+
+async def test_a_freed_slot_passes_over_waiters_that_decline_it():
+    """The gate hands a freed slot on in a loop, not by nesting: 1. one slot taken,
+    3,000 waiters whose clients have gone (they decline the slot), then one that
+    takes it 2. one release wakes all 3,001 in order, without a RecursionError
+    3. the slot ends with the last waiter and nobody is left queued."""
+    from gatewayd.admission import ADMITTED, Gate
+
+    gate = Gate(1, 5000)
+    assert gate.try_enter()
+    woken: list[int] = []
+
+    def declines(i: int):
+        def wake(outcome):
+            assert outcome is ADMITTED
+            woken.append(i)
+            return False
+        return wake
+
+    for i in range(3000):
+        gate.enqueue(declines(i), 30, "GET", f"/{i}", "c")
+    gate.enqueue(lambda outcome: woken.append(-1) or True, 30, "GET", "/last", "c")
+    gate.release()
+    assert woken == [*range(3000), -1]
+    assert gate.in_flight == 1 and not gate.waiters

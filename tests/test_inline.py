@@ -199,3 +199,53 @@ async def test_queued_requests_make_no_task(start_gateway) -> None:
             c.close()
     finally:
         await relay.stop()
+
+
+async def test_queued_clients_leaving_as_the_slot_frees(start_gateway) -> None:
+    """A one-slot route holding one request upstream and 600 queued behind it: 1. all
+    600 clients reset their connections and, in the same turn, the upstream answers
+    2. the holder gets its response and its connection serves another request 3. no
+    slot, queue place or upstream count is left behind and a new client is served."""
+    import socket
+    import struct
+
+    answer = asyncio.Event()
+
+    async def held(req, reader, writer, up) -> bool:
+        if req.request_line.split(" ")[1] == "/hold":
+            await answer.wait()
+        return await faults.answer_ok(req, reader, writer, up)
+
+    relay = await RawUpstream(held).start()
+    try:
+        config = route_to(relay.url).replace(f"read_timeout = {READ_TIMEOUT}", "read_timeout = 30")
+        gw = await start_gateway(config + "max_concurrency = 1\nmax_queue = 5000\nqueue_timeout = 30\n")
+        holder = await _warm(gw, relay)
+        route = gw.runtime.table.routes["app"]
+        holder.writer.write(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: route.gate.in_flight == 1)
+        clients = []
+        for i in range(600):
+            s = socket.create_connection(("127.0.0.1", gw.port))
+            s.setblocking(False)
+            s.sendall(f"GET /q{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            clients.append(s)
+        await wait_for(lambda: len(route.gate.waiters) == 600, timeout=10)
+        for s in clients:
+            s.close()  # RST
+        answer.set()
+        async with asyncio.timeout(5):
+            head = await holder.reader.readuntil(b"\r\n\r\n")
+            assert status_of(head) == 200 and await holder.reader.readexactly(3) == b"ok\n"
+        await wait_for(lambda: (route.gate.in_flight, len(route.gate.waiters), route.upstream.active) == (0, 0, 0))
+        assert route.stats.cancelled_queued + route.stats.cancelled_in_flight == 600
+        head, body = await holder.get("/warm")
+        assert status_of(head) == 200 and body == b"ok\n"
+        newcomer = await Client.open(gw.port)
+        head, body = await newcomer.get("/warm")
+        assert status_of(head) == 200 and body == b"ok\n"
+        holder.close()
+        newcomer.close()
+    finally:
+        await relay.stop()

@@ -48,6 +48,23 @@ async def test_request_headers_hop_by_hop_and_forwarded(start_gateway, upstream)
     assert "accept-encoding" not in names  # the client sent none; the gateway adds none
 
 
+async def test_header_names_go_upstream_as_the_client_wrote_them(start_gateway):
+    """Names are passed on byte for byte, in the client's order and case (field names
+    are case-insensitive; nginx does the same): only the gateway's own fields are added."""
+    from .faults import RawUpstream
+
+    relay = await RawUpstream().start()
+    try:
+        gw = await start_gateway(one_route(relay.url))
+        resp = await raw_request(gw.port, b"GET /a HTTP/1.1\r\nhost: x\r\nuser-agent: u\r\n"
+                                          b"X-CamelCase: v\r\naccept: */*\r\nConnection: close\r\n\r\n")
+        assert status_of(resp) == 200
+        lines = relay.requests[0].head.split(b"\r\n")[1:]
+        assert lines[:4] == [b"host: x", b"user-agent: u", b"X-CamelCase: v", b"accept: */*"], lines
+    finally:
+        await relay.stop()
+
+
 async def test_response_headers_hop_by_hop_and_no_forged_reason(start_gateway):
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.Response(text="x", headers={
