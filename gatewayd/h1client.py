@@ -190,7 +190,7 @@ class H1Pool:
 
     __slots__ = (
         "_closed", "_connecting", "_conns", "_host_bytes", "_host_line", "_idle", "_limit", "_loop", "_open",
-        "_resolve", "_step", "_waiters", "connect_timeout", "host", "keepalive_timeout", "port",
+        "_outbox", "_resolve", "_step", "_waiters", "connect_timeout", "host", "keepalive_timeout", "port",
         "read_buffer", "read_timeout", "stats",
     )
 
@@ -219,6 +219,7 @@ class H1Pool:
         self._connecting = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[tuple[_Conn, bytes]] = []
 
     # -- requests ---------------------------------------------------------------------------
     async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]] | bytes,
@@ -277,6 +278,9 @@ class H1Pool:
         """Send a request without a body, of a method that may be replayed, on an idle
         pooled connection, now; None (nothing sent) when no connection is idle.
 
+        The head is written at the end of the loop turn's callbacks, with the
+        others of the turn (``_send_later``).
+
         No future and no await: ``listener.wake()`` is called, outside the parser, once
         the response head is in (``Response(conn)`` then reads it as ``request()``'s
         would) or the exchange failed before its head (then ``resume(conn, ...)`` does
@@ -293,8 +297,25 @@ class H1Pool:
         stats.requests += 1
         stats.reuses += 1
         conn._listener = listener
-        conn._send(head, method == "HEAD", None, None)
+        conn._send(head, method == "HEAD", None, None, defer=True)
         return conn
+
+    def _send_later(self, conn: _Conn, head: bytes) -> None:
+        """Write ``head`` on ``conn`` at the end of this loop turn's callbacks, with the
+        other heads of the turn. Each send() on loopback also wakes the server's
+        reader; one burst wakes it once where sends spread over the turn's Python
+        work would wake it for most of them (an inter-processor interrupt each on
+        another CPU, dear in a VM). A connection closed meanwhile sends nothing."""
+        outbox = self._outbox
+        if not outbox:
+            self._get_loop().call_soon(self._flush)
+        outbox.append((conn, head))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for conn, head in outbox:
+            if conn._state == _BUSY:
+                conn._transport.write(head)
 
     async def resume(self, conn: _Conn, method: str, target: str,
                      headers: Iterable[tuple[str, str]] | bytes) -> Response:
@@ -553,8 +574,9 @@ class _Conn(asyncio.Protocol):
 
     # -- the exchange -----------------------------------------------------------------------
     def _send(self, head: bytes, head_only: bool, body: AsyncIterable[bytes] | None,
-              length: int | None) -> None:
-        """Start an exchange: reset the response state, write the head, start the body's writer."""
+              length: int | None, defer: bool = False) -> None:
+        """Start an exchange: reset the response state, write the head (``defer``: with
+        the turn's others), start the body's writer."""
         if self._state != _BUSY or self._garbage:  # handed over to a waiter, then lost or sent bytes
             raise _Stale() if self._reused else _reset()
         if self._head_only:  # llhttp still expects the body the last HEAD response announced
@@ -566,7 +588,10 @@ class _Conn(asyncio.Protocol):
         self._partial = None
         loop = self._loop
         self._stamp = loop.time()
-        self._transport.write(head)
+        if defer:
+            self._pool._send_later(self, head)
+        else:
+            self._transport.write(head)
         if body is not None:
             self._writer = loop.create_task(self._write_body(body, length))
 

@@ -97,10 +97,9 @@ class Request:
 
     # -- answering ----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        """Raw bytes to the client (a prebuilt response, 100 Continue)."""
-        transport = self.protocol.transport
-        if transport is not None:
-            transport.write(data)
+        """Bytes to the client (a head, a small response, 100 Continue), sent with the
+        others of this loop turn (H1Server.flush)."""
+        self.protocol.send_later(data)
 
     def force_close(self) -> None:
         """The connection closes once this request's response is out."""
@@ -109,9 +108,7 @@ class Request:
     def abort(self) -> None:
         """Cut the connection now (a response that cannot be finished)."""
         self.keep_alive = False
-        transport = self.protocol.transport
-        if transport is not None:
-            transport.abort()
+        self.protocol.abort()
 
     def head(self, status: int, reason: str, headers: list[tuple[str, str]],
              length: int | None) -> bytes:
@@ -174,6 +171,7 @@ class Request:
         transport = protocol.transport
         if transport is None:
             raise ConnectionResetError("client gone")
+        protocol.uncork()  # what went before (the head), then this
         if self._chunked:
             if data:
                 transport.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -221,6 +219,7 @@ class H1Server:
         self._deferred: deque[H1Protocol] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.sweeps = 0
+        self._corked: list[H1Protocol] = []  # connections with output held for this turn's flush
 
     def __call__(self) -> H1Protocol:
         if self._sweeper is None:
@@ -290,6 +289,23 @@ class H1Server:
         else:
             self._turn_armed = False
 
+    # -- writes: one burst per loop turn ----------------------------------------------------
+    def cork(self, protocol: H1Protocol) -> None:
+        """Hold ``protocol``'s output until the end of this turn's callbacks.
+
+        Why: each send() to a client on loopback also wakes its reader, and a reader
+        asleep on another CPU costs an inter-processor interrupt (dear in a VM).
+        Written one at a time between the Python work of each request, most sends
+        find the reader asleep again; written in one burst, only the first does."""
+        if not self._corked:
+            protocol._loop.call_soon(self.flush)
+        self._corked.append(protocol)
+
+    def flush(self) -> None:
+        corked, self._corked = self._corked, []
+        for protocol in corked:
+            protocol.uncork()
+
     def _closed(self, protocol: H1Protocol) -> None:
         self.connections.discard(protocol)
         self._on_close()
@@ -323,6 +339,7 @@ class H1Protocol(BaseProtocol):
         "_close_after",
         "_head_timer",
         "_idle_at",
+        "_out",
         "_peer",
         "_peer_host",
         "_pending",
@@ -355,6 +372,7 @@ class H1Protocol(BaseProtocol):
         self._put_off: bytes | None = None  # bytes read while other clients had the turn
         self._peer: Any = None
         self._peer_host: str | None = None  # the client's address, as the gateway logs and forwards it
+        self._out: list[bytes] | None = None  # output held until the turn's flush (H1Server.cork)
 
     # -- what aiohttp's request needs of its protocol -----------------------------------
     ssl_context = None
@@ -392,6 +410,7 @@ class H1Protocol(BaseProtocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._send_timer = None
+        self._out = None
         super().connection_lost(exc)
         current = self.current
         self.current = None
@@ -411,11 +430,38 @@ class H1Protocol(BaseProtocol):
 
     def abort(self) -> None:
         if self.transport is not None:
+            self._out = None
             self.transport.abort()
 
     def close_when_idle(self) -> None:
         self._close_after = True
         if self.current is None and not self._pending and self.transport is not None:
+            self._close()
+
+    # -- output, held for the turn's flush -----------------------------------------------
+    def send_later(self, data: bytes) -> None:
+        """``data`` to the client, in order, at the end of this loop turn's callbacks."""
+        if self.transport is None:
+            return
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self.server.cork(self)
+        else:
+            out.append(data)
+
+    def uncork(self) -> None:
+        """Write what is held now (before any other write, close or end of the turn)."""
+        out = self._out
+        if out:
+            self._out = None
+            if self.transport is not None:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _close(self) -> None:
+        """Close after what is held and what is buffered are sent."""
+        self.uncork()
+        if self.transport is not None:
             self.transport.close()
 
     # -- reading ------------------------------------------------------------------------
@@ -543,8 +589,8 @@ class H1Protocol(BaseProtocol):
         if not request.keep_alive or self._close_after or self.server.closing:
             self.current = None
             if self._refused:
-                transport.write(_BAD_REQUEST)
-            transport.close()  # after what is buffered is sent
+                self.send_later(_BAD_REQUEST)
+            self._close()  # after what is held and buffered is sent
             return
         payload = request.content
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
@@ -567,8 +613,7 @@ class H1Protocol(BaseProtocol):
             return
         if not request.keep_alive:
             self.current = None
-            if self.transport is not None:
-                self.transport.close()
+            self._close()
             return
         request.task = None
         self.current = None
@@ -590,16 +635,15 @@ class H1Protocol(BaseProtocol):
         return self._idle_at
 
     def close_idle(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
         transport = self.transport
         if transport is not None and self.current is None:
-            transport.write(_REQUEST_TIMEOUT)
+            self.send_later(_REQUEST_TIMEOUT)
             self._close_after = True
-            transport.close()
+            self._close()
 
     def _bad_request(self, exc: HttpProcessingError) -> None:
         # The client's fault, and any client can send one: no traceback at ERROR (a
@@ -614,8 +658,8 @@ class H1Protocol(BaseProtocol):
         if transport is None:
             return
         if self.current is None:
-            transport.write(_BAD_REQUEST)
-            transport.close()
+            self.send_later(_BAD_REQUEST)
+            self._close()
         else:
             # answering the request before it: the 400 follows its response
             self._refused = True
@@ -642,4 +686,4 @@ class H1Protocol(BaseProtocol):
         if transport is not None:
             log.debug("client %s accepted nothing for %.1f s; disconnecting",
                       self.peername, self.server.send_timeout)
-            transport.abort()
+            self.abort()

@@ -115,3 +115,27 @@ async def test_refused_requests_are_counted_in_the_snapshot(start_gateway, upstr
     snap = (await gw.command({"cmd": "snapshot"}))["snapshot"]
     assert snap["workers"][0]["bad_requests"] == 1
     assert upstream.requests == []
+
+
+async def test_held_output_keeps_the_order_of_answers(start_gateway, upstream):
+    """Answers are held until the end of the loop turn and written in one burst: 1. one
+    write carries two proxied GETs, a HEAD and a request the gateway refuses at once
+    (400) 2. the answers arrive in request order, the 400 last, whole 3. the
+    connection closes after the 400 (nothing held is lost to the close)."""
+    gw = await start_gateway(ROUTE.format(url=upstream.url), keepalive_timeout=60)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /echo?n=2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"HEAD /echo?n=3 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /x HTTP/1.1\r\nHost: a b\r\n\r\n")  # refused by the gateway: bad_host
+        for n in (1, 2):
+            status, body = await read_response(reader)
+            assert status == 200 and json.loads(body)["target"] == f"/echo?n={n}"
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 "), head  # the HEAD: no body follows
+        rest = await asyncio.wait_for(reader.read(), 5)  # the 400, then the close
+        assert rest.startswith(b"HTTP/1.1 400 ") and b"X-Gatewayd-Reason: bad_host" in rest, rest
+        assert rest.count(b"HTTP/1.1") == 1
+    finally:
+        writer.close()
