@@ -38,7 +38,7 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
-from .headers import response_headers, split_fields
+from .headers import request_fields, response_headers, split_fields
 from .responses import prebuilt
 from .upstream import Cancellable
 
@@ -100,6 +100,20 @@ class Request:
         """Bytes to the client (a head, a small response, 100 Continue), sent with the
         others of this loop turn (H1Server.flush)."""
         self.protocol.send_later(data)
+
+    def upstream_fields(self) -> bytes:
+        """``headers.request_fields`` for this request, remembered per connection: a
+        client sends the same headers request after request on a keep-alive
+        connection, and comparing them with the last ones costs far less than
+        filtering them again."""
+        protocol = self.protocol
+        raw = self.raw_headers
+        memo = protocol._fields_memo
+        if memo is not None and memo[0] == raw:
+            return memo[1]
+        fields = request_fields(raw, self.remote or "", self.headers.get("Host", ""))
+        protocol._fields_memo = (raw, fields)
+        return fields
 
     def force_close(self) -> None:
         """The connection closes once this request's response is out."""
@@ -245,6 +259,7 @@ class H1Server:
                 protocol.close_idle()
             elif since <= trim_before and protocol._clean:
                 protocol._parser = None
+                protocol._fields_memo = None
         if self.connections or not self.closing:
             self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         else:
@@ -337,6 +352,7 @@ class H1Protocol(BaseProtocol):
     __slots__ = (
         "_clean",
         "_close_after",
+        "_fields_memo",
         "_head_timer",
         "_idle_at",
         "_out",
@@ -373,6 +389,7 @@ class H1Protocol(BaseProtocol):
         self._peer: Any = None
         self._peer_host: str | None = None  # the client's address, as the gateway logs and forwards it
         self._out: list[bytes] | None = None  # output held until the turn's flush (H1Server.cork)
+        self._fields_memo: tuple[Any, bytes] | None = None  # see Request.upstream_fields
 
     # -- what aiohttp's request needs of its protocol -----------------------------------
     ssl_context = None

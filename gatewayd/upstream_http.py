@@ -30,7 +30,7 @@ from .balance import Balancer
 from .body import RequestBody
 from .config import UpstreamConfig
 from .h1client import H1Pool, Response
-from .headers import request_fields, response_headers
+from .headers import response_headers
 from .health import HealthChecker
 from .servers import ServerState
 from .tomlpos import Locator, Path, format_path
@@ -200,7 +200,7 @@ class HttpUpstream(Upstream):
             return None  # the balancer's choice, or a body: the general path
         request = ex.request
         try:
-            headers = request_fields(request.raw_headers, ex.client_ip, request.headers.get("Host", ""))
+            headers = request.upstream_fields()
             inline = _Inline(self, ex, sink, server, headers)
             conn = server.session.send_idle(request.method, ex.path, headers, inline)  # type: ignore[union-attr]
         except ValueError:
@@ -216,7 +216,7 @@ class HttpUpstream(Upstream):
         server = self._pick()
         request = ex.request
         method = request.method
-        headers = request_fields(request.raw_headers, ex.client_ip, request.headers.get("Host", ""))
+        headers = request.upstream_fields()
         body: RequestBody | None = ex.body
         began = self._now() if self._retries else 0.0
         server.in_flight += 1

@@ -249,3 +249,28 @@ async def test_queued_clients_leaving_as_the_slot_frees(start_gateway) -> None:
         newcomer.close()
     finally:
         await relay.stop()
+
+
+async def test_headers_remembered_per_connection_follow_each_request(start_gateway) -> None:
+    """The header lines sent upstream are remembered per client connection and reused
+    while the client repeats its headers: 1. four requests on one connection, the
+    headers the same, then changed, then back 2. the upstream sees each request's own
+    headers, byte for byte."""
+    relay = await RawUpstream().start()
+    try:
+        gw = await start_gateway(route_to(relay.url))
+        client = await Client.open(gw.port)
+        sent = [b"X-A: 1\r\n", b"X-A: 1\r\n", b"X-A: 2\r\nX-Forwarded-For: 10.0.0.1\r\n", b"X-A: 1\r\n"]
+        for i, extra in enumerate(sent):
+            client.writer.write(b"GET /h%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (i, extra))
+            async with asyncio.timeout(5):
+                head = await client.reader.readuntil(b"\r\n\r\n")
+                assert status_of(head) == 200 and await client.reader.readexactly(3) == b"ok\n"
+        got = [[line for line in r.head.split(b"\r\n")[1:] if line] for r in relay.requests]
+        assert got[0] == got[1] == got[3] == [b"Host: x", b"X-A: 1", b"X-Forwarded-For: 127.0.0.1",
+                                              b"X-Forwarded-Proto: http", b"X-Forwarded-Host: x"]
+        assert got[2] == [b"Host: x", b"X-A: 2", b"X-Forwarded-For: 10.0.0.1, 127.0.0.1",
+                          b"X-Forwarded-Proto: http", b"X-Forwarded-Host: x"]
+        client.close()
+    finally:
+        await relay.stop()
