@@ -259,7 +259,7 @@ class H1Server:
                 protocol.close_idle()
             elif since <= trim_before and protocol._clean:
                 protocol._parser = None
-                protocol._fields_memo = None
+                protocol._fields_memo = protocol.checked_headers = None
         if self.connections or not self.closing:
             self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         else:
@@ -364,6 +364,7 @@ class H1Protocol(BaseProtocol):
         "_send_timer",
         "_stepping",
         "_tail",
+        "checked_headers",
         "current",
         "server",
     )
@@ -390,6 +391,7 @@ class H1Protocol(BaseProtocol):
         self._peer_host: str | None = None  # the client's address, as the gateway logs and forwards it
         self._out: list[bytes] | None = None  # output held until the turn's flush (H1Server.cork)
         self._fields_memo: tuple[Any, bytes] | None = None  # see Request.upstream_fields
+        self.checked_headers: tuple[Any, int] | None = None  # see requestcheck.origin_target
 
     # -- what aiohttp's request needs of its protocol -----------------------------------
     ssl_context = None

@@ -25,7 +25,7 @@ ones it lets through that a gateway must not forward as they are:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp.http import HttpVersion10, HttpVersion11
 
@@ -59,27 +59,27 @@ def origin_target(request: Request) -> str:
     if version != HttpVersion11 and version != HttpVersion10:
         raise Refused(400, "http_version")
     headers = request.headers
-    te = headers.get("Transfer-Encoding")
-    if te is not None:
-        if version == HttpVersion10:
-            raise Refused(400, "bad_framing")
-        if te.strip().lower() != "chunked":
-            raise Refused(400, "transfer_coding")
+    raw = request.raw_headers
+    protocol = request.protocol
+    checked = protocol.checked_headers
+    seen = checked is not None and checked[0] == raw
+    if seen:
+        # the same fields as the connection's last request, which passed the checks
+        # on fields alone (and had no Transfer-Encoding, so whatever its version)
+        fields_size = checked[1]  # type: ignore[index]
+    else:
+        fields_size = _check_fields(headers, raw, version)
     target = request.raw_path
-    size = len(request.method) + len(target) + 12
-    for name, value in request.raw_headers:
-        size += len(name) + len(value) + 4
-        if not value.isascii():
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise Refused(400, "bad_header") from None
-    if size > MAX_HEAD_SIZE:
+    if len(request.method) + len(target) + 12 + fields_size > MAX_HEAD_SIZE:
         raise Refused(431, "header_too_large")
-    host = headers.get("Host")
-    if host is not None and _HOST.match(host) is None:
-        raise Refused(400, "bad_host")
+    if not seen:
+        host = headers.get("Host")
+        if host is not None and _HOST.match(host) is None:
+            raise Refused(400, "bad_host")
+        if "Transfer-Encoding" not in headers:
+            protocol.checked_headers = (raw, fields_size)
     if not target.startswith("/"):
+        host = headers.get("Host")
         m = _ABSOLUTE.match(target)
         # absolute-form: routed by its path, and only when Host names the same authority
         # (RFC 9112 §3.2.2 lets the target win; refusing the mismatch leaves nothing to guess)
@@ -90,3 +90,25 @@ def origin_target(request: Request) -> str:
     if ("." in path or "%" in path) and _DOT_SEGMENT.search(path) is not None:
         raise Refused(400, "bad_target")
     return target
+
+
+def _check_fields(headers: Any, raw: tuple[tuple[bytes, bytes], ...], version: Any) -> int:
+    """The checks on the header fields alone; their size on the wire. Their outcome
+    is remembered on the connection (``H1Protocol.checked_headers``) when they pass
+    with a good Host and no Transfer-Encoding: a client repeats its fields request
+    after request."""
+    te = headers.get("Transfer-Encoding")
+    if te is not None:
+        if version == HttpVersion10:
+            raise Refused(400, "bad_framing")
+        if te.strip().lower() != "chunked":
+            raise Refused(400, "transfer_coding")
+    size = 0
+    for name, value in raw:
+        size += len(name) + len(value) + 4
+        if not value.isascii():
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Refused(400, "bad_header") from None
+    return size
