@@ -21,7 +21,7 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiohttp.resolver import AsyncResolver
@@ -221,36 +221,33 @@ class HttpUpstream(Upstream):
         began = self._now() if self._retries else 0.0
         server.in_flight += 1
         server.requests += 1
-        try:
-            pool: H1Pool = server.session  # type: ignore[assignment]
-            if body is None:
-                up = await pool.request(method, ex.path, headers)
-            else:
-                up = await pool.request(method, ex.path, headers, body=body.chunks(),
-                                        body_length=request.content_length)
-        except UpstreamFailure as fail:
-            server.in_flight -= 1
-            up, server = await self._retry(ex, headers, server, fail, began)
-        except BaseException:
-            # cancelled (its client left) or the client's body failed: no verdict on the server
-            server.in_flight -= 1
-            if server.trial:
-                server.trial_abandoned()
-            raise
-        await self._respond(ex, server, up)
+        pool: H1Pool = server.session  # type: ignore[assignment]
+        if body is None:
+            attempt = pool.request(method, ex.path, headers)
+        else:
+            attempt = pool.request(method, ex.path, headers, body=body.chunks(),
+                                   body_length=request.content_length)
+        await self._carry_on(ex, server, headers, began, attempt)
 
     async def _resume(self, ex: Exchange, server: ServerState, headers: bytes,
                       conn: Any) -> None:
         """``serve`` from the point an inline exchange failed before its head."""
         began = self._now() if self._retries else 0.0
-        request = ex.request
+        pool: H1Pool = server.session  # type: ignore[assignment]
+        attempt = pool.resume(conn, ex.request.method, ex.path, headers)
+        await self._carry_on(ex, server, headers, began, attempt)
+
+    async def _carry_on(self, ex: Exchange, server: ServerState, headers: bytes, began: float,
+                        attempt: Coroutine[Any, Any, Response]) -> None:
+        """The first attempt's response, or the retries after its failure; then the
+        response to the client."""
         try:
-            pool: H1Pool = server.session  # type: ignore[assignment]
-            up = await pool.resume(conn, request.method, ex.path, headers)
+            up = await attempt
         except UpstreamFailure as fail:
             server.in_flight -= 1
             up, server = await self._retry(ex, headers, server, fail, began)
         except BaseException:
+            # cancelled (its client left) or the client's body failed: no verdict on the server
             server.in_flight -= 1
             if server.trial:
                 server.trial_abandoned()
