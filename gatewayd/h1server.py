@@ -163,16 +163,15 @@ class Request:
             mode = 1
         else:
             mode = 0
-        if len(fields) > HEAD_KEPT_SIZE:  # rare, and not worth the memory
-            return self.head(status, reason, response_headers(split_fields(fields)), length)
         key = (status, reason, fields, length, mode)
         heads = server.heads
         head = heads.get(key)
         if head is None:
             head = self.head(status, reason, response_headers(split_fields(fields)), length)
-            if len(heads) >= HEADS_KEPT:
-                heads.clear()
-            heads[key] = head
+            if len(fields) <= HEAD_KEPT_SIZE:  # a longer one is rare, and not worth the memory
+                if len(heads) >= HEADS_KEPT:
+                    heads.clear()
+                heads[key] = head
         elif mode == 2:
             self.keep_alive = False  # as head() decides
         return head
