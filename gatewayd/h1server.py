@@ -74,7 +74,15 @@ class Request:
         self.raw_path: str = message.path
         self.version = message.version
         self.headers = message.headers
-        self.raw_headers = message.raw_headers
+        raw = message.raw_headers
+        if raw == protocol._last_raw:
+            # One object for the fields a client repeats request after request: the
+            # connection's memos of them (upstream_fields, requestcheck.origin_target)
+            # compare by identity, and the fields are compared once, here.
+            raw = protocol._last_raw
+        else:
+            protocol._last_raw = raw
+        self.raw_headers = raw
         self.content = payload
         self.body_exists = payload is not EMPTY_PAYLOAD
         self.keep_alive = not message.should_close and not protocol.server.closing
@@ -88,10 +96,16 @@ class Request:
 
     @property
     def remote(self) -> str | None:
-        return self.protocol.peer_host
+        protocol = self.protocol
+        host = protocol._peer_host  # known after the connection's first request
+        return host if host is not None else protocol.peer_host
 
     @property
     def content_length(self) -> int | None:
+        """The length of the body to read, as Content-Length declares it; None when
+        there is none to read (no body, or ``Content-Length: 0``) or it is chunked."""
+        if not self.body_exists:
+            return None
         value = self.headers.get("Content-Length")
         return int(value) if value is not None else None
 
@@ -109,7 +123,7 @@ class Request:
         protocol = self.protocol
         raw = self.raw_headers
         memo = protocol._fields_memo
-        if memo is not None and memo[0] == raw:
+        if memo is not None and memo[0] is raw:  # equal fields are one object (__init__)
             return memo[1]
         fields = request_fields(raw, self.remote or "", self.headers.get("Host", ""))
         protocol._fields_memo = (raw, fields)
@@ -258,7 +272,7 @@ class H1Server:
                 protocol.close_idle()
             elif since <= trim_before and protocol._clean:
                 protocol._parser = None
-                protocol._fields_memo = protocol.checked_headers = None
+                protocol._last_raw = protocol._fields_memo = protocol.checked_headers = None
         if self.connections or not self.closing:
             self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         else:
@@ -304,18 +318,14 @@ class H1Server:
             self._turn_armed = False
 
     # -- writes: one burst per loop turn ----------------------------------------------------
-    def cork(self, protocol: H1Protocol) -> None:
-        """Hold ``protocol``'s output until the end of this turn's callbacks.
+    def flush(self) -> None:
+        """Write the output held this turn (H1Protocol.send_later), at the end of its
+        callbacks.
 
         Why: each send() to a client on loopback also wakes its reader, and a reader
         asleep on another CPU costs an inter-processor interrupt (dear in a VM).
         Written one at a time between the Python work of each request, most sends
         find the reader asleep again; written in one burst, only the first does."""
-        if not self._corked:
-            protocol._loop.call_soon(self.flush)
-        self._corked.append(protocol)
-
-    def flush(self) -> None:
         corked, self._corked = self._corked, []
         for protocol in corked:
             protocol.uncork()
@@ -354,6 +364,7 @@ class H1Protocol(BaseProtocol):
         "_fields_memo",
         "_head_timer",
         "_idle_at",
+        "_last_raw",
         "_out",
         "_peer",
         "_peer_host",
@@ -388,7 +399,8 @@ class H1Protocol(BaseProtocol):
         self._put_off: bytes | None = None  # bytes read while other clients had the turn
         self._peer: Any = None
         self._peer_host: str | None = None  # the client's address, as the gateway logs and forwards it
-        self._out: list[bytes] | None = None  # output held until the turn's flush (H1Server.cork)
+        self._out: list[bytes] | None = None  # output held until the turn's flush (send_later)
+        self._last_raw: tuple[tuple[bytes, bytes], ...] | None = None  # see Request.__init__
         self._fields_memo: tuple[Any, bytes] | None = None  # see Request.upstream_fields
         self.checked_headers: tuple[Any, int] | None = None  # see requestcheck.origin_target
 
@@ -464,7 +476,10 @@ class H1Protocol(BaseProtocol):
         out = self._out
         if out is None:
             self._out = [data]
-            self.server.cork(self)
+            corked = self.server._corked  # the connections the turn's flush writes
+            if not corked:
+                self._loop.call_soon(self.server.flush)
+            corked.append(self)
         else:
             out.append(data)
 
@@ -474,7 +489,7 @@ class H1Protocol(BaseProtocol):
         if out:
             self._out = None
             if self.transport is not None:
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                self.transport.writelines(out)
 
     def _close(self) -> None:
         """Close after what is held and what is buffered are sent."""
@@ -524,27 +539,30 @@ class H1Protocol(BaseProtocol):
             return
         if upgraded:
             self._tail = bytes(tail)
+        if not messages:
+            self._clean = False
+            if self.current is None and self._head_timer is None and data:
+                # part of a head: from its first byte it has head_timeout to arrive
+                self._head_timer = self._loop.call_later(self.server.head_timeout, self._head_timed_out)
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        message, payload = messages[-1]
         # Whether the parser is between requests: the bytes ended a head whose request
         # has no body. Anything else (a body, a part of a head) keeps the parser.
-        self._clean = bool(messages) and data[-4:] == b"\r\n\r\n" and messages[-1][1] is EMPTY_PAYLOAD
-        if messages:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-            if self.current is None and self._pending is None and len(messages) == 1:
-                self._dispatch(*messages[0])
-            else:
-                pending = self._pending
-                if pending is None:
-                    pending = self._pending = deque()
-                pending.extend(messages)
-                if len(pending) >= MAX_PIPELINED and not self._buffer_paused:
-                    self._pause_reading_for_buffer()
-                if self.current is None:
-                    self._step()
-        elif self.current is None and self._head_timer is None and data:
-            # part of a head: from its first byte it has head_timeout to arrive
-            self._head_timer = self._loop.call_later(self.server.head_timeout, self._head_timed_out)
+        self._clean = payload is EMPTY_PAYLOAD and data.endswith(b"\r\n\r\n")
+        if len(messages) == 1 and self.current is None and self._pending is None:
+            self._dispatch(message, payload)
+            return
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        pending.extend(messages)
+        if len(pending) >= MAX_PIPELINED and not self._buffer_paused:
+            self._pause_reading_for_buffer()
+        if self.current is None:
+            self._step()
 
     def pause_reading(self) -> None:
         # a body's buffer is full (StreamReader's flow control): stop reading the socket
@@ -610,12 +628,16 @@ class H1Protocol(BaseProtocol):
                 self.send_later(_BAD_REQUEST)
             self._close()  # after what is held and buffered is sent
             return
-        payload = request.content
-        if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+        if request.body_exists and not request.content.is_eof():
             request.task = self._loop.create_task(self._linger(request))
             return
         self.current = None
-        self._step()
+        if self._pending is None and self._tail is None and not self._buffer_paused:
+            # nothing parsed ahead (the common keep-alive case): idle at once, as
+            # _step ends (_idle, inline: this runs for every request)
+            self._idle_at = self._loop.time()
+        else:
+            self._step()
 
     async def _linger(self, request: Request) -> None:
         payload = request.content

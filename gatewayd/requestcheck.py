@@ -62,10 +62,10 @@ def origin_target(request: Request) -> str:
     raw = request.raw_headers
     protocol = request.protocol
     checked = protocol.checked_headers
-    seen = checked is not None and checked[0] == raw
+    seen = checked is not None and checked[0] is raw  # equal fields are one object (h1server.Request)
     if seen:
-        # the same fields as the connection's last request, which passed the checks
-        # on fields alone (and had no Transfer-Encoding, so whatever its version)
+        # the same fields as an earlier request of the connection, which passed the
+        # checks on fields alone (and had no Transfer-Encoding, so whatever its version)
         fields_size = checked[1]  # type: ignore[index]
     else:
         fields_size = _check_fields(headers, raw, version)
@@ -86,8 +86,7 @@ def origin_target(request: Request) -> str:
         if m is None or host is None or m.group(1).lower() != host.lower():
             raise Refused(400, "bad_target")
         target = m.group(2) if m.group(2).startswith("/") else "/" + m.group(2)
-    path = target.partition("?")[0]
-    if ("." in path or "%" in path) and _DOT_SEGMENT.search(path) is not None:
+    if ("." in target or "%" in target) and _DOT_SEGMENT.search(target.partition("?")[0]) is not None:
         raise Refused(400, "bad_target")
     return target
 
