@@ -15,6 +15,8 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from aiohttp.hdrs import HOST
+
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .body import BodyTimeout, BodyTooLarge, RequestBody
 from .requestcheck import Refused, origin_target
@@ -65,7 +67,8 @@ class Gateway:
             answer(request, refused.status, refused.reason, close=True)
             request.protocol.finish(request)
             return
-        route = self.runtime.table.router.match(request.headers.get("Host"), target)
+        # HOST is an istr: the headers' multidict finds it without folding its case again
+        route = self.runtime.table.router.match(request.headers.get(HOST), target)
         if route is None:
             answer(request, 404, "no_route")
             self._log(request, None, 404, 0, start, "no_route")
@@ -73,10 +76,11 @@ class Gateway:
             return
         stats = route.stats
         stats.requests += 1
-        length = request.content_length
-        if length is not None and length > self.runtime.config.server.max_body_size:
-            self._refuse(request, route, 413, "body_too_large", start)
-            return
+        if request.body_exists:  # (the parser makes a body for any Content-Length over 0)
+            length = request.content_length
+            if length is not None and length > self.runtime.config.server.max_body_size:
+                self._refuse(request, route, 413, "body_too_large", start)
+                return
         gate = route.gate
         if gate.try_enter():
             stats.queue_wait.observe_zero()
@@ -95,16 +99,27 @@ class Gateway:
             request.task = queued
 
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
-        """An admitted request, holding its slot: inline where its upstream can, else in a task."""
-        ex = self._exchange(request, route, target, start)
-        try:
-            if self._inline(ex):
-                return
-        except Exception as exc:  # a bug: answered and counted by _run, as in a task
-            work: Coroutine[Any, Any, None] = raising(exc)
+        """An admitted request, holding its slot: served inline where its upstream can (a
+        bodiless GET through a warm pool: it ends in ``settle``, ``handover`` or
+        ``cancelled``), else by a task."""
+        upstream = route.upstream
+        path = route.forward_path(target)
+        body = None
+        if request.body_exists:
+            server = self.runtime.config.server
+            body = RequestBody(request, server.max_body_size, server.request_body_timeout,
+                               server.request_body_min_rate)
         else:
-            work = route.upstream.serve(ex)
-        request.task = self._loop.create_task(self._run(ex, work))
+            try:
+                inline = upstream.serve_inline(request, route, path, start, self)
+            except Exception as exc:  # a bug: answered and counted by _run, as in a task
+                self.handover(Exchange(request, route, path, start, None), raising(exc))
+                return
+            if inline is not None:
+                request.task = inline
+                return
+        ex = Exchange(request, route, path, start, body)
+        self.handover(ex, upstream.serve(ex))
 
     def _refuse(self, request: Request, route: Route, status: int, reason: str, start: float) -> None:
         """Answer without forwarding (413, 503): the body, if any, is never read.
@@ -117,25 +132,6 @@ class Gateway:
         route.stats.responded(status, self._loop.time() - start)
         self._log(request, route, status, 0, start, reason)
         request.protocol.finish(request)
-
-    def _exchange(self, request: Request, route: Route, target: str, start: float) -> Exchange:
-        body = None
-        if request.body_exists:
-            server = self.runtime.config.server
-            body = RequestBody(request, server.max_body_size, server.request_body_timeout,
-                               server.request_body_min_rate)
-        return Exchange(request, route, route.forward_path(target), start, request.remote or "", body)
-
-    def _inline(self, ex: Exchange) -> bool:
-        """Serve an admitted request without a task where its upstream can (the common
-        GET through a warm pool): it ends in ``settle``, ``handover`` or ``cancelled``."""
-        if ex.body is not None:
-            return False
-        handle = ex.route.upstream.serve_inline(ex, self)
-        if handle is None:
-            return False
-        ex.request.task = handle
-        return True
 
     async def _run(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> None:
         """An admitted request: ``work`` (the upstream's ``serve``, or what carries an

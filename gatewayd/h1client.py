@@ -128,6 +128,10 @@ __all__ = ["H1Pool", "PoolStats", "Response", "UpstreamFailure"]
 MAX_HEAD = 65536  # bytes of response head (status line and headers)
 MAX_LINE = 8190  # bytes of one status or header line (aiohttp's client limit)
 MAX_HEADERS = 100
+# a head of at most this many bytes is within the limits: more than MAX_HEADERS header lines
+# take more (each at least "a:" and its CRLF), as does a line over MAX_LINE. The common head
+# needs no counting.
+_SMALL_HEAD = 4 * MAX_HEADERS
 READ_BUFFER = 131072  # body bytes buffered before the upstream socket is paused (as aiohttp: 2 x 64 KiB)
 
 # RFC 9110 §9.2.2; only these may be replayed after a stale keep-alive connection
@@ -279,7 +283,7 @@ class H1Pool:
         pooled connection, now; None (nothing sent) when no connection is idle.
 
         The head is written at the end of the loop turn's callbacks, with the
-        others of the turn (``_send_later``).
+        others of the turn (``_flush``).
 
         No future and no await: ``listener.wake()`` is called, outside the parser, once
         the response head is in (``Response(conn)`` then reads it as ``request()``'s
@@ -292,24 +296,22 @@ class H1Pool:
             return None
         head = self._head(method, target, headers, False, None)
         conn = idle.pop()
-        conn._state = _BUSY
+        conn._state = _BUSY  # from idle: nothing stray was read on it (that closes an idle one)
         stats = self.stats
         stats.requests += 1
         stats.reuses += 1
         conn._listener = listener
-        conn._send(head, method == "HEAD", None, None, defer=True)
-        return conn
-
-    def _send_later(self, conn: _Conn, head: bytes) -> None:
-        """Write ``head`` on ``conn`` at the end of this loop turn's callbacks, with the
-        other heads of the turn. Each send() on loopback also wakes the server's
-        reader; one burst wakes it once where sends spread over the turn's Python
-        work would wake it for most of them (an inter-processor interrupt each on
-        another CPU, dear in a VM). A connection closed meanwhile sends nothing."""
+        conn._begin(method == "HEAD")
+        # Written at the end of this loop turn's callbacks, with the other heads of the
+        # turn (_flush). Each send() on loopback also wakes the server's reader; one
+        # burst wakes it once where sends spread over the turn's Python work would wake
+        # it for most of them (an inter-processor interrupt each on another CPU, dear in
+        # a VM). A connection closed meanwhile sends nothing.
         outbox = self._outbox
         if not outbox:
-            self._get_loop().call_soon(self._flush)
+            conn._loop.call_soon(self._flush)
         outbox.append((conn, head))
+        return conn
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -335,8 +337,28 @@ class H1Pool:
               length: int | None) -> bytes:
         if "#" in target:
             target = target.partition("#")[0]  # a fragment is not part of a request-target (RFC 9112 §3.2)
-        if isinstance(headers, bytes):
-            return self._head_lines(method, target, headers, has_body, length)
+        if not isinstance(headers, bytes):
+            return self._head_pairs(method, target, headers, has_body, length)
+        # header lines already made (headers.request_fields: checked, no framing), the
+        # gateway's case: only the request line is checked here
+        start = f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+        if start.count(b"\n") != 1 or start.count(b"\r") != 1:
+            raise ValueError("CR or LF in the request target")
+        if has_body:
+            framing = (b"Content-Length: %d\r\n\r\n" % length if length is not None
+                       else b"Transfer-Encoding: chunked\r\n\r\n")
+        elif method in _BODY_METHODS:
+            framing = b"Content-Length: 0\r\n\r\n"
+        else:
+            framing = b"\r\n"
+        # (a client's Host comes first, as a rule: the whole block is lowered only when not)
+        if headers[:5].lower() == b"host:" or b"\nhost:" in headers.lower():
+            return start + headers + framing
+        return start + headers + self._host_bytes + framing
+
+    def _head_pairs(self, method: str, target: str, headers: Iterable[tuple[str, str]], has_body: bool,
+                    length: int | None) -> bytes:
+        """``_head`` for ``(name, value)`` pairs, each checked and framing ones dropped."""
         parts = [f"{method} {target} HTTP/1.1\r\n"]
         host = False
         for name, value in headers:
@@ -359,22 +381,6 @@ class H1Pool:
         if text.count("\n") != len(parts) or text.count("\r") != len(parts):
             raise ValueError("CR or LF in the request target or a header")
         return text.encode("utf-8", "surrogateescape")
-
-    def _head_lines(self, method: str, target: str, lines: bytes, has_body: bool, length: int | None) -> bytes:
-        """``_head`` for header lines already made (headers.request_fields: checked, no framing)."""
-        start = f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
-        if start.count(b"\n") != 1 or start.count(b"\r") != 1:
-            raise ValueError("CR or LF in the request target")
-        if has_body:
-            framing = (b"Content-Length: %d\r\n\r\n" % length if length is not None
-                       else b"Transfer-Encoding: chunked\r\n\r\n")
-        elif method in _BODY_METHODS:
-            framing = b"Content-Length: 0\r\n\r\n"
-        else:
-            framing = b"\r\n"
-        if lines[:5].lower() == b"host:" or b"\nhost:" in lines.lower():
-            return start + lines + framing
-        return start + lines + self._host_bytes + framing
 
     # -- connections ------------------------------------------------------------------------
     async def _acquire(self, fresh: bool, connect_timeout: float | None = None) -> _Conn:
@@ -531,7 +537,7 @@ class _Conn(asyncio.Protocol):
         "_buf", "_buffered", "_done", "_drain", "_exc", "_fields", "_garbage", "_got", "_head_done",
         "_head_only", "_head_pos", "_interim", "_keep_alive", "_listener", "_loop", "_parser", "_partial", "_paused",
         "_poller", "_pool", "_raw", "_reason", "_reused", "_sourcing", "_stamp", "_state", "_status", "_timer",
-        "_transport", "_until_close", "_waiter", "_write_paused", "_writer",
+        "_transport", "_waiter", "_write_paused", "_writer",
     )
 
     def __init__(self, pool: H1Pool, loop: asyncio.AbstractEventLoop) -> None:
@@ -559,7 +565,6 @@ class _Conn(asyncio.Protocol):
         self._got = False
         self._garbage = False
         self._interim = False
-        self._until_close = False
         self._keep_alive = False
         self._exc: BaseException | None = None
         self._status = 0
@@ -574,11 +579,17 @@ class _Conn(asyncio.Protocol):
 
     # -- the exchange -----------------------------------------------------------------------
     def _send(self, head: bytes, head_only: bool, body: AsyncIterable[bytes] | None,
-              length: int | None, defer: bool = False) -> None:
-        """Start an exchange: reset the response state, write the head (``defer``: with
-        the turn's others), start the body's writer."""
+              length: int | None) -> None:
+        """Start an exchange: write the head now, start the body's writer."""
         if self._state != _BUSY or self._garbage:  # handed over to a waiter, then lost or sent bytes
             raise _Stale() if self._reused else _reset()
+        self._begin(head_only)
+        self._transport.write(head)
+        if body is not None:
+            self._writer = self._loop.create_task(self._write_body(body, length))
+
+    def _begin(self, head_only: bool) -> None:
+        """A new exchange, its head about to be written: the response state reset."""
         if self._head_only:  # llhttp still expects the body the last HEAD response announced
             self._parser = httptools.HttpResponseParser(self)
         self._done = self._head_done = self._got = self._interim = False
@@ -586,14 +597,7 @@ class _Conn(asyncio.Protocol):
         self._exc = None
         self._head_pos = 0
         self._partial = None
-        loop = self._loop
-        self._stamp = loop.time()
-        if defer:
-            self._pool._send_later(self, head)
-        else:
-            self._transport.write(head)
-        if body is not None:
-            self._writer = loop.create_task(self._write_body(body, length))
+        self._stamp = self._loop.time()
 
     async def _write_body(self, body: AsyncIterable[bytes], length: int | None) -> None:
         transport = self._transport
@@ -672,28 +676,36 @@ class _Conn(asyncio.Protocol):
         self._close()
 
     def _take(self) -> bytes:
-        """The buffered body bytes, handed to the consumer; reading resumes if it was paused."""
+        """The buffered body bytes, handed to the consumer. Once the response is complete
+        they are its last: the exchange ends, and the connection is reused if everything
+        allows it, else closed (one call for the whole of a small response)."""
         buf = self._buf
-        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        data = b"".join(buf)  # the one chunk itself when there is one (no copy)
         buf.clear()
         self._buffered = 0
-        if self._paused and self._state != _CLOSED:
-            self._paused = False
-            self._stamp = self._loop.time()
-            self._transport.resume_reading()
-        return data
-
-    def _finish(self) -> None:
-        """The consumer has the whole response: reuse the connection if everything allows it."""
-        writer = self._writer
-        if writer is not None:  # answered before the request body was sent: cannot be reused
-            self._close(graceful=True)
-        elif self._keep_alive and not self._garbage and self._state == _BUSY and self._pool.keepalive_timeout > 0:
+        if not self._done:
+            if self._paused and self._state != _CLOSED:
+                self._resume()
+        elif (self._writer is None and self._keep_alive and not self._garbage and self._state == _BUSY
+              and self._pool.keepalive_timeout > 0):
+            if self._paused:
+                self._resume()  # idle, it must see the server's close
             self._reused = True
             self._stamp = self._loop.time()
-            self._pool._recycle(self)
-        else:
+            pool = self._pool
+            if pool._waiters or pool._closed:
+                pool._recycle(self)
+            else:  # _recycle's common case, without a call: it runs per response
+                self._state = _IDLE
+                pool._idle.append(self)
+        else:  # also when answered before the request body was sent in full
             self._close(graceful=True)
+        return data
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._stamp = self._loop.time()
+        self._transport.resume_reading()
 
     def _close(self, graceful: bool = False) -> None:
         """Close the connection now and free its pool slot (once)."""
@@ -772,17 +784,10 @@ class _Conn(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        # one frame for the common read (the rare cases have their own): it runs per response
         if self._state != _BUSY or self._done:
-            # unsolicited: a late 408, garbage after a complete response, or bytes while idle
-            self._garbage = True
-            if self._state == _IDLE:
-                self._close()
+            self._unsolicited()
             return
-        self._read(data)
-        if self._listener is not None:
-            self._listener.wake()
-
-    def _read(self, data: bytes) -> None:
         self._stamp = self._loop.time()
         self._got = True
         head = not self._head_done
@@ -794,22 +799,33 @@ class _Conn(asyncio.Protocol):
                 partial += data
                 self._raw = partial
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(data)  # on_headers_complete lets go of _raw and _partial
         except httptools.HttpParserError:  # the callbacks' exceptions arrive wrapped in it too
-            if self._done:
-                self._garbage = True  # after a complete response: it is fine, the connection is not
-            else:
-                self._fail(_invalid())
-            return
-        if head:
-            if self._head_done:
-                self._raw = b""
-                self._partial = None
-            else:
-                if self._partial is None:
-                    self._partial = bytearray(data)
-                if len(self._partial) - self._head_pos > MAX_HEAD:
-                    self._fail(_invalid())  # a head that does not end
+            self._parse_error()
+        else:
+            if head and not self._head_done:
+                self._head_part(data)
+        if self._listener is not None:
+            self._listener.wake()
+
+    def _unsolicited(self) -> None:
+        # a late 408, garbage after a complete response, or bytes while idle
+        self._garbage = True
+        if self._state == _IDLE:
+            self._close()
+
+    def _parse_error(self) -> None:
+        if self._done:
+            self._garbage = True  # after a complete response: it is fine, the connection is not
+        else:
+            self._fail(_invalid())
+
+    def _head_part(self, data: bytes) -> None:
+        """A read that did not complete the head: keep its bytes for the next."""
+        if self._partial is None:
+            self._partial = bytearray(data)
+        if len(self._partial) - self._head_pos > MAX_HEAD:
+            self._fail(_invalid())  # a head that does not end
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost tells what the EOF meant
@@ -824,7 +840,7 @@ class _Conn(asyncio.Protocol):
             if self._head_done:
                 if exc is not None:
                     self._exc = _reset()
-                elif self._until_close:
+                elif self._until_close():
                     self._done = True  # the body was delimited by this close
                     self._keep_alive = False
                 else:  # a clean close before the length or the last chunk: a malformed response
@@ -835,6 +851,13 @@ class _Conn(asyncio.Protocol):
                 self._exc = _reset()
         pool._free()
         self._wake()
+
+    def _until_close(self) -> bool:
+        """Whether the body of the response whose head is in is delimited by the close (a
+        HEAD's response is done at its head). Asked only when the connection ends mid-body,
+        not worked out per response."""
+        status = self._status
+        return not self._keep_alive and status != 204 and status != 304 and _needs_eof(split_fields(self._fields))
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -854,54 +877,49 @@ class _Conn(asyncio.Protocol):
             raise _Refused  # a second message on an exchange that is over: stop parsing
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        status = parser.get_status_code()
+        # llhttp accepted the head: the version (after any CR or LF it skips), one space, three
+        # digits, then a space and the reason or the line's end; strict CRLF lines (no obs-fold,
+        # no bare CR or LF, no space before a colon). So the status line ends at the first CRLF
+        # after the version's space, the head at the first blank line after that, and each
+        # header line splits at its first colon: three finds, no split of the head.
         raw = self._raw
         pos = self._head_pos
-        # llhttp accepted the head: strict CRLF lines, no obs-fold, no bare CR or LF, no space
-        # before a colon. So its end is the first blank line, and each line splits at its first colon.
-        end = raw.find(b"\r\n\r\n", pos)
-        if end < 0 or end - pos > MAX_HEAD:
-            raise _Refused
+        sp = raw.find(b" ", pos)
+        eol = raw.find(b"\r\n", sp)
+        end = raw.find(b"\r\n\r\n", eol)
+        parser = self._parser
+        status = parser.get_status_code()
         if status < 200:
-            if status not in _INTERIM:
-                raise _Refused  # 101 (we never ask to upgrade) or an unknown 1xx
+            if status not in _INTERIM or end < 0 or end - pos > MAX_HEAD:
+                raise _Refused  # 101 (we never ask to upgrade), an unknown 1xx, or no end
             self._interim = True
             self._head_pos = end + 4  # the final response's head follows
             return
+        if end - pos > _SMALL_HEAD or end < 0:
+            _check_head(raw, pos, eol, end)
+        self._status = status
+        self._reason = raw[sp + 5:eol].decode("utf-8", "surrogateescape")  # "" when the line has none
         # The header lines stay bytes: most responses are passed on without ever being
         # split into (name, value) pairs (Response.headers does that on demand).
-        head = bytes(raw[pos:end])
-        first = head.find(b"\r\n")
-        if first < 0:
-            status_line, fields = head, b""
-        else:
-            status_line, fields = head[:first], head[first + 2:]
-            if fields.count(b"\r\n") >= MAX_HEADERS:
-                raise _Refused
-        if end - pos > MAX_LINE and max(map(len, head.split(b"\r\n"))) > MAX_LINE:
-            raise _Refused  # (a head shorter than the line limit needs no line check)
-        parts = status_line.split(b" ", 2)
-        self._reason = parts[2].decode("utf-8", "surrogateescape") if len(parts) == 3 else ""
+        fields = raw[eol + 2:end]
+        if self._partial is not None:  # the head came in parts: raw is the bytearray that gathered them
+            fields = bytes(fields)
+            self._partial = None
         self._fields = fields
-        self._status = status
-        self._keep_alive = keep = parser.should_keep_alive()
+        self._keep_alive = parser.should_keep_alive()
         self._head_done = True
+        self._raw = b""  # no reference kept to the read's bytes
         if self._head_only:
             self._done = True
-            self._until_close = False
-        elif not keep and status != 204 and status != 304:
-            self._until_close = _needs_eof(split_fields(fields))
-        else:
-            self._until_close = False
-        self._wake_waiter()
+        if self._waiter is not None:  # request() awaits it; a send_idle exchange is woken after the read
+            self._wake_waiter()
 
     def on_body(self, data: bytes) -> None:
         if self._done:
             raise _Refused  # a body after a HEAD response
         self._buf.append(data)
-        self._buffered += len(data)
-        if self._buffered > self._pool.read_buffer and not self._paused:
+        self._buffered = buffered = self._buffered + len(data)
+        if buffered > self._pool.read_buffer and not self._paused:
             self._paused = True  # a slow consumer: stop reading, the upstream's send buffer fills
             self._transport.pause_reading()
         if self._waiter is not None:
@@ -912,7 +930,17 @@ class _Conn(asyncio.Protocol):
             self._interim = False
             return
         self._done = True
-        self._wake_waiter()
+        if self._waiter is not None:
+            self._wake_waiter()
+
+
+def _check_head(raw: bytes | bytearray, pos: int, eol: int, end: int) -> None:
+    """Refuse a final response's head (from ``pos``, status line to ``eol``, blank line at
+    ``end``) over the limits: MAX_HEAD, MAX_HEADERS, MAX_LINE."""
+    if end < 0 or end - pos > MAX_HEAD or raw.count(b"\r\n", eol + 2, end) >= MAX_HEADERS:
+        raise _Refused
+    if end - pos > MAX_LINE and max(map(len, raw[pos:end].split(b"\r\n"))) > MAX_LINE:
+        raise _Refused  # (a head shorter than the line limit needs no line check)
 
 
 def _needs_eof(headers: list[tuple[str, str]]) -> bool:
@@ -966,11 +994,9 @@ class Response:
             return b""
         if not conn._done or conn._buffered > limit:
             return None
-        data = conn._take() if conn._buf else b""
         self._conn = None
         self.complete = True
-        conn._finish()
-        return data
+        return conn._take()
 
     async def read_chunk(self) -> bytes:
         """The next body bytes (all that is buffered), or b"" at the end. Raises
@@ -980,18 +1006,12 @@ class Response:
             return b""
         try:
             while True:
-                if conn._buf:
-                    data = conn._take()
-                    if conn._done:  # the last bytes: release now, the next call returns b""
-                        self._conn = None
-                        self.complete = True
-                        conn._finish()
-                    return data
-                if conn._done:
+                if conn._done:  # the last bytes, if any: release now, the next call returns b""
                     self._conn = None
                     self.complete = True
-                    conn._finish()
-                    return b""
+                    return conn._take()
+                if conn._buf:
+                    return conn._take()
                 exc = conn._exc
                 if exc is not None:
                     if isinstance(exc, UpstreamFailure):
@@ -1032,7 +1052,7 @@ class Response:
         self._conn = None
         if conn._done and not conn._buf and conn._state == _BUSY:
             self.complete = True
-            conn._finish()
+            conn._take()  # nothing left to take: it ends the exchange
         else:
             conn._close()
 

@@ -1,7 +1,8 @@
 """The metrics core: per-route counters and histograms, recorded on the hot path.
 
 Recording is attribute arithmetic and one ``bisect`` per histogram; anything
-derived (quantiles, sums over workers) is computed when a snapshot is taken.
+derived (quantiles, sums over workers, a histogram's count, responses by class)
+is computed when a snapshot is taken.
 """
 
 from __future__ import annotations
@@ -24,23 +25,25 @@ PAUSE_BUCKETS: tuple[float, ...] = (
 class Histogram:
     """Fixed buckets; ``counts[i]`` holds observations <= ``bounds[i]``, the last +Inf."""
 
-    __slots__ = ("bounds", "count", "counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
-        self.count = 0
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
-        self.count += 1
 
     def observe_zero(self) -> None:
         """``observe(0.0)`` (a request admitted without waiting), without the search."""
         self.counts[0] += 1
-        self.count += 1
+
+    @property
+    def count(self) -> int:
+        """Observations so far: summed when read, not counted on the request path."""
+        return sum(self.counts)
 
     def quantile(self, q: float) -> float | None:
         """Estimated ``q`` quantile (linear within a bucket); None when empty."""
@@ -107,15 +110,12 @@ class RouteStats:
         "queue_timeout",
         "queue_wait",
         "requests",
-        "responses",
         "upstream_errors",
     )
 
     def __init__(self) -> None:
         self.requests = 0
-        # indexed by status // 100; index 0 unused
-        self.responses = [0, 0, 0, 0, 0, 0]
-        # status code -> count, for gatewayd_requests_total{code}
+        # status code -> count, for gatewayd_requests_total{code} (and ``responses``)
         self.codes: dict[int, int] = {}
         self.queue_full = 0
         self.queue_timeout = 0
@@ -126,12 +126,20 @@ class RouteStats:
         self.queue_wait = Histogram(LATENCY_BUCKETS)
 
     def responded(self, status: int, seconds: float) -> None:
-        cls = status // 100
-        if 1 <= cls <= 5:
-            self.responses[cls] += 1
         codes = self.codes
         codes[status] = codes.get(status, 0) + 1
         self.latency.observe(seconds)
+
+    @property
+    def responses(self) -> list[int]:
+        """Responses by class, indexed by ``status // 100`` (index 0 unused): summed
+        from ``codes`` when read, not counted twice on the request path."""
+        out = [0, 0, 0, 0, 0, 0]
+        for status, n in self.codes.items():
+            cls = status // 100
+            if 1 <= cls <= 5:
+                out[cls] += n
+        return out
 
     def upstream_error(self, reason: str) -> None:
         errs = self.upstream_errors
@@ -141,7 +149,7 @@ class RouteStats:
         """Counters and buckets (summable over workers)."""
         return {
             "requests": self.requests,
-            "responses": {c: self.responses[i + 1] for i, c in enumerate(RESPONSE_CLASSES)},
+            "responses": dict(zip(RESPONSE_CLASSES, self.responses[1:], strict=True)),
             "codes": {str(c): n for c, n in self.codes.items()},
             "rejected": {"queue_full": self.queue_full, "queue_timeout": self.queue_timeout},
             "cancelled_queued": self.cancelled_queued,

@@ -28,21 +28,26 @@ class UpstreamFailure(Exception):
 class Exchange:
     """One admitted request on its way through an upstream."""
 
-    __slots__ = ("body", "client_ip", "head_sent", "path", "request", "route", "sent", "start",
-                 "status", "truncated")
+    __slots__ = ("body", "head_sent", "path", "request", "route", "sent", "start", "status",
+                 "truncated")
 
     def __init__(self, request: Request, route: Route, path: str, start: float,
-                 client_ip: str, body: RequestBody | None) -> None:
+                 body: RequestBody | None) -> None:
         self.request = request
         self.route = route
         self.path = path  # the target as sent upstream (prefix stripped if asked)
         self.start = start  # the loop's clock when the request's head was in
-        self.client_ip = client_ip
         self.body = body
         self.status = 0
         self.head_sent = False
         self.sent = 0  # response body bytes written to the client
         self.truncated: str | None = None  # reason, when the upstream failed mid-body
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address as forwarded and logged; "" when unknown. Read where an
+        upstream needs it, not stored for every exchange."""
+        return self.request.remote or ""
 
 
 class Cancellable(Protocol):
@@ -52,7 +57,8 @@ class Cancellable(Protocol):
 
 
 class Sink(Protocol):
-    """Where an exchange served inline (``Upstream.serve_inline``) ends."""
+    """Where an exchange served inline (``Upstream.serve_inline``) ends: exactly one of
+    these, once."""
 
     def settle(self, ex: Exchange) -> None:
         """The response is out in full."""
@@ -83,8 +89,10 @@ class Upstream:
     async def start(self) -> None:
         """Open what the upstream needs (pools, sessions); called once, on the loop."""
 
-    def serve_inline(self, ex: Exchange, sink: Sink) -> Cancellable | None:
-        """Serve ``ex`` without a task, ending in ``sink``, if this upstream can (see
+    def serve_inline(self, request: Request, route: Route, path: str, start: float,
+                     sink: Sink) -> Cancellable | None:
+        """Serve an admitted request without a body (``path`` as ``Exchange.path``), as
+        an exchange without a task that ends in ``sink``, if this upstream can (see
         HttpUpstream); None, with nothing done, to have ``serve`` do it."""
         return None
 
@@ -98,7 +106,7 @@ class Upstream:
 
     def leave(self) -> None:
         self.active -= 1
-        if self.active == 0 and self._idle is not None:
+        if self._idle is not None and not self.active:  # (closing: rare, so asked first)
             self._idle.set()
 
     async def close(self, timeout: float | None = None) -> None:

@@ -22,7 +22,7 @@ import ipaddress
 import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp.resolver import AsyncResolver
 
@@ -35,6 +35,10 @@ from .health import HealthChecker
 from .servers import ServerState
 from .tomlpos import Locator, Path, format_path
 from .upstream import Cancellable, Exchange, Sink, Upstream, UpstreamFailure, raising
+
+if TYPE_CHECKING:
+    from .h1server import Request
+    from .runtime import Route
 
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 RESOLVE_TIMEOUT = 5.0  # seconds for each server name resolved at start-up
@@ -189,28 +193,28 @@ class HttpUpstream(Upstream):
                 raise UpstreamFailure(502, "no_healthy_server")
         return server
 
-    def serve_inline(self, ex: Exchange, sink: Sink) -> Cancellable | None:
+    def serve_inline(self, request: Request, route: Route, path: str, start: float,
+                     sink: Sink) -> Cancellable | None:
         """The common case without a task: a bodiless GET (HEAD, ...) sent at once on
         an idle pooled connection, its response written from the connection's read
         callback. Anything less common on the way (a failure, a body that streams) is
         handed to ``sink`` as a coroutine that carries on from there, so the outcome is
         ``serve``'s. None, with nothing done, when it does not apply: use ``serve``."""
         server = self._only
-        if server is None or server.blocked_until or ex.body is not None:
-            return None  # the balancer's choice, or a body: the general path
-        request = ex.request
+        if server is None or server.blocked_until:
+            return None  # the balancer's choice: the general path
         try:
             headers = request.upstream_fields()
-            inline = _Inline(self, ex, sink, server, headers)
-            conn = server.session.send_idle(request.method, ex.path, headers, inline)  # type: ignore[union-attr]
+            ex = _Inline(request, route, path, start, sink, server, headers)
+            conn = server.session.send_idle(request.method, path, headers, ex)  # type: ignore[union-attr]
         except ValueError:
             return None  # a head that cannot be sent: serve says so
         if conn is None:
             return None
-        inline.conn = conn
+        ex.conn = conn
         server.in_flight += 1
         server.requests += 1
-        return inline
+        return ex
 
     async def serve(self, ex: Exchange) -> None:
         server = self._pick()
@@ -288,10 +292,11 @@ class HttpUpstream(Upstream):
         if data is None:
             return False
         # head and body in one write, framed by their length whatever the upstream's
-        request.write(request.head_for(status, up.reason, up.fields, len(data)) + data)
+        n = len(data)
+        request.write(request.head_for(status, up.reason, up.fields, n) + data)
         ex.status = status
         ex.head_sent = True
-        ex.sent += len(data)
+        ex.sent = n  # the whole body
         return True
 
     async def _stream(self, ex: Exchange, server: ServerState, up: Response) -> None:
@@ -384,15 +389,16 @@ class HttpUpstream(Upstream):
         return [s.url for s in matched]
 
 
-class _Inline:
-    """An exchange followed by its connection's callbacks (``HttpUpstream.serve_inline``)."""
+class _Inline(Exchange):
+    """An exchange followed by its connection's callbacks (``HttpUpstream.serve_inline``):
+    the exchange is also what the client's connection cancels and what the upstream
+    connection wakes, so the common request makes one object, not three."""
 
-    __slots__ = ("conn", "ex", "headers", "server", "sink", "task", "upstream")
+    __slots__ = ("conn", "headers", "server", "sink", "task")
 
-    def __init__(self, upstream: HttpUpstream, ex: Exchange, sink: Sink, server: ServerState,
-                 headers: bytes) -> None:
-        self.upstream = upstream
-        self.ex = ex
+    def __init__(self, request: Request, route: Route, path: str, start: float, sink: Sink,
+                 server: ServerState, headers: bytes) -> None:
+        Exchange.__init__(self, request, route, path, start, None)
         self.sink = sink
         self.server = server
         self.headers = headers
@@ -405,26 +411,26 @@ class _Inline:
             return  # the head is still to come
         self.conn = None
         conn._listener = None
-        upstream = self.upstream
-        ex = self.ex
+        upstream: HttpUpstream = self.route.upstream  # type: ignore[assignment]  # (serve_inline's)
         server = self.server
         if not conn._head_done:
-            self.task = self.sink.handover(ex, upstream._resume(ex, server, self.headers, conn))
+            self.task = self.sink.handover(self, upstream._resume(self, server, self.headers, conn))
             return
         up = Response(conn)
         try:
-            whole = upstream._reply(ex, server, up)
+            whole = upstream._reply(self, server, up)
         except Exception as exc:
             up.close()
             server.in_flight -= 1
-            self.task = self.sink.handover(ex, raising(exc))  # mapped to a status as serve's would be
+            self.task = self.sink.handover(self, raising(exc))  # mapped to a status as serve's would be
             return
         if whole:
-            up.close()  # recycles the connection when read_small has not
+            if not up.complete:
+                up.close()  # recycles the connection when read_small has not (a no-op when it has)
             server.in_flight -= 1
-            self.sink.settle(ex)
+            self.sink.settle(self)
         else:
-            self.task = self.sink.handover(ex, upstream._stream_rest(ex, server, up))
+            self.task = self.sink.handover(self, upstream._stream_rest(self, server, up))
 
     def cancel(self) -> None:
         """The client left: abort the upstream exchange (or the task that carries it on)."""
@@ -441,7 +447,7 @@ class _Inline:
         server.in_flight -= 1
         if server.trial:
             server.trial_abandoned()
-        self.sink.cancelled(self.ex)
+        self.sink.cancelled(self)
 
 
 def _length(headers: list[tuple[str, str]]) -> int | None:
