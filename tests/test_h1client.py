@@ -541,6 +541,22 @@ async def test_interim_responses_skipped() -> None:
         await pool.close()
 
 
+async def test_blank_lines_before_the_status_line() -> None:
+    # llhttp skips CR/LF before a response; the head starts at the status line, so the
+    # headers (and the length framing the body) are read as sent, none taken for another
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"\r\n\r\nHTTP/1.1 200 OK\r\nX-A: b\r\nContent-Length: 5\r\n\r\nhello")
+        await srv.eof(r)
+
+    async with RawServer(handle) as srv:
+        pool = pool_for(srv.port)
+        resp, body = await get(pool)
+        assert (resp.status, resp.reason, body) == (200, "OK", b"hello")
+        assert resp.headers == [("X-A", "b"), ("Content-Length", "5")]
+        await pool.close()
+
+
 async def test_slow_consumer_pauses_upstream_bounded_buffer() -> None:
     total = 32 * 1024 * 1024
     limit = 65536
