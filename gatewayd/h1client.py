@@ -121,6 +121,7 @@ from typing import Any, Protocol
 import httptools
 
 from .headers import split_fields
+from .turn import UPSTREAM_WRITES, Turn
 from .upstream import UpstreamFailure
 
 __all__ = ["H1Pool", "PoolStats", "Response", "UpstreamFailure"]
@@ -194,14 +195,15 @@ class H1Pool:
 
     __slots__ = (
         "_closed", "_connecting", "_conns", "_host_bytes", "_host_line", "_idle", "_limit", "_loop", "_open",
-        "_outbox", "_resolve", "_step", "_waiters", "connect_timeout", "host", "keepalive_timeout", "port",
+        "_outbox", "_resolve", "_step", "_turn", "_waiters", "connect_timeout", "host", "keepalive_timeout", "port",
         "read_buffer", "read_timeout", "stats",
     )
 
     def __init__(self, host: str, port: int, *, max_connections: int = 0, keepalive_timeout: float = 4.0,
                  connect_timeout: float = 2.0, read_timeout: float = 30.0,
                  read_buffer: int = READ_BUFFER,
-                 resolve: Callable[[str, int], Awaitable[Sequence[str]]] | None = None) -> None:
+                 resolve: Callable[[str, int], Awaitable[Sequence[str]]] | None = None,
+                 turn: Turn | None = None) -> None:
         self.host = host
         self.port = port
         self.keepalive_timeout = keepalive_timeout
@@ -224,6 +226,7 @@ class H1Pool:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[tuple[_Conn, bytes]] = []
+        self._turn = turn if turn is not None else Turn()  # the gateway's: heads go out before its clients' output
 
     # -- requests ---------------------------------------------------------------------------
     async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]] | bytes,
@@ -303,13 +306,11 @@ class H1Pool:
         conn._listener = listener
         conn._begin(method == "HEAD")
         # Written at the end of this loop turn's callbacks, with the other heads of the
-        # turn (_flush). Each send() on loopback also wakes the server's reader; one
-        # burst wakes it once where sends spread over the turn's Python work would wake
-        # it for most of them (an inter-processor interrupt each on another CPU, dear in
-        # a VM). A connection closed meanwhile sends nothing.
+        # turn and before the clients' output (turn.py). A connection closed meanwhile
+        # sends nothing.
         outbox = self._outbox
         if not outbox:
-            conn._loop.call_soon(self._flush)
+            self._turn.hold(UPSTREAM_WRITES, self._flush)
         outbox.append((conn, head))
         return conn
 

@@ -40,6 +40,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .headers import request_fields, response_headers, split_fields
 from .responses import prebuilt
+from .turn import CLIENT_READS, CLIENT_WRITES, Turn
 from .upstream import Cancellable
 
 log = logging.getLogger("gatewayd")
@@ -229,8 +230,10 @@ class H1Server:
 
     def __init__(self, handler: Callable[[Request], None], *, head_timeout: float,
                  send_timeout: float, keepalive_timeout: float,
-                 on_close: Callable[[], None]) -> None:
+                 on_close: Callable[[], None], turn: Turn | None = None) -> None:
         self.handler = handler
+        # shared with the upstream pools, whose request heads go out first at each turn's end
+        self.turn = turn if turn is not None else Turn()
         self.head_timeout = head_timeout
         self.send_timeout = send_timeout
         self.keepalive_timeout = keepalive_timeout
@@ -294,17 +297,17 @@ class H1Server:
             self._turn_left -= 1
             if not self._turn_armed:
                 self._turn_armed = True
-                protocol._loop.call_soon(self._new_turn)
+                self.turn.hold(CLIENT_READS, self._new_turn)
             return True
         self._deferred.append(protocol)
         self.deferred_reads += 1
         if not self._turn_armed:
             self._turn_armed = True
-            protocol._loop.call_soon(self._new_turn)
+            self.turn.hold(CLIENT_READS, self._new_turn)
         return False
 
     def _new_turn(self) -> None:
-        # runs once per loop turn, after its I/O callbacks
+        # runs once per loop turn, at its end, after the turn's writes (see turn.py)
         self._turn_left = READS_PER_TURN
         deferred = self._deferred
         while deferred and self._turn_left > 0:
@@ -313,19 +316,13 @@ class H1Server:
                 self._turn_left -= 1
                 protocol._undefer()
         if deferred:
-            asyncio.get_running_loop().call_soon(self._new_turn)
+            self.turn.hold(CLIENT_READS, self._new_turn)
         else:
             self._turn_armed = False
 
     # -- writes: one burst per loop turn ----------------------------------------------------
     def flush(self) -> None:
-        """Write the output held this turn (H1Protocol.send_later), at the end of its
-        callbacks.
-
-        Why: each send() to a client on loopback also wakes its reader, and a reader
-        asleep on another CPU costs an inter-processor interrupt (dear in a VM).
-        Written one at a time between the Python work of each request, most sends
-        find the reader asleep again; written in one burst, only the first does."""
+        """Write the output held this turn (H1Protocol.send_later), at its end (turn.py)."""
         corked, self._corked = self._corked, []
         for protocol in corked:
             protocol.uncork()
@@ -478,7 +475,7 @@ class H1Protocol(BaseProtocol):
             self._out = [data]
             corked = self.server._corked  # the connections the turn's flush writes
             if not corked:
-                self._loop.call_soon(self.server.flush)
+                self.server.turn.hold(CLIENT_WRITES, self.server.flush)
             corked.append(self)
         else:
             out.append(data)

@@ -26,6 +26,7 @@ from .loader import ConfigError, load
 from .metrics import Registry, RouteStats
 from .procstats import GcMonitor, LoopLag, TaskCounter
 from .router import Router
+from .turn import Turn
 from .upstream import Upstream, build
 
 log = logging.getLogger("gatewayd")
@@ -93,6 +94,7 @@ class Runtime:
         self.tasks = TaskCounter()
         self.lag = LoopLag()
         self.gc = GcMonitor()
+        self.turn = Turn()  # shared by the client side and the upstream pools (turn.py)
         self.access_log = AccessLog(config.access_log_path(), config.log.access_format)
         self.draining = False
         self.ready = False
@@ -124,7 +126,7 @@ class Runtime:
                 if prev is not None and prev.config == uc:
                     upstreams[uc.name] = prev
                     continue
-                u = build(uc)
+                u = build(uc, self.turn)
                 await u.start()
                 started.append(u)
                 upstreams[uc.name] = u
@@ -151,6 +153,7 @@ class Runtime:
             send_timeout=s.send_timeout,
             keepalive_timeout=s.keepalive_timeout,
             on_close=self._connection_closed,
+            turn=self.turn,
         )
 
     def _connection_closed(self) -> None:

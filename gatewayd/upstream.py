@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .body import RequestBody
     from .h1server import Request
     from .runtime import Route
+    from .turn import Turn
 
 
 class UpstreamFailure(Exception):
@@ -123,12 +124,12 @@ class Upstream:
         pass
 
 
-def build(config: UpstreamConfig) -> Upstream:
-    """The upstream object for a validated configuration."""
+def build(config: UpstreamConfig, turn: Turn) -> Upstream:
+    """The upstream object for a validated configuration; ``turn``: the gateway's."""
     if config.servers is not None:
         from .upstream_http import HttpUpstream
 
-        return HttpUpstream(config)
+        return HttpUpstream(config, turn)
     if config.executor == "process":
         from .upstream_process import ProcessUpstream
 

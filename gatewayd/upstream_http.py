@@ -34,6 +34,7 @@ from .headers import response_headers
 from .health import HealthChecker
 from .servers import ServerState
 from .tomlpos import Locator, Path, format_path
+from .turn import Turn
 from .upstream import Cancellable, Exchange, Sink, Upstream, UpstreamFailure, raising
 
 if TYPE_CHECKING:
@@ -106,9 +107,10 @@ def _is_ip(host: str) -> bool:
 class HttpUpstream(Upstream):
     """One ``[upstreams.X]`` with ``servers``: an H1Pool (keep-alive connections) per server."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, turn: Turn) -> None:
         super().__init__(config)
         assert config.servers
+        self._turn = turn  # the gateway's end of turn, where the pools' request heads go out
         self.servers = [ServerState(config.name, s) for s in config.servers]
         self._max_fails = config.max_fails
         self._fail_timeout = config.fail_timeout
@@ -139,6 +141,7 @@ class HttpUpstream(Upstream):
                 connect_timeout=c.connect_timeout,
                 read_timeout=c.read_timeout,
                 resolve=resolve,
+                turn=self._turn,
             )
         loop = asyncio.get_running_loop()
         self._now = loop.time
