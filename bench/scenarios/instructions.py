@@ -15,6 +15,11 @@ watches and gatewayd's idle pooled upstream connections do not expire (and get
 reopened inside the measurement) while valgrind slows it down. After a warm-up
 the counters are zeroed, hey sends REQUESTS requests, and the counters are
 dumped: the dump's count over REQUESTS is the figure.
+
+With gatewayd, the same is counted for gatewayd with a no-op admission gate
+(bench/gatewayd_nogate.py): the difference is admission's cost per request,
+end to end, as steady as the instruction counts themselves (the admission
+scenario's CPU-time comparison of the two is within a shared machine's noise).
 """
 
 from __future__ import annotations
@@ -39,9 +44,16 @@ START_TIMEOUT = 120.0  # start-up under valgrind is 20-50 times slower
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _gatewayd(env: Env, s: Server) -> list[str]:
+NOGATE = "gatewayd, no-op gate"
+
+
+def _gatewayd(env: Env, s: Server, module: str = "gatewayd") -> list[str]:
     _edit(s.config, "[upstreams.up]\n", "[upstreams.up]\nkeepalive_timeout = 60.0\n")
-    return [env.python, "-m", "gatewayd", "--config", str(s.config)]
+    return [env.python, "-m", module, "--config", str(s.config)]
+
+
+def _gatewayd_nogate(env: Env, s: Server) -> list[str]:
+    return _gatewayd(env, s, "bench.gatewayd_nogate")
 
 
 def _nginx(env: Env, s: Server) -> list[str]:
@@ -64,12 +76,14 @@ def _edit(config: Path | None, old: str, new: str) -> None:
 
 
 RELAUNCH: dict[str, Callable[[Env, Server], list[str]]] = {
-    "gatewayd": _gatewayd, "nginx": _nginx, "haproxy": _haproxy}
+    "gatewayd": _gatewayd, NOGATE: _gatewayd_nogate, "nginx": _nginx, "haproxy": _haproxy}
 
 
 def run(ctx: Context) -> list[Table]:
     upstream = ctx.upstream()
     kinds = [k for k in ctx.options.proxies if k in RELAUNCH]
+    if "gatewayd" in kinds:
+        kinds.insert(kinds.index("gatewayd") + 1, NOGATE)
     per: dict[str, float] = {}
     for kind in kinds:
         ctx.say(f"instructions: {kind} under callgrind, hey -n {REQUESTS} -c {CONNECTIONS}")
@@ -83,6 +97,12 @@ def run(ctx: Context) -> list[Table]:
         "the client's), counted under valgrind: identical run to run within about 1 %, which is why "
         "it is the figure to compare code changes with. It does not include the cost of system "
         "calls, which the throughput table's CPU µs/req does.")
+    if NOGATE in per:
+        cost = per["gatewayd"] - per[NOGATE]
+        table.notes.append(
+            f"Admission, end to end: gatewayd executes {cost:,.0f} instructions per request more than "
+            f"with a no-op gate (limits that never bind), {100 * cost / per['gatewayd']:.2f} % of its "
+            "total. Goal: admission <= 5 %.")
     skipped = [k for k in ctx.options.proxies if k not in RELAUNCH]
     if skipped:
         table.notes.append(f"Not measured here: {', '.join(skipped)}.")
@@ -91,7 +111,7 @@ def run(ctx: Context) -> list[Table]:
 
 def _instructions(ctx: Context, kind: str, upstream_port: int) -> int:
     """Instructions (Ir) ``kind`` executed over REQUESTS requests on a warm proxy."""
-    plain = start_proxy(ctx.env, kind, upstream_port)
+    plain = start_proxy(ctx.env, "gatewayd" if kind == NOGATE else kind, upstream_port, nogate=kind == NOGATE)
     ctx.env.procs.stop(plain.proc)
     out = plain.workdir / "cg.out"
     argv = [tool("valgrind"), "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no",
