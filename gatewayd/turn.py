@@ -50,7 +50,9 @@ class Turn:
             run(CLIENT_READS)  # a read held again from here waits for the next turn
             run(UPSTREAM_WRITES)
             run(CLIENT_WRITES)
-        if self._held[CLIENT_READS]:
+        held = self._held
+        if held[CLIENT_READS] or held[UPSTREAM_WRITES] or held[CLIENT_WRITES]:
+            # (writes held by the last writes themselves, which none does now: not lost)
             asyncio.get_running_loop().call_soon(self._end)
         else:
             self._armed = False

@@ -93,3 +93,20 @@ async def test_a_failing_callback_holds_up_nobody() -> None:
         assert ran == ["upstream", "client", "later"]
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_a_write_held_by_the_last_writes_is_not_lost() -> None:
+    """1. a client write, run in the end's last pass, holds another 2. that one runs
+    at the next turn's end instead of waiting for someone else to hold work."""
+    turn = Turn()
+    ran: list[str] = []
+
+    def write() -> None:
+        ran.append("first")
+        turn.hold(CLIENT_WRITES, lambda: ran.append("second"))
+
+    turn.hold(CLIENT_WRITES, write)
+    await asyncio.sleep(0)
+    assert ran == ["first"]
+    await asyncio.sleep(0)
+    assert ran == ["first", "second"]
