@@ -130,7 +130,8 @@ class Gateway:
         answer(request, status, reason, route.retry_after if status == 503 else None,
                close=status == 413)
         route.stats.responded(status, self._loop.time() - start)
-        self._log(request, route, status, 0, start, reason)
+        if self.runtime.access_log.enabled:  # (as in settle: an off log costs no call)
+            self._log(request, route, status, 0, start, reason)
         request.protocol.finish(request)
 
     async def _run(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> None:
@@ -187,7 +188,8 @@ class Gateway:
             route.upstream.leave()
             if ex.body is not None:
                 ex.body.cancel_timer()
-            ex.request.protocol.finish(ex.request)
+            request = ex.request
+            request.protocol.finish(request)
 
     # -- where an inline exchange ends (upstream.Sink) ------------------------------------
     def settle(self, ex: Exchange) -> None:
@@ -195,7 +197,8 @@ class Gateway:
         self._release(ex)
         route = ex.route
         route.stats.responded(ex.status, self._loop.time() - ex.start)
-        self._log(ex.request, route, ex.status, ex.sent, ex.start, None)
+        if self.runtime.access_log.enabled:  # (_log asks too; asked first here, an off log costs no call)
+            self._log(ex.request, route, ex.status, ex.sent, ex.start, None)
 
     def handover(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = ex.request.task = self._loop.create_task(self._run(ex, work))

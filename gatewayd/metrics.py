@@ -126,9 +126,13 @@ class RouteStats:
         self.queue_wait = Histogram(LATENCY_BUCKETS)
 
     def responded(self, status: int, seconds: float) -> None:
-        codes = self.codes
-        codes[status] = codes.get(status, 0) + 1
-        self.latency.observe(seconds)
+        try:
+            self.codes[status] += 1
+        except KeyError:  # the first response with this status
+            self.codes[status] = 1
+        latency = self.latency  # Histogram.observe, inlined: this runs for every request
+        latency.counts[bisect_left(latency.bounds, seconds)] += 1
+        latency.total += seconds
 
     @property
     def responses(self) -> list[int]:
