@@ -7,7 +7,7 @@ from typing import Any
 from .config import SECTIONS, Config, settings_of
 
 # Settings that only a restart can change (the man page says so for each).
-RESTART_ONLY = (("control", "socket"), ("control", "mode"), ("metrics", "listen"))
+RESTART_ONLY = (("control", "socket"), ("control", "mode"), ("metrics", "listen"), ("metrics", "allow"))
 
 
 def _fields(obj: Any) -> dict[str, Any]:

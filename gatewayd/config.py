@@ -112,6 +112,12 @@ class MetricsConfig:
         "address of the Prometheus /metrics, /healthz and /readyz listener; unset: none",
         reload=RELOAD_RESTART,
     )
+    allow: tuple[str, ...] | None = setting(
+        k.Networks(), None,
+        "client networks /metrics answers, 403 to others (/healthz and /readyz answer anyone); "
+        "unset: any client",
+        reload=RELOAD_RESTART,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,7 +220,16 @@ class UpstreamConfig:
 class RouteConfig:
     name: str = setting(k.Name(), doc="unique route name, used in metrics, logs and the dashboard")
     path_prefix: str = setting(k.PathPrefix(), "/", "the longest matching prefix wins")
-    strip_prefix: bool = setting(k.Bool(), False, "forward the path without the prefix")
+    strip_prefix: bool = setting(
+        k.Bool(), False,
+        "forward the path without the prefix; a prefix not ending in / then matches only "
+        "whole segments (/api matches /api, /api/x and /api?q, not /apix)",
+    )
+    escaped_slashes: str = setting(
+        k.Choice(("reject", "keep")), "reject",
+        'a path with an escaped slash (%2F), a backslash or %5C: "reject" answers 400 bad_target, '
+        '"keep" forwards it as sent (the route is chosen with the escapes kept)',
+    )
     host: str | None = setting(
         k.HostName(), None, "match only this Host (port ignored); unset: any host"
     )

@@ -110,7 +110,8 @@ async def serve(config: Config) -> int:
         return EXIT_FAILURE
     metrics = None
     if config.metrics.listen:
-        metrics = MetricsListener(config.metrics.listen, controller.snapshot, lambda: runtime.ready)
+        metrics = MetricsListener(config.metrics.listen, controller.snapshot, lambda: runtime.ready,
+                                  config.metrics.allow)
         try:
             await metrics.start()
         except OSError as exc:

@@ -19,7 +19,7 @@ from aiohttp.hdrs import HOST
 
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .body import BodyTimeout, BodyTooLarge, RequestBody
-from .requestcheck import Refused, origin_target
+from .requestcheck import Refused, kept_target, origin_target
 from .responses import prebuilt
 from .upstream import Exchange, UpstreamFailure, raising
 
@@ -63,10 +63,13 @@ class Gateway:
         try:
             target = origin_target(request)
         except Refused as refused:
-            self._log(request, None, refused.status, 0, start, refused.reason)
-            answer(request, refused.status, refused.reason, close=True)
-            request.protocol.finish(request)
-            return
+            kept = kept_target(refused, self.runtime.table.router, request.headers.get(HOST))
+            if kept is None:
+                self._log(request, None, refused.status, 0, start, refused.reason)
+                answer(request, refused.status, refused.reason, close=True)
+                request.protocol.finish(request)
+                return
+            target = kept
         # HOST is an istr: the headers' multidict finds it without folding its case again
         route = self.runtime.table.router.match(request.headers.get(HOST), target)
         if route is None:

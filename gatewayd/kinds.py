@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import ipaddress
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .paths import BadPath, normalize
 from .tomlpos import Path, toml_key, toml_string
 
 
@@ -256,6 +258,13 @@ class PathPrefix(Kind):
     def parse(self, value: Any) -> str:
         if not isinstance(value, str) or not value.startswith("/") or not _visible(value) or "#" in value:
             raise _expected(self.describe, value)
+        # requests are matched in normal form (gatewayd.paths): another prefix never matches
+        try:
+            normal, _ = normalize(value.partition("?")[0])
+        except BadPath as exc:
+            raise _expected(f"a path without {exc}", value) from None
+        if normal != value.partition("?")[0]:
+            raise _expected(f"a path in normal form ({shown(normal)}: unreserved characters unescaped)", value)
         return value
 
 
@@ -343,6 +352,30 @@ class ListenList(Kind):
         if problems:
             raise Invalid.of_items(problems)
         return tuple(out)
+
+    def dump(self, value: Any) -> Any:
+        return list(value)
+
+
+@dataclass(frozen=True)
+class Networks(Kind):
+    """IP networks in CIDR notation; a bare address is a network of one."""
+
+    describe = 'an array of networks such as "10.0.0.0/8", "127.0.0.1" or "fd00::/8"'
+
+    def parse(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise _expected(self.describe, value)
+        problems = []
+        for i, item in enumerate(value):
+            try:
+                ipaddress.ip_network(item, strict=True)
+            except (TypeError, ValueError):
+                problems.append(Invalid(
+                    f"expected a network such as \"10.0.0.0/8\" (no host bits set), got {shown(item)}", (i,)))
+        if problems:
+            raise Invalid.of_items(problems)
+        return tuple(value)
 
     def dump(self, value: Any) -> Any:
         return list(value)

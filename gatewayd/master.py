@@ -358,7 +358,8 @@ class Master:
         metrics = None
         if self.config.metrics.listen:
             metrics = MetricsListener(self.config.metrics.listen, self.snapshot,
-                                      lambda: not self.draining and bool(self.live()))
+                                      lambda: not self.draining and bool(self.live()),
+                                      self.config.metrics.allow)
             try:
                 await metrics.start()
             except OSError as exc:

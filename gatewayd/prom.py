@@ -6,6 +6,7 @@ one snapshot per scrape, so Prometheus and the control socket always agree.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -127,12 +128,19 @@ class SnapshotCollector:
 
 
 class MetricsListener:
-    """An aiohttp app on ``[metrics] listen``."""
+    """An aiohttp app on ``[metrics] listen``.
+
+    ``allow`` (``[metrics] allow``) limits who reads /metrics: route names, upstream
+    addresses and traffic figures are for the operator's scraper. The health
+    endpoints stay open to anyone: they tell only "up" and "ready", and a kubelet
+    probes them from the node's address, which an allow list for the scraper
+    would not name."""
 
     def __init__(self, address: str, snapshot: Callable[[], dict[str, Any]],
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[], bool], allow: tuple[str, ...] | None = None) -> None:
         self.address = address
         self._ready = ready
+        self._allow = None if allow is None else tuple(ipaddress.ip_network(n) for n in allow)
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(SnapshotCollector(snapshot))  # type: ignore[arg-type]
         self._runner: web.AppRunner | None = None
@@ -151,7 +159,9 @@ class MetricsListener:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self._allow is not None and not _allowed(request.remote, self._allow):
+            return web.Response(status=403, text="403 forbidden\n")
         body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -163,3 +173,16 @@ class MetricsListener:
         if self._ready():
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
+
+
+def _allowed(remote: str | None, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.partition("%")[0])
+    except ValueError:
+        return False
+    # an IPv4 client of a listener on "::" shows as ::ffff:a.b.c.d
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in n for n in networks)

@@ -15,11 +15,19 @@ ones it lets through that a gateway must not forward as they are:
 - header values that are not UTF-8: aiohttp's client would drop the odd bytes
   when forwarding, silently changing the value: 400;
 - a Host that is not ``host[:port]``: 400;
+- ``TRACE`` and ``CONNECT``: 405 ``method_not_allowed`` (as nginx answers TRACE):
+  a reverse proxy tunnels nothing, and TRACE would echo to the client the fields
+  the gateway adds for the upstream;
 - a target that is neither origin-form (``/path``) nor absolute-form naming the
-  same authority as Host (``*``, ``host:port``, ``http://other/``): 400;
-- a path with dot-segments (``/api/../admin``, also ``%2e``-encoded): routes match
-  on the path as sent, an upstream may resolve it elsewhere (RFC 3986 §5.2.4 has
-  clients remove them before sending): 400.
+  same authority as Host (``*``, ``host:port``, ``http://other/``; the default
+  port and a trailing dot of the host name do not count): 400;
+- a path that has no normal form (gatewayd.paths: dot-segments, also encoded or
+  across ``%2F``, ``%00``, malformed escapes): 400 ``bad_target``; a path whose
+  normal form differs is routed and forwarded in that form, so what matched is
+  what the upstream serves;
+- an escaped slash or a backslash in the path: 400 ``bad_target`` unless the route
+  it matches (as sent, escapes kept) says ``escaped_slashes = "keep"``: raised as a
+  Refused carrying the target, which ``kept_target`` then judges.
 """
 
 from __future__ import annotations
@@ -29,25 +37,34 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp.http import HttpVersion10, HttpVersion11
 
+from .paths import BadPath, normalize
+
 if TYPE_CHECKING:
     from .h1server import Request
+    from .router import Router
+    from .runtime import Route
 
 # All of a request head's bytes together (Envoy's default is 60 KiB; nginx's 4 x 8 KiB).
 MAX_HEAD_SIZE = 64 * 1024
 
 # RFC 3986 host (reg-name or IP literal) with an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?\Z")
-_ABSOLUTE = re.compile(r"https?://([^/?#]*)([^#]*)\Z", re.IGNORECASE)
-_DOT_SEGMENT = re.compile(r"/(?:\.|%2e){1,2}(?=/|\Z)", re.IGNORECASE)
+_ABSOLUTE = re.compile(r"(https?)://([^/?#]*)([^#]*)\Z", re.IGNORECASE)
+_DEFAULT_PORT = {"http": ":80", "https": ":443"}
+# no reverse-proxy request: CONNECT asks for a tunnel, TRACE echoes the request as
+# the upstream got it (forwarding fields included) back to the client
+_NOT_PROXIED = frozenset(("TRACE", "CONNECT"))
 
 
 class Refused(Exception):
     """The request must be answered ``status`` without routing it."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, target: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        # set for an escaped slash or a backslash: the normal target its route may keep
+        self.target = target
 
 
 def origin_target(request: Request) -> str:
@@ -78,16 +95,65 @@ def origin_target(request: Request) -> str:
             raise Refused(400, "bad_host")
         if "Transfer-Encoding" not in headers:
             protocol.checked_headers = (raw, fields_size)
+    if request.method in _NOT_PROXIED:
+        raise Refused(405, "method_not_allowed")
     if not target.startswith("/"):
-        host = headers.get("Host")
-        m = _ABSOLUTE.match(target)
-        # absolute-form: routed by its path, and only when Host names the same authority
-        # (RFC 9112 §3.2.2 lets the target win; refusing the mismatch leaves nothing to guess)
-        if m is None or host is None or m.group(1).lower() != host.lower():
-            raise Refused(400, "bad_target")
-        target = m.group(2) if m.group(2).startswith("/") else "/" + m.group(2)
-    if ("." in target or "%" in target) and _DOT_SEGMENT.search(target.partition("?")[0]) is not None:
+        target = _absolute_path(target, headers.get("Host"))
+    if "%" in target or "." in target or "\\" in target:
+        path, sep, query = target.partition("?")
+        try:
+            normal, escaped = normalize(path)
+        except BadPath:
+            raise Refused(400, "bad_target") from None
+        target = normal + sep + query
+        if escaped:
+            raise Refused(400, "bad_target", target)
+    return target
+
+
+def _absolute_path(target: str, host: str | None) -> str:
+    """The path of an absolute-form target, when it names Host's authority.
+
+    Routed by its path, and only when Host names the same authority (RFC 9112
+    §3.2.2 lets the target win; refusing a mismatch leaves nothing to guess)."""
+    m = _ABSOLUTE.match(target)
+    if m is None or host is None:
         raise Refused(400, "bad_target")
+    scheme = m.group(1).lower()
+    authority = m.group(2)
+    if _HOST.match(authority) is None or _authority(scheme, authority) != _authority(scheme, host):
+        raise Refused(400, "bad_target")
+    path = m.group(3)
+    return path if path.startswith("/") else "/" + path
+
+
+def _authority(scheme: str, value: str) -> str:
+    """``Example.COM.:80`` -> ``example.com`` for http: what names the same server
+    (RFC 3986 §6.2.3: the scheme's default port is as good as none; a fully
+    qualified name's trailing dot is the same name)."""
+    value = value.lower()
+    default = _DEFAULT_PORT[scheme]
+    if value.endswith(default):
+        value = value[: -len(default)]
+    if value.endswith("."):
+        value = value[:-1]
+    elif ".:" in value and not value.startswith("["):
+        value = value.replace(".:", ":", 1)
+    return value
+
+
+def kept_target(refused: Refused, router: Router[Route], host: str | None) -> str | None:
+    """The target of a request refused for an escaped slash or a backslash, when the
+    route it matches keeps them (``escaped_slashes = "keep"``); else None.
+
+    The route is chosen on the target as it is (escapes kept): it is what such a
+    route forwards, and no route can be asked before one is chosen."""
+    target = refused.target
+    if target is None:
+        return None
+    route = router.match(host, target)
+    if route is None or route.config.escaped_slashes != "keep":
+        return None
     return target
 
 

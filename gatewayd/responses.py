@@ -12,6 +12,7 @@ import functools
 _REASON_TEXT = {
     400: b"400 bad request\n",
     404: b"404 no route for this request\n",
+    405: b"405 method not allowed\n",
     408: b"408 request body timed out\n",
     413: b"413 request body too large\n",
     431: b"431 request header fields too large\n",
@@ -23,6 +24,7 @@ _REASON_TEXT = {
 _STATUS_LINES = {
     400: b"HTTP/1.1 400 Bad Request\r\n",
     404: b"HTTP/1.1 404 Not Found\r\n",
+    405: b"HTTP/1.1 405 Method Not Allowed\r\n",
     408: b"HTTP/1.1 408 Request Timeout\r\n",
     413: b"HTTP/1.1 413 Request Entity Too Large\r\n",
     431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n",

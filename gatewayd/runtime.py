@@ -47,7 +47,9 @@ class Route:
         self._strip = len(config.path_prefix) if config.strip_prefix else 0
 
     def forward_path(self, target: str) -> str:
-        """The request target as sent upstream."""
+        """The request target as sent upstream: never a dot-segment or a path not
+        starting with ``/``, as the target is in normal form and the router matches a
+        stripped prefix only where a segment or the query begins."""
         if not self._strip:
             return target
         rest = target[self._strip:]

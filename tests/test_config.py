@@ -524,13 +524,19 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
         case k.Text(empty=empty):
             return st.text(min_size=0 if empty else 1, max_size=20).filter(lambda s: "\0" not in s)
         case k.PathPrefix():
-            return st.from_regex(r"/[A-Za-z0-9/._~%?=&-]{0,12}", fullmatch=True)
+            # in normal form (gatewayd.paths): dots and escapes only where they are no
+            # dot-segment and no escaped unreserved character
+            return st.from_regex(r"/[A-Za-z0-9/_~?=&-]{0,12}", fullmatch=True) | st.sampled_from(
+                ["/a.b/", "/.well-known/", "/x..y", "/files%2F", "/%C3%A9t%C3%A9", "/a?%2e"])
         case k.HostName():
             return st.from_regex(r"[A-Za-z0-9_-]{1,8}(\.[A-Za-z0-9_-]{1,8}){0,2}", fullmatch=True) | st.just("[::1]")
         case k.Listen():
             return _LISTEN
         case k.ListenList():
             return _LISTEN | st.lists(_LISTEN, min_size=1, max_size=3, unique=True)
+        case k.Networks():
+            nets = st.sampled_from(["10.0.0.0/8", "127.0.0.1", "fd00::/8", "192.168.1.0/24", "::1"])
+            return st.lists(nets, max_size=3)
         case k.FileMode():
             modes = st.integers(0, 0o777)
             return modes | modes.map("{:04o}".format) | modes.map("0o{:o}".format)

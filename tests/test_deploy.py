@@ -4,6 +4,7 @@ in) and the systemd unit."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -228,6 +229,9 @@ def test_ports_and_probes_match_the_config(manifests, config):
     assert config.metrics.listen is not None
     host, port = parse_hostport(config.metrics.listen)
     assert host in ("0.0.0.0", "::") and ports["metrics"] == port
+    # on every address, /metrics must not answer any pod of the cluster (issue 17 §9)
+    assert config.metrics.allow, "the metrics listener is on 0.0.0.0 without [metrics] allow"
+    assert not any(ipaddress.ip_network(n).prefixlen == 0 for n in config.metrics.allow)
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     service = manifests["Service"]["spec"]

@@ -20,9 +20,9 @@ import pytest
 
 from gatewayd.control import ControlError, ControlServer
 from gatewayd.daemon import LocalController
-from gatewayd.loader import parse
+from gatewayd.loader import ConfigError, parse
 
-from .conftest import gateway_config
+from .conftest import GatewayProcess, free_port, gateway_config
 
 NOBODY = 65534
 ROUTE = """
@@ -136,3 +136,43 @@ def test_metrics_listener_is_off_by_default(tmp_path):
     if "[metrics]" in text:
         listen = parse(text, str(example)).metrics.listen
         assert listen is None or listen.startswith(("127.", "[::1]", "localhost")), listen
+
+
+async def _metrics_get(port: int, path: str, source: str) -> int:
+    """The status of GET path on the metrics listener, from the local address ``source``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n")
+        return int(head.split(b" ")[1])
+    finally:
+        writer.close()
+
+
+async def test_metrics_allow_list(tmp_path):
+    """[metrics] allow: /metrics answers only the listed networks (403 to others); the
+    health endpoints answer anyone, as the kubelet probes them from the node. The
+    Kubernetes example listens on 0.0.0.0, where without this any pod could read it."""
+    mport = free_port()
+    cfg = gateway_config(tmp_path, ROUTE)
+    cfg.write_text(cfg.read_text()
+                   + f'\n[metrics]\nlisten = "127.0.0.1:{mport}"\nallow = ["127.0.0.2/32", "10.0.0.0/8"]\n')
+    gp = GatewayProcess(cfg, tmp_path)
+    try:
+        await asyncio.to_thread(gp.start)
+        assert await _metrics_get(mport, "/metrics", "127.0.0.2") == 200
+        assert await _metrics_get(mport, "/metrics", "127.0.0.1") == 403
+        assert await _metrics_get(mport, "/healthz", "127.0.0.1") == 200
+        assert await _metrics_get(mport, "/readyz", "127.0.0.1") == 200
+    finally:
+        await asyncio.to_thread(gp.stop)
+
+
+def test_metrics_allow_is_validated(tmp_path):
+    text = gateway_config(tmp_path, ROUTE).read_text() + '\n[metrics]\nallow = ["10.0.0.1/8", "x"]\n'
+    with pytest.raises(ConfigError) as err:
+        parse(text, "g.toml")
+    assert "metrics.allow[0]: expected a network" in str(err.value), str(err.value)
+    assert "metrics.allow[1]: expected a network" in str(err.value), str(err.value)
