@@ -59,4 +59,6 @@ def normalize(path: str) -> tuple[str, bool]:
         for segment in _SEPARATOR.split(path):
             if segment == "." or segment == "..":
                 raise BadPath("a dot-segment")
-    return path, _ESCAPED_SEPARATOR.search(path) is not None
+    # (a path with dots alone, /static/app.js, is the common case here: no search)
+    escaped = ("%" in path or "\\" in path) and _ESCAPED_SEPARATOR.search(path) is not None
+    return path, escaped

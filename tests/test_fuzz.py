@@ -6,7 +6,9 @@
 - raw request bytes, mutated from the malformed-request corpus and from valid
   requests: never a 5xx (the upstream is healthy, so any 5xx would be the
   gateway's own failure), never a crash or a traceback, never an ambiguous
-  request at the upstream, and every connection released at the end.
+  request at the upstream, and every connection released at the end;
+- request paths made of dots, slashes and escapes: answered 200 or 400, and a
+  forwarded path has no dot-segment however its upstream decodes it.
 
 Runs are derandomized (the same examples every time) and keep no database;
 ``GATEWAYD_FUZZ_EXAMPLES`` sets the number of examples per property (300).
@@ -23,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -239,3 +242,30 @@ def test_raw_fuzz_left_the_gateway_clean(live: Live) -> None:
     live.unaffected()
     after = live.snapshot()["workers"][0]
     assert after["open_fds"] <= before["open_fds"] + 2  # + pooled upstream connections
+
+
+# ----------------------------------------------------------------------------- paths
+_PATH_PIECES = ["/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "\\", "a", "%41", "%7e",
+                "%00", "%", "%zz", "%25", "?", "%3F", "%C3%A9", "~", "-"]
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(_PATH_PIECES), max_size=10))
+@example(["/", "public", "/", "..", "%2f", "admin", "/"])
+@example(["/", ".", "%2e", "%2f", "a"])
+def test_paths(live: Live, pieces: list[str]) -> None:
+    """Whatever the path, the gateway answers 200 (forwarded) or 400 (bad_target), and
+    what it forwards is its routed path: no segment is "." or ".." even to an upstream
+    that decodes every escape and takes a backslash for a slash (issue 17 item 4)."""
+    target = "/" + "".join(pieces)
+    before = len(live.relay.requests)
+    statuses = _exchange(live.port, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    live.sent += 1
+    assert statuses in ([200], [400]), (target, statuses)
+    forwarded = live.relay.requests[before:]
+    assert len(forwarded) == (1 if statuses == [200] else 0), (target, forwarded)
+    if forwarded:
+        path = forwarded[0].request_line.split(" ")[1].partition("?")[0]
+        decoded = unquote_to_bytes(path).replace(b"\\", b"/")
+        assert b"\0" not in decoded, (target, path)
+        assert not {b".", b".."} & set(decoded.split(b"/")), (target, path)
