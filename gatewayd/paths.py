@@ -15,6 +15,9 @@ served ``/admin/``. Hence:
   them, so a client that sends one is probing), counting ``/``, ``\\``, ``%2F`` and
   ``%5C`` all as separators: whatever an upstream takes for a slash cannot make
   ``..`` out of ``..%2f`` or ``..\\``;
+- a run of slashes is one slash (nginx's and Envoy's ``merge_slashes``): most
+  servers read ``//admin/`` as ``/admin/``, so routed as sent it would reach
+  ``/admin/`` through the ``/`` route, around ``/admin/``'s own;
 - an escaped slash (``%2F``) or a backslash (raw or ``%5C``) is reported, not
   decoded: decoding it would change the path's segments, keeping it lets the
   upstream decide; the matched route's ``escaped_slashes`` says which (Envoy's
@@ -32,6 +35,7 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 # ``%2F`` and ``%5C`` (either case) and a raw backslash: what some server takes for "/"
 _ESCAPED_SEPARATOR = re.compile(r"%2f|%5c|\\", re.IGNORECASE)
 _SEPARATOR = re.compile(r"/|%2f|%5c|\\", re.IGNORECASE)
+_SLASHES = re.compile(r"//+")
 
 
 class BadPath(ValueError):
@@ -55,6 +59,8 @@ def normalize(path: str) -> tuple[str, bool]:
             else:
                 out.append("%" + part)
         path = "".join(out)
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
     if "." in path:
         for segment in _SEPARATOR.split(path):
             if segment == "." or segment == "..":

@@ -99,7 +99,7 @@ def origin_target(request: Request) -> str:
         raise Refused(405, "method_not_allowed")
     if not target.startswith("/"):
         target = _absolute_path(target, headers.get("Host"))
-    if "%" in target or "." in target or "\\" in target:
+    if "%" in target or "." in target or "\\" in target or "//" in target:
         path, sep, query = target.partition("?")
         try:
             normal, escaped = normalize(path)

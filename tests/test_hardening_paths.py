@@ -93,7 +93,7 @@ async def test_strip_prefix_matches_whole_segments(start_gateway, upstream):
     for target in ("/api../x", "/apix", "/api", "/api?q=1", "/api/a/b", "/api//a", "/v1/", "/v1/a..", "/v1"):
         assert (await get(gw.port, target))[0] == 200, target
     forwarded = [r["target"] for r in upstream.requests]
-    assert forwarded == ["/api../x", "/apix", "/", "/?q=1", "/a/b", "//a", "/", "/a..", "/v1"]
+    assert forwarded == ["/api../x", "/apix", "/", "/?q=1", "/a/b", "/a", "/", "/a..", "/v1"]
     routes = gw.runtime.table.routes
     assert [routes[n].stats.requests for n in ("api", "root", "v1")] == [4, 3, 2]
     for target in forwarded:
