@@ -152,7 +152,7 @@ class ServerState:
             again = self.trial
             self.trial = False
             if not self._others_in_rotation(now):
-                self._keep(reason, now)
+                self._keep(reason)
                 return
             self.kept = False
             self.ejected_until = now + fail_timeout
@@ -168,7 +168,7 @@ class ServerState:
         the next pick tries it)."""
         return any(p is not self and p.blocked_until <= now for p in self.peers)
 
-    def _keep(self, reason: str, now: float) -> None:
+    def _keep(self, reason: str) -> None:
         """The last server in rotation stays in: its failures are answered as
         they come, not turned into ``no_healthy_server`` for every request."""
         if self.ejected_until:  # a failed trial
