@@ -5,7 +5,8 @@ A pick is one pass (two or three for the in-flight algorithms) over the
 upstream's servers, with no allocation. Servers out of rotation are skipped; a
 server whose ejection just ended is returned at once as the trial request that
 may restore it. ``tried`` holds the servers an exchange already failed on, so a
-retry goes elsewhere.
+retry goes elsewhere. When no server is in rotation, ``last_resort`` takes back
+one that only passive health holds out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from .servers import ServerState
+from .servers import INF, ServerState
 
 BALANCE = ("round_robin", "least_in_flight", "random_two")
 
@@ -37,6 +38,20 @@ class Balancer:
         }[algorithm]
         if len(self.servers) == 1:
             self.pick = self._single
+
+    def last_resort(self) -> ServerState | None:
+        """``pick`` found no server: of those out by passive ejection alone (not by
+        the active check or by hand), the one whose ejection ends first is back in
+        rotation now, or None when there is none. Passive health never leaves the
+        upstream without a server; it can come to that only when the others were
+        taken out after this one was ejected."""
+        best = None
+        for s in self.servers:
+            if s.blocked_until != INF and (best is None or s.blocked_until < best.blocked_until):
+                best = s
+        if best is not None:
+            best.readmit()
+        return best
 
     def _trial(self, s: ServerState) -> ServerState:
         s.begin_trial(self._now(), self.fail_timeout)

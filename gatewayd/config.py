@@ -181,8 +181,9 @@ class UpstreamConfig:
     )
     max_fails: int = setting(
         k.Int(0, 1000), 3,
-        "consecutive failed requests (connect errors, resets, timeouts, 5xx with fail_on_5xx) "
-        "that eject a server for fail_timeout; 0 = never eject",
+        "consecutive failed requests of the kinds in fail_on (and 5xx with fail_on_5xx) "
+        "that eject a server for fail_timeout, unless no other server is in rotation; "
+        "0 = never eject",
         reload=RELOAD_NEW,
     )
     fail_timeout: float = setting(
@@ -193,6 +194,15 @@ class UpstreamConfig:
     fail_on_5xx: bool = setting(
         k.Bool(), False,
         "count a 5xx response as a failure of its server (the response still reaches the client)",
+        reload=RELOAD_NEW,
+    )
+    fail_on: tuple[str, ...] = setting(
+        k.ChoiceList(("connect", "reset", "timeout", "invalid")), ("connect",),
+        "which failures count against a server for max_fails: connect (refused, unreachable, "
+        "connect timeout, name not resolved: before any request byte is sent), reset (closed "
+        "or reset before or during the response), timeout (read_timeout passed), invalid (a "
+        "response that is not valid HTTP or over the size limits); the default counts only "
+        "what no request can cause",
         reload=RELOAD_NEW,
     )
     retries: int = setting(

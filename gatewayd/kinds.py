@@ -219,6 +219,39 @@ class Choice(Kind):
 
 
 @dataclass(frozen=True)
+class ChoiceList(Kind):
+    """An array of distinct words from ``choices`` (empty allowed: none of them)."""
+
+    choices: tuple[str, ...] = ()
+
+    @property
+    def describe(self) -> str:  # type: ignore[override]
+        return "an array of distinct words from " + ", ".join(f'"{c}"' for c in self.choices)
+
+    def parse(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise _expected(self.describe, value)
+        one = Choice(self.choices)
+        out: list[str] = []
+        problems = []
+        for i, item in enumerate(value):
+            try:
+                word = one.parse(item)
+            except Invalid as exc:
+                problems.append(Invalid(str(exc), (i,)))
+                continue
+            if word in out:
+                problems.append(Invalid(f"expected distinct words, got {shown(word)} twice", (i,)))
+            out.append(word)
+        if problems:
+            raise Invalid.of_items(problems)
+        return tuple(out)
+
+    def dump(self, value: Any) -> Any:
+        return list(value)
+
+
+@dataclass(frozen=True)
 class Name(Kind):
     """A non-empty identifier-like string (route names appear in metrics)."""
 

@@ -13,6 +13,10 @@ client request, is held across them. An attempt is retried when
 Nothing else is retried: a POST whose bytes reached a server may have been
 acted on. Retries stop after ``retries`` more attempts, when no other server is
 in rotation, or once ``read_timeout`` has passed since the first attempt.
+
+Whether a failure is retried and whether it counts against its server
+(``fail_on``, see servers.py) are separate questions: a reset is retried where
+that is safe whether it counts or not.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from .config import UpstreamConfig
 from .h1client import H1Pool, Response
 from .headers import response_headers
 from .health import HealthChecker
-from .servers import ServerState
+from .servers import ServerState, counted_reasons
 from .tomlpos import Locator, Path, format_path
 from .turn import Turn
 from .upstream import Cancellable, Exchange, Sink, Upstream, UpstreamFailure, raising
@@ -112,6 +116,10 @@ class HttpUpstream(Upstream):
         assert config.servers
         self._turn = turn  # the gateway's end of turn, where the pools' request heads go out
         self.servers = [ServerState(config.name, s) for s in config.servers]
+        peers = tuple(self.servers)
+        for s in self.servers:
+            s.peers = peers  # passive health never ejects the last server in rotation
+        self._counted = counted_reasons(config.fail_on)
         self._max_fails = config.max_fails
         self._fail_timeout = config.fail_timeout
         self._fail_on_5xx = config.fail_on_5xx
@@ -190,11 +198,16 @@ class HttpUpstream(Upstream):
         server = self._only
         if server is None or server.blocked_until:
             assert self._balancer is not None
-            server = self._balancer.pick(_NONE)
+            server = self._balancer.pick(_NONE) or self._balancer.last_resort()
             if server is None:
                 self.no_healthy += 1
                 raise UpstreamFailure(502, "no_healthy_server")
         return server
+
+    def _failed(self, server: ServerState, reason: str) -> None:
+        """A failed attempt, held against its server when ``fail_on`` counts its kind."""
+        server.failed(reason, self._now(), self._max_fails, self._fail_timeout,
+                      reason in self._counted)
 
     def serve_inline(self, request: Request, route: Route, path: str, start: float,
                      sink: Sink) -> Cancellable | None:
@@ -319,7 +332,7 @@ class HttpUpstream(Upstream):
         except UpstreamFailure as fail:
             # the head is out: all we can do is cut the response short
             ex.truncated = fail.reason
-            server.failed(fail.reason, self._now(), self._max_fails, self._fail_timeout)
+            self._failed(server, fail.reason)
             request.abort()
 
     async def _retry(self, ex: Exchange, headers: bytes, server: ServerState,
@@ -336,8 +349,8 @@ class HttpUpstream(Upstream):
                 if server.trial:
                     server.trial_abandoned()  # the client's body failed, not the server
                 raise body.error from None
+            self._failed(server, fail.reason)
             now = self._now()
-            server.failed(fail.reason, now, self._max_fails, self._fail_timeout)
             if len(tried) >= self._retries or not _may_retry(fail, request.method, body):
                 raise fail from None
             left = began + c.read_timeout - now

@@ -15,11 +15,11 @@ from typing import Any
 from .upstream import Upstream
 
 # Worst first: the merged state of a server is the first any worker reports.
-STATES = ("down", "unhealthy", "ejected", "trial", "up")
+STATES = ("down", "unhealthy", "ejected", "trial", "kept", "up")
 # server_state command: the words accepted (HAProxy's "set server ... state" words too)
 COMMAND_STATES = {"up": True, "ready": True, "down": False, "drain": False, "maint": False}
-_SUMMED = ("in_flight", "requests", "failures", "ejections")
-_COUNTERS = ("requests", "failures", "ejections")
+_SUMMED = ("in_flight", "requests", "failures", "ejections", "ejections_refused")
+_COUNTERS = ("requests", "failures", "ejections", "ejections_refused")
 
 
 def export_upstreams(upstreams: Mapping[str, Upstream]) -> dict[str, Any]:

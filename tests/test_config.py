@@ -519,6 +519,8 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
             return st.booleans()
         case k.Choice(choices=choices):
             return st.sampled_from(choices)
+        case k.ChoiceList(choices=choices):
+            return st.lists(st.sampled_from(choices), unique=True)
         case k.Name():
             return st.from_regex(r"[A-Za-z0-9_.\-]{1,12}", fullmatch=True)
         case k.Text(empty=empty):

@@ -198,19 +198,35 @@ async def test_killed_server_is_ejected_then_comes_back(start_gateway, three):
     assert snap["upstreams"][0]["retried"] >= 2
 
 
-async def test_all_servers_ejected_answers_no_healthy_server_fast(start_gateway):
-    """1. both servers refuse connections: the first requests fail (retried once, in
-    vain) and eject them 2. then the upstream answers 502 no_healthy_server at once,
-    counted among the route's upstream errors."""
+async def test_all_servers_dead_keeps_the_last_in_rotation(start_gateway):
+    """1. both servers refuse connections: the first request fails on both (retried
+    once, in vain); the first is ejected, the second, the last in rotation, is kept
+    2. then every request fails fast with the real reason, 502 upstream_connect, never
+    no_healthy_server 3. the kept server set down by hand: the ejected one is taken
+    back at once 4. both set down by hand: 502 no_healthy_server at once, counted
+    among the route's upstream errors (only the operator or the active check empty
+    an upstream)."""
     dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
     gw = await start_gateway(pool([(u, 1) for u in dead], max_fails=1, fail_timeout=30.0))
     first = await get_many(gw.url, 1)
     assert first == [(502, "upstream_connect")]
     await until_state(gw, 0, "ejected")
-    await until_state(gw, 1, "ejected")
+    kept = await until_state(gw, 1, "kept")
+    assert kept["healthy"] and kept["ejections"] == 0 and kept["ejections_refused"] == 1
     t0 = time.monotonic()
     rest = await get_many(gw.url, 5)
-    assert rest == [(502, "no_healthy_server")] * 5
+    assert rest == [(502, "upstream_connect")] * 5
+    assert time.monotonic() - t0 < 0.5
+    assert (await servers_of(gw))[1]["ejections_refused"] == 1  # one refusal per run of failures
+
+    await gw.command({"cmd": "server_state", "upstream": "app", "server": dead[1], "state": "down"})
+    assert await get_many(gw.url, 1) == [(502, "upstream_connect")]
+    s = await until_state(gw, 0, "kept")
+    assert s["ejected_until"] is None and s["ejections_refused"] == 1
+
+    await gw.command({"cmd": "server_state", "upstream": "app", "server": dead[0], "state": "down"})
+    t0 = time.monotonic()
+    assert await get_many(gw.url, 5) == [(502, "no_healthy_server")] * 5
     assert time.monotonic() - t0 < 0.5
     snap = (await gw.command({"cmd": "snapshot"}))["snapshot"]
     assert snap["routes"][0]["upstream_error_reasons"]["no_healthy_server"] == 5
@@ -218,13 +234,19 @@ async def test_all_servers_ejected_answers_no_healthy_server_fast(start_gateway)
 
 
 async def test_5xx_counts_as_failure_when_asked(start_gateway, three):
-    """fail_on_5xx: two 500s in a row eject a server, yet every 500 reaches the client."""
+    """fail_on_5xx: two 500s in a row eject a server, yet every 500 reaches the client;
+    the other, the last in rotation, is kept and goes on answering."""
     a, b = three[0], three[1]
     gw = await start_gateway(pool([(a.url, 1), (b.url, 1)], max_fails=2, fail_on_5xx=True))
     assert [s for s, _ in await get_many(gw.url, 4, "/status/500")] == [500] * 4
     s = await until_state(gw, 0, "ejected")
     assert s["last_error"] == "status_500"
-    assert (await get_many(gw.url, 1, "/status/500")) == [(502, "no_healthy_server")]
+    assert (await until_state(gw, 1, "kept"))["last_error"] == "status_500"
+    served = b.started
+    assert (await get_many(gw.url, 2, "/status/500")) == [(500, None)] * 2
+    assert b.started == served + 2 and a.started == 2
+    assert (await get_many(gw.url, 1)) == [(200, None)]
+    assert (await servers_of(gw))[1]["state"] == "up"
 
 
 async def test_5xx_is_no_failure_by_default(start_gateway, upstream):
@@ -501,3 +523,27 @@ async def test_server_state_reaches_every_worker(gateway_process, three):
             async with s.get(f"http://127.0.0.1:{port}/x") as r:
                 assert r.status == 200
     assert three[2].started == 0
+
+
+# ----------------------------------------------------------------------------- passive health rules
+def test_passive_health_rules_by_the_clock():
+    """ServerState on its own: 1. a failure fail_on does not count is recorded but
+    taken as an answer (it ends a trial, restoring the server) 2. a failed trial when
+    the other server is out keeps the server in rotation instead of ejecting it."""
+    a, b = states(1, 1)
+    for s in (a, b):
+        s.peers = (a, b)
+    a.failed("upstream_connect", 100.0, 1, 10.0)
+    assert a.state(100.0) == "ejected" and a.ejections == 1
+    a.begin_trial(111.0, 10.0)
+    a.failed("upstream_invalid", 111.0, 1, 10.0, counts=False)
+    assert a.state(111.0) == "up" and a.failures == 2 and a.last_error == "upstream_invalid"
+
+    a.failed("upstream_connect", 120.0, 1, 10.0)
+    assert a.state(120.0) == "ejected"
+    b.failed("upstream_connect", 121.0, 1, 10.0)  # a is out: b is the last
+    assert b.state(121.0) == "kept" and b.ejections == 0 and b.ejections_refused == 1
+    a.begin_trial(131.0, 10.0)
+    b.set_admin(False)
+    a.failed("upstream_connect", 131.0, 1, 10.0)  # its trial failed, but b is down
+    assert a.state(131.0) == "kept" and a.blocked_until == 0.0 and a.ejections == 2

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..context import Context
 from ..report import Table
-from . import admission, cancel, idle, instructions, overload, paths, profile, reload, throughput
+from . import admission, cancel, eject, idle, instructions, overload, paths, profile, reload, throughput
 
 Scenario = Callable[[Context], list[Table]]
 
@@ -21,6 +21,7 @@ SCENARIOS: dict[str, Scenario] = {
     "profile": profile.run,
     "instructions": instructions.run,
     "paths": paths.run,
+    "eject": eject.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
