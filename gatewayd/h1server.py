@@ -50,6 +50,8 @@ MAX_LINE = 8190  # the request line and each header line (as aiohttp's server)
 MAX_HEADERS = 128
 READ_BUFFER = 65536  # a body's bytes buffered before reading from the client pauses
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
+COMPACT_AT = 32768  # bytes parsed off the front of read-ahead bytes before they are copied away
+PIPELINED_WRITE_BUFFER = 16384  # the high-water mark of output buffered for a pipelining client
 LINGER = 2.0  # seconds an unread body may take to arrive after the response
 # Client reads handled in one turn of the event loop; the rest wait for the next
 # turn, in arrival order (see H1Server.admit_read).
@@ -279,6 +281,7 @@ class H1Server:
         self._turn_left = READS_PER_TURN
         self._turn_armed = False
         self._deferred: deque[H1Protocol] = deque()
+        self._backlog: deque[H1Protocol] = deque()  # pipelined requests put off (defer)
         self._sweeper: asyncio.TimerHandle | None = None
         self.sweeps = 0
         self._corked: list[H1Protocol] = []  # connections with output held for this turn's flush
@@ -338,6 +341,15 @@ class H1Server:
             self.turn.hold(CLIENT_READS, self._new_turn)
         return False
 
+    def defer(self, protocol: H1Protocol) -> None:
+        """Put off the rest of ``protocol``'s pipelined requests to a later turn, behind
+        the reads of clients put off (their first requests come first: a pipelining
+        client has had its turn)."""
+        self._backlog.append(protocol)
+        if not self._turn_armed:
+            self._turn_armed = True
+            self.turn.hold(CLIENT_READS, self._new_turn)
+
     def _new_turn(self) -> None:
         # runs once per loop turn, at its end, after the turn's writes (see turn.py)
         self._turn_left = READS_PER_TURN
@@ -347,7 +359,14 @@ class H1Server:
             if protocol.transport is not None:
                 self._turn_left -= 1
                 protocol._undefer()
-        if deferred:
+        backlog = self._backlog
+        left = max(self._turn_left, 1)  # (some progress each turn, however many read)
+        while backlog and left > 0:
+            protocol = backlog.popleft()
+            if protocol.transport is not None:
+                left -= 1
+                protocol._undefer()
+        if deferred or backlog:
             self.turn.hold(CLIENT_READS, self._new_turn)
         else:
             self._turn_armed = False
@@ -562,6 +581,8 @@ class H1Protocol(BaseProtocol):
         data, self._put_off = self._put_off, None
         if data:
             self._feed(data)
+        elif self.current is None and (self._pending or self._unparsed is not None):
+            self._step()  # (put off by _step itself)
         if self._buffer_paused:
             self._may_read()
 
@@ -666,9 +687,17 @@ class H1Protocol(BaseProtocol):
                 self._tail = bytes(tail) + data[pos:]
                 pos = size
         if pos < size:
+            if pos >= COMPACT_AT:
+                # what is parsed is let go (the bytes may wait long: a client not reading)
+                self._unparsed = data = data[pos:]
+                pos = 0
             self._unparsed_at = pos
             if not self._buffer_paused:
                 self._pause_reading_for_buffer()
+                if self.transport is not None:
+                    # a pipelining client: less of its output buffered before it counts
+                    # as not taking it (pause_writing)
+                    self.transport.set_write_buffer_limits(PIPELINED_WRITE_BUFFER)
         else:
             self._unparsed = None
             if self._buffer_paused:
@@ -716,9 +745,10 @@ class H1Protocol(BaseProtocol):
                 if self.current is not None or not pending:
                     break
                 if budget == 0:
-                    # answered at once, MAX_PIPELINED of them: their output goes first (the
-                    # client may not be taking it), the rest at the end of this turn
-                    self.server.turn.hold(CLIENT_READS, self._step)
+                    # MAX_PIPELINED answered at once: the rest waits its turn with the
+                    # other clients' reads (H1Server.admit_read), after this output
+                    self._put_off = b""
+                    self.server.defer(self)
                     return
                 budget -= 1
                 message, payload = pending.popleft()
