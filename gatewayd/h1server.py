@@ -10,14 +10,20 @@ task, no coroutine and no response object. Only a request that goes upstream
 gets a task, which the connection cancels when its client leaves.
 
 What the protocol owns (the gateway never sees it):
-- pipelining: requests parsed ahead wait their turn, and reading pauses when
-  too many are waiting;
-- the request-head timer (first byte to end of head; 408), the keep-alive
-  timer, and the send timer (a client that takes none of its response for
+- pipelining: a read is parsed one head at a time while fewer than
+  ``MAX_PIPELINED`` requests wait their turn; the rest waits as bytes and
+  reading pauses; a client that does not take its responses (pause_writing)
+  is neither read nor answered until it does;
+- the request-head timer (first byte to end of head, for every head the parser
+  holds, also behind requests being answered; 408), the keep-alive timer, and
+  the send timer (a client that takes none of its response for
   ``send_timeout`` is disconnected, as nginx's ``send_timeout``);
 - a body left unread when the response is out is read and dropped for up to
   ``LINGER`` seconds before the next request, as aiohttp did;
-- a request the parser refuses: 400 ``bad_request`` and the connection closes;
+- bytes the parser refuses: the requests before them are answered, then 400
+  ``bad_request`` and the connection closes (bytes after a request that ends
+  the connection are ignored); refusals and 408s are logged and counted as
+  answers without a route (H1Server.refused);
 - graceful shutdown: idle connections close, busy ones after their response.
 """
 
