@@ -54,7 +54,6 @@ log = logging.getLogger("gatewayd")
 
 MAX_LINE = 8190  # the request line and each header line (as aiohttp's server)
 MAX_HEADERS = 128
-READ_SIZE = 32768  # bytes read from a client at a time (_Reader)
 READ_BUFFER = 65536  # a body's bytes buffered before reading from the client pauses
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
 COMPACT_AT = 32768  # bytes parsed off the front of read-ahead bytes before they are copied away
@@ -260,40 +259,6 @@ class Request:
         return request
 
 
-class _Reader(asyncio.BufferedProtocol):
-    """What the transport calls for a client connection: reads at most ``READ_SIZE``
-    bytes at a time, into one buffer all connections share (each read is copied out
-    at once), and passes everything on to the connection's H1Protocol.
-
-    A plain protocol is given each read whole, up to 256 KiB (the event loop's read
-    size): a client that pipelines requests and takes no responses would make every
-    connection hold that much unparsed, and a flood of them hundreds of MiB."""
-
-    __slots__ = ("_buffer", "_protocol")
-
-    def __init__(self, protocol: H1Protocol, buffer: bytearray) -> None:
-        self._protocol = protocol
-        self._buffer = buffer
-
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self._buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._protocol.data_received(self._buffer[:nbytes])  # type: ignore[arg-type]
-
-    def eof_received(self) -> bool | None:
-        return self._protocol.eof_received()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._protocol.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._protocol.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._protocol.resume_writing()
-
-
 class H1Server:
     """The protocol factory for the accept loop; holds the settings every connection
     reads (changed in place on reload) and the open connections (for shutdown)."""
@@ -312,7 +277,6 @@ class H1Server:
         self.connections: set[H1Protocol] = set()
         self.closing = False
         self.heads: dict[tuple[int, str, bytes, int, int], bytes] = {}  # see Request.head_for
-        self.read_buffer = bytearray(READ_SIZE)  # every connection's reads (_Reader)
         self.bad_requests = 0  # refused by the HTTP parser (400 bad_request)
         # answers given without a route (parser refusals, head timeouts, no_route), by status:
         # gatewayd_requests_total{route="-"}
@@ -542,7 +506,6 @@ class H1Protocol(BaseProtocol):
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
         self._idle()
-        transport.set_protocol(_Reader(self, self.server.read_buffer))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         for timer in (self._head_timer, self._send_timer):
