@@ -366,7 +366,7 @@ class H1Server:
                 self._turn_left -= 1
                 protocol._undefer()
         backlog = self._backlog
-        left = max(self._turn_left, 1)  # (some progress each turn, however many read)
+        left = READS_PER_TURN  # (as many again as reads, however many read)
         while backlog and left > 0:
             protocol = backlog.popleft()
             if protocol.transport is not None:
@@ -810,6 +810,13 @@ class H1Protocol(BaseProtocol):
             # nothing parsed ahead (the common keep-alive case): idle at once, as
             # _step ends (_idle, inline: this runs for every request)
             self._idle_at = self._loop.time()
+        elif self._pending or self._unparsed is not None:
+            # the next pipelined request waits its turn behind other clients' reads:
+            # else a thousand pipelining clients, each answered as soon as its last
+            # answer is out, leave a new client's request waiting for seconds
+            if self._put_off is None:
+                self._put_off = b""
+                self.server.defer(self)
         else:
             self._step()
 
