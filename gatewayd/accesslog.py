@@ -98,7 +98,8 @@ class AccessLog:
             }) + "\n"
         else:
             q = _quote
-            line = (f'{client} - - [{self._timestamp()}] "{q(method)} {q(target)} HTTP/{version}" '
+            request = f"{q(method)} {q(target)} HTTP/{version}" if version != "-" else "-"
+            line = (f'{client} - - [{self._timestamp()}] "{request}" '
                     f'{status} {size if size else "-"} "{q(referer) or "-"}" "{q(agent) or "-"}"\n')
         self._buffer.append(line)
         if self._flush_handle is None:

@@ -74,6 +74,7 @@ class Gateway:
         route = self.runtime.table.router.match(request.headers.get(HOST), target)
         if route is None:
             answer(request, 404, "no_route")
+            request.protocol.server.count_unrouted(404)
             self._log(request, None, 404, 0, start, "no_route")
             request.protocol.finish(request)
             return

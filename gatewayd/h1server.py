@@ -10,14 +10,20 @@ task, no coroutine and no response object. Only a request that goes upstream
 gets a task, which the connection cancels when its client leaves.
 
 What the protocol owns (the gateway never sees it):
-- pipelining: requests parsed ahead wait their turn, and reading pauses when
-  too many are waiting;
-- the request-head timer (first byte to end of head; 408), the keep-alive
-  timer, and the send timer (a client that takes none of its response for
+- pipelining: a read is parsed one head at a time while fewer than
+  ``MAX_PIPELINED`` requests wait their turn; the rest waits as bytes and
+  reading pauses; a client that does not take its responses (pause_writing)
+  is neither read nor answered until it does;
+- the request-head timer (first byte to end of head, for every head the parser
+  holds, also behind requests being answered; 408), the keep-alive timer, and
+  the send timer (a client that takes none of its response for
   ``send_timeout`` is disconnected, as nginx's ``send_timeout``);
 - a body left unread when the response is out is read and dropped for up to
   ``LINGER`` seconds before the next request, as aiohttp did;
-- a request the parser refuses: 400 ``bad_request`` and the connection closes;
+- bytes the parser refuses: the requests before them are answered, then 400
+  ``bad_request`` and the connection closes (bytes after a request that ends
+  the connection are ignored); refusals and 408s are logged and counted as
+  answers without a route (H1Server.refused);
 - graceful shutdown: idle connections close, busy ones after their response.
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +56,8 @@ MAX_LINE = 8190  # the request line and each header line (as aiohttp's server)
 MAX_HEADERS = 128
 READ_BUFFER = 65536  # a body's bytes buffered before reading from the client pauses
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
+COMPACT_AT = 32768  # bytes parsed off the front of read-ahead bytes before they are copied away
+PIPELINED_WRITE_BUFFER = 16384  # the high-water mark of output buffered for a pipelining client
 LINGER = 2.0  # seconds an unread body may take to arrive after the response
 # Client reads handled in one turn of the event loop; the rest wait for the next
 # turn, in arrival order (see H1Server.admit_read).
@@ -61,6 +70,32 @@ PARSER_IDLE = 2.0  # seconds idle after which a connection's parser is dropped (
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _BAD_REQUEST = prebuilt(400, "bad_request", None, True)
 _NO_BODY_STATUS = frozenset((204, 304))
+# what the access log shows of a refused request: its request line, when it has one
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}) (\S{1,8190}) HTTP/(\d)\.(\d)\r\n")
+
+
+class Refusal:
+    """The answer a connection ends with when the parser refuses its bytes (400) or a
+    head does not arrive in time (408): sent once the requests before it are answered,
+    then logged and counted as any answer (H1Server.refused)."""
+
+    __slots__ = ("duration", "line", "reason", "response", "status")
+
+    def __init__(self, response: bytes, status: int, reason: str,
+                 line: re.Match[bytes] | None, duration: float) -> None:
+        self.response = response
+        self.status = status
+        self.reason = reason
+        self.line = line  # the refused request's line, when the refused bytes start with one
+        self.duration = duration
+
+    def request_line(self) -> tuple[str, str, str]:
+        """Method, target and version as far as known, else "-"."""
+        line = self.line
+        if line is None:
+            return "-", "-", "-"
+        method, target, major, minor = (g.decode("latin-1") for g in line.groups())
+        return method, target, f"{major}.{minor}"
 
 
 class Request:
@@ -230,7 +265,8 @@ class H1Server:
 
     def __init__(self, handler: Callable[[Request], None], *, head_timeout: float,
                  send_timeout: float, keepalive_timeout: float,
-                 on_close: Callable[[], None], turn: Turn | None = None) -> None:
+                 on_close: Callable[[], None], turn: Turn | None = None,
+                 log_refusal: Callable[[str, str, str, str, int, str, float], None] | None = None) -> None:
         self.handler = handler
         # shared with the upstream pools, whose request heads go out first at each turn's end
         self.turn = turn if turn is not None else Turn()
@@ -242,11 +278,16 @@ class H1Server:
         self.closing = False
         self.heads: dict[tuple[int, str, bytes, int, int], bytes] = {}  # see Request.head_for
         self.bad_requests = 0  # refused by the HTTP parser (400 bad_request)
+        # answers given without a route (parser refusals, head timeouts, no_route), by status:
+        # gatewayd_requests_total{route="-"}
+        self.unrouted: dict[int, int] = {}
+        self.log_refusal = log_refusal
         self.deferred_reads = 0  # client reads put off to a later loop turn (saturated)
         self._empty: asyncio.Event | None = None
         self._turn_left = READS_PER_TURN
         self._turn_armed = False
         self._deferred: deque[H1Protocol] = deque()
+        self._backlog: deque[H1Protocol] = deque()  # pipelined requests put off (defer)
         self._sweeper: asyncio.TimerHandle | None = None
         self.sweeps = 0
         self._corked: list[H1Protocol] = []  # connections with output held for this turn's flush
@@ -306,6 +347,15 @@ class H1Server:
             self.turn.hold(CLIENT_READS, self._new_turn)
         return False
 
+    def defer(self, protocol: H1Protocol) -> None:
+        """Put off the rest of ``protocol``'s pipelined requests to a later turn, behind
+        the reads of clients put off (their first requests come first: a pipelining
+        client has had its turn)."""
+        self._backlog.append(protocol)
+        if not self._turn_armed:
+            self._turn_armed = True
+            self.turn.hold(CLIENT_READS, self._new_turn)
+
     def _new_turn(self) -> None:
         # runs once per loop turn, at its end, after the turn's writes (see turn.py)
         self._turn_left = READS_PER_TURN
@@ -315,7 +365,14 @@ class H1Server:
             if protocol.transport is not None:
                 self._turn_left -= 1
                 protocol._undefer()
-        if deferred:
+        backlog = self._backlog
+        left = READS_PER_TURN  # (as many again as reads, however many read)
+        while backlog and left > 0:
+            protocol = backlog.popleft()
+            if protocol.transport is not None:
+                left -= 1
+                protocol._undefer()
+        if deferred or backlog:
             self.turn.hold(CLIENT_READS, self._new_turn)
         else:
             self._turn_armed = False
@@ -326,6 +383,18 @@ class H1Server:
         corked, self._corked = self._corked, []
         for protocol in corked:
             protocol.uncork()
+
+    def refused(self, protocol: H1Protocol, refusal: Refusal) -> None:
+        """A refusal is out: counted and logged as any answer (route "-")."""
+        self.count_unrouted(refusal.status)
+        if self.log_refusal is not None:
+            method, target, version = refusal.request_line()
+            self.log_refusal(protocol.peer_host or "-", method, target, version,
+                             refusal.status, refusal.reason, refusal.duration)
+
+    def count_unrouted(self, status: int) -> None:
+        codes = self.unrouted
+        codes[status] = codes.get(status, 0) + 1
 
     def _closed(self, protocol: H1Protocol) -> None:
         self.connections.discard(protocol)
@@ -359,6 +428,7 @@ class H1Protocol(BaseProtocol):
         "_clean",
         "_close_after",
         "_fields_memo",
+        "_final",
         "_head_timer",
         "_idle_at",
         "_last_raw",
@@ -367,10 +437,12 @@ class H1Protocol(BaseProtocol):
         "_peer_host",
         "_pending",
         "_put_off",
-        "_refused",
         "_send_timer",
         "_stepping",
         "_tail",
+        "_unparsed",
+        "_unparsed_at",
+        "_write_held",
         "checked_headers",
         "current",
         "server",
@@ -389,7 +461,10 @@ class H1Protocol(BaseProtocol):
         self._idle_at = 0.0
         self._close_after = False  # the parser failed or the client's framing ended: no more requests
         self._stepping = False
-        self._refused = False  # the parser refused bytes after the current request: 400 once it is done
+        self._final: Refusal | None = None  # the answer after the requests parsed before it, then close
+        self._unparsed: bytes | None = None  # bytes read ahead, parsed as requests are answered
+        self._unparsed_at = 0  # where the unparsed part of _unparsed starts
+        self._write_held = False  # responses are not leaving: nothing more is read or answered
         # after an upgrade request, the bytes that follow it, unparsed until it is answered
         # (never 101: upgrades are not proxied, and the next request is HTTP again)
         self._tail: bytes | None = None
@@ -490,6 +565,7 @@ class H1Protocol(BaseProtocol):
 
     def _close(self) -> None:
         """Close after what is held and what is buffered are sent."""
+        self._close_after = True  # (nothing read after this is parsed)
         self.uncork()
         if self.transport is not None:
             self.transport.close()
@@ -509,10 +585,12 @@ class H1Protocol(BaseProtocol):
 
     def _undefer(self) -> None:
         data, self._put_off = self._put_off, None
-        if self._buffer_paused and not self._pending and self._tail is None:
-            self._resume_reading_for_buffer()
         if data:
             self._feed(data)
+        elif self.current is None and (self._pending or self._unparsed is not None):
+            self._step()  # (put off by _step itself)
+        if self._buffer_paused:
+            self._may_read()
 
     def _feed(self, data: bytes) -> None:
         if self.transport is None or self._close_after:
@@ -529,18 +607,32 @@ class H1Protocol(BaseProtocol):
             if len(self._tail) >= READ_BUFFER and not self._buffer_paused:
                 self._pause_reading_for_buffer()
             return
+        if self._unparsed is not None:
+            # bytes read before these wait to be parsed (a read under way as reading paused)
+            self._unparsed = self._unparsed[self._unparsed_at:] + data
+            self._unparsed_at = 0
+            return
+        end = data.find(b"\r\n\r\n")
+        if 0 <= end < len(data) - 4:
+            # more than one head may end in these bytes: parsed one at a time (_parse_ahead)
+            self._unparsed = data
+            self._unparsed_at = 0
+            self._parse_ahead()
+            if self.current is None:
+                self._step()
+            return
+        # at most one head ends here, at the end (the common case: one request per read)
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
-            self._bad_request(exc)
+            self._bad_request(exc, data)
             return
         if upgraded:
             self._tail = bytes(tail)
         if not messages:
             self._clean = False
-            if self.current is None and self._head_timer is None and data:
-                # part of a head: from its first byte it has head_timeout to arrive
-                self._head_timer = self._loop.call_later(self.server.head_timeout, self._head_timed_out)
+            if data:
+                self._head_arriving()
             return
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -548,7 +640,7 @@ class H1Protocol(BaseProtocol):
         message, payload = messages[-1]
         # Whether the parser is between requests: the bytes ended a head whose request
         # has no body. Anything else (a body, a part of a head) keeps the parser.
-        self._clean = payload is EMPTY_PAYLOAD and data.endswith(b"\r\n\r\n")
+        self._clean = payload is EMPTY_PAYLOAD and end >= 0
         if len(messages) == 1 and self.current is None and self._pending is None:
             self._dispatch(message, payload)
             return
@@ -560,6 +652,70 @@ class H1Protocol(BaseProtocol):
             self._pause_reading_for_buffer()
         if self.current is None:
             self._step()
+
+    def _parse_ahead(self) -> None:
+        """Parse the bytes read ahead, one head per call of the parser, while fewer than
+        ``MAX_PIPELINED`` requests wait; the rest stay bytes, and reading pauses until
+        they are parsed. A flood of pipelined requests (a 256 KiB read is ~9,700 small
+        GETs) then costs a bounded number of parsed messages, not megabytes of them.
+        One head per call also keeps the requests before bytes the parser refuses: a
+        call that fails drops what it parsed."""
+        data = self._unparsed
+        parser = self._parser
+        if data is None or parser is None:
+            return
+        pos = self._unparsed_at
+        size = len(data)
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        while pos < size and len(pending) < MAX_PIPELINED:
+            end = data.find(b"\r\n\r\n", pos)
+            stop = size if end < 0 else end + 4
+            piece = data[pos:stop]
+            pos = stop
+            try:
+                messages, upgraded, tail = parser.feed_data(piece)
+            except HttpProcessingError as exc:
+                self._unparsed = None
+                self._bad_request(exc, piece)
+                return
+            if messages:
+                if self._head_timer is not None:
+                    self._head_timer.cancel()
+                    self._head_timer = None
+                pending.extend(messages)
+                self._clean = messages[-1][1] is EMPTY_PAYLOAD and end >= 0
+            else:
+                self._clean = False
+                self._head_arriving()
+            if upgraded:
+                self._tail = bytes(tail) + data[pos:]
+                pos = size
+        if pos < size:
+            if pos >= COMPACT_AT:
+                # what is parsed is let go (the bytes may wait long: a client not reading)
+                self._unparsed = data = data[pos:]
+                pos = 0
+            self._unparsed_at = pos
+            if not self._buffer_paused:
+                self._pause_reading_for_buffer()
+                if self.transport is not None:
+                    # a pipelining client: less of its output buffered before it counts
+                    # as not taking it (pause_writing)
+                    self.transport.set_write_buffer_limits(PIPELINED_WRITE_BUFFER)
+        else:
+            self._unparsed = None
+            if self._buffer_paused:
+                self._may_read()
+
+    def _may_read(self) -> None:
+        """Read again, unless something read is still waiting (see _hold_reasons)."""
+        if self._buffer_paused and not (
+                self._unparsed is not None or self._tail is not None or self._write_held
+                or self._close_after or self._put_off is not None
+                or (self._pending is not None and len(self._pending) >= MAX_PIPELINED)):
+            self._resume_reading_for_buffer()
 
     def pause_reading(self) -> None:
         # a body's buffer is full (StreamReader's flow control): stop reading the socket
@@ -573,30 +729,50 @@ class H1Protocol(BaseProtocol):
 
     def _dispatch(self, message: RawRequestMessage, payload: StreamReader) -> None:
         request = Request(message, payload, self)
-        if self._close_after:
+        if self._close_after and self._final is None:
             request.keep_alive = False
         self.current = request
         self.server.handler(request)
 
     def _step(self) -> None:
-        """Answer the requests waiting their turn, as long as each is done at once."""
+        """Answer the requests waiting their turn, as long as each is done at once and
+        the client takes its responses; parse ahead as they go."""
         if self._stepping:
             return  # an outer _step continues the loop
         self._stepping = True
+        budget = MAX_PIPELINED
         try:
-            while self.current is None and self._pending and self.transport is not None:
-                message, payload = self._pending.popleft()
+            while self.transport is not None and not self._write_held:
+                pending = self._pending
+                if self._unparsed is not None and (pending is None or len(pending) < MAX_PIPELINED):
+                    # (also while a request is answered: its body may be in these bytes)
+                    self._parse_ahead()
+                    pending = self._pending
+                if self.current is not None or not pending:
+                    break
+                if budget == 0:
+                    # MAX_PIPELINED answered at once: the rest waits its turn with the
+                    # other clients' reads (H1Server.admit_read), after this output
+                    self._put_off = b""
+                    self.server.defer(self)
+                    return
+                budget -= 1
+                message, payload = pending.popleft()
                 self._dispatch(message, payload)
         finally:
             self._stepping = False
-        if self.current is None and self.transport is not None:
-            if not self._pending:
-                self._pending = None
-                if self._tail is not None:
-                    self._declined_upgrade()
-                    return
+        if self.current is None and self.transport is not None and not self._pending:
+            if self._unparsed is not None:
+                return  # (responses not leaving: resume_writing goes on)
+            self._pending = None
+            if self._tail is not None:
+                self._declined_upgrade()
+                return
+            if self._final is not None:
+                self._say_final()
+                return
             if self._buffer_paused:
-                self._resume_reading_for_buffer()
+                self._may_read()
             self._idle()
 
     def _declined_upgrade(self) -> None:
@@ -606,7 +782,7 @@ class H1Protocol(BaseProtocol):
             return
         self._parser.set_upgraded(False)
         if self._buffer_paused:
-            self._resume_reading_for_buffer()
+            self._may_read()
         self._idle()
         if tail:
             self._feed(tail)
@@ -619,11 +795,12 @@ class H1Protocol(BaseProtocol):
         if transport is None:
             self.current = None
             return
-        if not request.keep_alive or self._close_after or self.server.closing:
+        if not request.keep_alive or self.server.closing or (self._close_after and not self._pending):
             self.current = None
-            if self._refused:
-                self.send_later(_BAD_REQUEST)
-            self._close()  # after what is held and buffered is sent
+            if self._final is not None and request.keep_alive:
+                self._say_final()  # (it closes)
+            else:
+                self._close()  # after what is held and buffered is sent
             return
         if request.body_exists and not request.content.is_eof():
             request.task = self._loop.create_task(self._linger(request))
@@ -633,6 +810,13 @@ class H1Protocol(BaseProtocol):
             # nothing parsed ahead (the common keep-alive case): idle at once, as
             # _step ends (_idle, inline: this runs for every request)
             self._idle_at = self._loop.time()
+        elif self._pending or self._unparsed is not None:
+            # the next pipelined request waits its turn behind other clients' reads:
+            # else a thousand pipelining clients, each answered as soon as its last
+            # answer is out, leave a new client's request waiting for seconds
+            if self._put_off is None:
+                self._put_off = b""
+                self.server.defer(self)
         else:
             self._step()
 
@@ -667,40 +851,88 @@ class H1Protocol(BaseProtocol):
         """When the connection last became idle; None while a request is under way
         (or a head is arriving: its own timer decides)."""
         if (self.current is not None or self._pending or self._put_off is not None
-                or self._head_timer is not None or self.transport is None):
+                or self._head_timer is not None or self.transport is None
+                or self._unparsed is not None):
             return None
         return self._idle_at
 
     def close_idle(self) -> None:
         self._close()
 
+    def _head_arriving(self) -> None:
+        """Bytes were parsed and no head ended in them. If they are part of a head (not
+        of a body still arriving), that head has ``head_timeout`` from its first byte,
+        whether a request is being answered or not."""
+        if self._head_timer is not None:
+            return
+        pending = self._pending
+        if pending:
+            payload = pending[-1][1]
+        elif self.current is not None:
+            payload = self.current.content
+        else:
+            payload = EMPTY_PAYLOAD
+        if payload is EMPTY_PAYLOAD or payload.is_eof():
+            self._head_timer = self._loop.call_later(self.server.head_timeout, self._head_timed_out)
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        transport = self.transport
-        if transport is not None and self.current is None:
-            self.send_later(_REQUEST_TIMEOUT)
-            self._close_after = True
-            self._close()
+        if self._buffer_paused and not self._close_after:
+            # the rest of the head may be waiting in the socket: reading is paused for
+            # this client's own backlog or unread answers (send_timeout judges those)
+            self._head_timer = self._loop.call_later(self.server.head_timeout, self._head_timed_out)
+            return
+        if self.transport is not None:
+            self._conclude(Refusal(_REQUEST_TIMEOUT, 408, "header_timeout", None, self.server.head_timeout))
 
-    def _bad_request(self, exc: HttpProcessingError) -> None:
+    def _bad_request(self, exc: HttpProcessingError, fed: bytes) -> None:
+        """The parser refused ``fed`` (bytes it was given in one call)."""
+        self._unparsed = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        pending = self._pending
+        if pending:
+            last, payload = pending[-1]
+        elif self.current is not None:
+            last, payload = self.current.message, self.current.content
+        else:
+            last = None
+        if last is not None and payload is not EMPTY_PAYLOAD and not payload.is_eof():
+            # the refused bytes are that request's body: refused with it, when it has not
+            # gone to the gateway yet (else its body never ends: the body timeout)
+            if pending:
+                pending.pop()
+        elif last is not None and last.should_close:
+            # bytes after a request that ends the connection (Connection: close, HTTP/1.0):
+            # not read, as nginx ignores them; that request is answered, then the close
+            self._close_after = True
+            if not self._buffer_paused:
+                self._pause_reading_for_buffer()
+            return
         # The client's fault, and any client can send one: no traceback at ERROR (a
         # log flood) and no parser text echoed back.
         self.server.bad_requests += 1
         log.debug("bad request from %s: %s", self.peer_host, exc)
+        self._conclude(Refusal(_BAD_REQUEST, 400, "bad_request", _REQUEST_LINE.match(fed), 0.0))
+
+    def _conclude(self, refusal: Refusal) -> None:
+        """No more requests from this client: ``refusal`` once those parsed before it
+        are answered, then close."""
         self._close_after = True
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        transport = self.transport
-        if transport is None:
-            return
-        if self.current is None:
-            self.send_later(_BAD_REQUEST)
-            self._close()
-        else:
-            # answering the request before it: the 400 follows its response
-            self._refused = True
-            self._pause_transport_reading()
+        self._unparsed = None
+        self._final = refusal
+        if self.current is None and not self._pending:
+            self._say_final()
+        elif not self._buffer_paused:
+            self._pause_reading_for_buffer()
+
+    def _say_final(self) -> None:
+        refusal, self._final = self._final, None
+        if refusal is not None and self.transport is not None:
+            self.send_later(refusal.response)
+            self.server.refused(self, refusal)
+        self._close()
 
     # -- writing ------------------------------------------------------------------------
     def pause_writing(self) -> None:
@@ -708,12 +940,25 @@ class H1Protocol(BaseProtocol):
         super().pause_writing()
         if self._send_timer is None:
             self._send_timer = self._loop.call_later(self.server.send_timeout, self._send_timed_out)
+        current = self.current
+        if current is None or not current.body_exists or current.content.is_eof():
+            # A client that does not take its responses gets nothing more read or answered
+            # until it does (as nginx): else a pipelined flood fills our buffer with them.
+            # Not while a body arrives: its upstream may answer as it reads (an echo).
+            self._write_held = True
+            if not self._buffer_paused:
+                self._pause_reading_for_buffer()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        if self._write_held:
+            self._write_held = False
+            self._may_read()
+            if self.current is None and (self._pending or self._unparsed is not None):
+                self._loop.call_soon(self._step)  # (not inside the transport's write callback)
 
     def _send_timed_out(self) -> None:
         # the client took nothing for send_timeout: it counts as gone (its request is

@@ -86,6 +86,8 @@ class SnapshotCollector:
             duration.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
             h = r["queue_wait_histogram"]
             qwait.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
+        for code, n in sorted(s.get("unrouted", {}).items()):
+            req.add_metric(["-", code], n)  # answered before or without a route
         yield from (req, inflight, depth, oldest, limit, qlimit, rejected, cancelled,
                     cancelled_q, uperr, duration, qwait)
 

@@ -156,7 +156,15 @@ class Runtime:
             keepalive_timeout=s.keepalive_timeout,
             on_close=self._connection_closed,
             turn=self.turn,
+            log_refusal=self._log_refusal,
         )
+
+    def _log_refusal(self, client: str, method: str, target: str, version: str, status: int,
+                     reason: str, duration: float) -> None:
+        # a request refused before it had a route (H1Server.refused), in the access log
+        access = self.access_log
+        if access.enabled:
+            access.write(client, method, target, version, status, 0, "", "", "-", duration, reason)
 
     def _connection_closed(self) -> None:
         self.acceptor.closed_one()

@@ -93,6 +93,7 @@ def _export_process(runtime: Runtime) -> dict[str, Any]:
         "connections": runtime.connections,
         "accepted": runtime.acceptor.accepted,
         "bad_requests": runtime.server.bad_requests,
+        "unrouted": {str(c): n for c, n in runtime.server.unrouted.items()},
         "deferred_reads": runtime.server.deferred_reads,
         "tasks": runtime.tasks.live,
         "loop_lag_ms": {"last": runtime.lag.last * 1000, "max": runtime.lag.max * 1000},
@@ -112,6 +113,15 @@ def _add_hist(into: dict[str, Any] | None, h: dict[str, Any]) -> dict[str, Any]:
     into["sum"] += h["sum"]
     into["count"] += h["count"]
     return into
+
+
+def _unrouted(exports: list[dict[str, Any]], retired: dict[str, Any] | None) -> dict[str, int]:
+    """Answers given without a route (refused requests, head timeouts, no_route), by
+    status code, summed over the workers, those that exited included."""
+    codes: dict[str, int] = dict(retired.get("unrouted", {})) if retired else {}
+    for e in exports:
+        _sum_dicts(codes, e.get("unrouted", {}))
+    return codes
 
 
 def _sum_dicts(into: dict[str, int], more: dict[str, int]) -> None:
@@ -361,6 +371,7 @@ def _present_top(runtime_info: dict[str, Any], exports: list[dict[str, Any]],
         "open_fds": sum(e["open_fds"] for e in exports),
         "fd_limit": min((e["fd_limit"] for e in exports), default=0),
         "routes": routes,
+        "unrouted": _unrouted(exports, retired),
         "upstreams": present_upstreams(exports, retired),
         "workers": workers,
     })
@@ -534,6 +545,7 @@ def retire(retired: dict[str, Any], gone: dict[str, Any]) -> None:
     """Keep the counters of a worker that exited (its gauges go with it), so that
     gateway-wide totals never go backwards."""
     retire_upstreams(retired, gone)
+    _sum_dicts(retired.setdefault("unrouted", {}), gone.get("unrouted", {}))
     routes = retired.setdefault("routes", {})
     for name, r in gone.get("routes", {}).items():
         into = routes.get(name)

@@ -9,6 +9,7 @@ their own tests in test_lifecycle.py.)
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -214,4 +215,93 @@ async def test_shed_on_a_keepalive_connection_is_answered_once(start_gateway, up
     rest = await asyncio.wait_for(reader.read(), 3)
     assert rest.startswith(b"HTTP/1.1 200") and rest.count(b"HTTP/1.1 ") == 1, rest
     writer.close()
+    await settled(gw)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def _flood(port: int, first: bytes, each: bytes, size: int) -> tuple[socket.socket, asyncio.Task[None]]:
+    """A connection that sends ``first`` then ``size`` bytes of ``each`` pipelined (as
+    fast as the gateway takes them, from a task), and never reads (a small receive
+    buffer, so its responses soon stop leaving)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    data = first + each * (size // len(each))
+    return sock, asyncio.create_task(loop.sock_sendall(sock, data))
+
+
+async def test_pipelined_flood_is_bounded(start_gateway, upstream):
+    """A pipelined flood costs a bounded amount of memory and nobody else's service:
+    1. 20 connections each send 256 KiB of pipelined GETs behind a slow one (about
+       6,000 requests each) and read nothing; 4 more send 4 MiB each of requests no
+       route serves (404s, answered at once, ~90,000 each) and read nothing
+    2. the gateway grows by far less than the parsed flood would take (a 256 KiB read
+       was ~6,000 parsed messages, several MiB, before the bound): under 48 MiB in all
+    3. a client whose answers do not leave is no longer read: only what fits in the
+       socket buffers toward it is answered, not its whole flood
+    4. meanwhile an ordinary request on another connection is answered in under 1 s."""
+    gw = await start_gateway(route_to(upstream.url, max_concurrency=100, host="app.example"),
+                             keepalive_timeout=30, send_timeout=30)
+    server = gw.runtime.server
+    for _ in range(3):
+        gc.collect()
+    before = _rss()
+    get = b"GET /ok HTTP/1.1\r\nHost: app.example\r\n\r\n"
+    lost = b"GET /nowhere HTTP/1.1\r\nHost: nowhere.example\r\n\r\n"
+    floods = []
+    try:
+        for _ in range(20):
+            floods.append(await _flood(gw.port, b"GET /slow?ms=4000 HTTP/1.1\r\nHost: app.example\r\n\r\n",
+                                       get, 256 * 1024))
+        for _ in range(4):
+            floods.append(await _flood(gw.port, b"", lost, 4 * 1024 * 1024))
+        await wait_for(lambda: upstream.active == 20, timeout=5)
+        # what the 404 floods get answered, and the memory, stop growing: they are no
+        # longer read
+        last = (-1, 0)
+        for _ in range(50):
+            await asyncio.sleep(0.2)
+            now = (getattr(server, "unrouted", {}).get(404, 0), _rss() >> 21)
+            if now == last:
+                break
+            last = now
+        else:
+            raise AssertionError(f"still answering the floods: {last}")
+        grown = _rss() - before
+        assert grown < 48 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
+        answered = server.unrouted.get(404, 0)
+        assert answered < 4 * 30000, answered  # of 4 x 89,000 sent
+        t0 = time.monotonic()
+        out = await raw_request(gw.port, b"GET /ok HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n")
+        assert status_of(out) == 200 and time.monotonic() - t0 < 1.0
+    finally:
+        for sock, task in floods:
+            task.cancel()
+            sock.close()
+    await settled(gw)
+
+
+async def test_partial_head_behind_requests_times_out(start_gateway, upstream):
+    """A head started in the same write as complete requests has request_header_timeout
+    from its first byte, not the keep-alive timeout: 1. one write: a complete GET and
+    the start of another head -> 200, then 408 and close about 1 s later 2. the same
+    while the first request is still in flight (a 1.5 s answer) -> 200, then 408 at
+    once after it, long before keepalive_timeout (30 s)."""
+    gw = await start_gateway(route_to(upstream.url), request_header_timeout=1.0, keepalive_timeout=30)
+    for first in (b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n"):
+        t0 = time.monotonic()
+        out = await raw_request(gw.port, first + b"GET /b HTTP/1.1\r\nHost: x\r\nX-A: 1", timeout=10)
+        took = time.monotonic() - t0
+        assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+        assert out.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 408 " in out, out
+        assert took < 5, took
     await settled(gw)

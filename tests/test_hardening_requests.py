@@ -30,6 +30,7 @@ no slot, queue place, connection or upstream exchange is left behind.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import tomllib
@@ -211,3 +212,95 @@ async def test_request_case(name: str, start_gateway) -> None:
                        and not route.gate.waiters and route.upstream.active == 0, timeout=3)
     finally:
         await relay.stop()
+
+
+# ----------------------------------------------------------------------------- refusals seen
+@pytest.mark.parametrize("fmt", ["combined", "json"])
+async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> None:
+    """Every answer the gateway gives before a request has a route is seen like any
+    other: 1. a smuggling probe (CL + TE), a NUL byte, an oversized request line, TLS
+    bytes, a head that never ends and a request no route matches are sent, each on
+    its own connection 2. each gets its 400 / 408 / 404 3. each has an access-log line
+    with its status (method and target as far as known, else "-") and route "-"
+    4. the snapshot's ``unrouted`` and gatewayd_requests_total{route="-"} count them
+    by status."""
+    from gatewayd.control import ControlServer
+    from gatewayd.daemon import LocalController
+    from gatewayd.loader import parse
+    from gatewayd.prom import MetricsListener
+    from gatewayd.runtime import Runtime
+
+    from .conftest import free_port, gateway_config, raw_request
+
+    log_path = tmp_path / "access.log"
+    cfg = gateway_config(tmp_path, f"""
+        [upstreams.app]
+        servers = ["{upstream.url}"]
+
+        [[routes]]
+        name = "app"
+        upstream = "app"
+        host = "app.example"
+    """, request_header_timeout=0.5)
+    mport = free_port()
+    cfg.write_text(cfg.read_text().replace(
+        'access_log = "off"', f'access_log = "{log_path}"\naccess_format = "{fmt}"')
+        + f'\n[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+    config = parse(cfg.read_text(), str(cfg))
+    runtime = Runtime(config)
+    await runtime.start()
+    controller = LocalController(runtime)
+    control = ControlServer(controller, config.socket_path, config.control.mode)
+    await control.start()
+    metrics = MetricsListener(config.metrics.listen, controller.snapshot, lambda: True)
+    await metrics.start()
+    port = int(config.server.listen[0].rsplit(":", 1)[1])
+    try:
+        sent = [
+            (b"POST /probe HTTP/1.1\r\nHost: app.example\r\nContent-Length: 4\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+            (b"GET /nul HTTP/1.1\r\nHost: app.example\r\nX-A: a\0b\r\n\r\n", 400),
+            (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: app.example\r\n\r\n", 400),
+            (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
+            (b"GET /never HTTP/1.1\r\nHost: app.exa", 408),
+            (b"GET /nowhere HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n", 404),
+        ]
+        for data, status in sent:
+            out = await raw_request(port, data)
+            assert out.startswith(b"HTTP/1.1 %d " % status), (data[:40], out[:80])
+        assert upstream.requests == []
+        await wait_for(lambda: log_path.exists() and log_path.read_text().count("\n") >= len(sent), timeout=3)
+        lines = log_path.read_text().splitlines()
+        assert len(lines) == len(sent), lines
+        if fmt == "json":
+            entries = [json.loads(line) for line in lines]
+            got = [(e["status"], e["method"], e["target"][:8], e["route"]) for e in entries]
+            assert got == [(400, "POST", "/probe", "-"), (400, "GET", "/nul", "-"),
+                           (400, "-", "-", "-"), (400, "-", "-", "-"), (408, "-", "-", "-"),
+                           (404, "GET", "/nowhere", "-")]
+            assert entries[0]["reason"] == "bad_request" and entries[4]["reason"] == "header_timeout"
+        else:
+            assert '"POST /probe HTTP/1.1" 400 ' in lines[0]
+            assert '"GET /nul HTTP/1.1" 400 ' in lines[1]
+            assert '"-" 400 ' in lines[3] and '"-" 408 ' in lines[4]
+            assert '"GET /nowhere HTTP/1.1" 404 ' in lines[5]
+        snap = (await _command(config.socket_path, {"cmd": "snapshot"}))["snapshot"]
+        assert snap["unrouted"] == {"400": 4, "408": 1, "404": 1}
+        assert snap["workers"][0]["bad_requests"] == 4
+        text = (await raw_request(mport, b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")).decode()
+        for code, n in (("400", 4), ("408", 1), ("404", 1)):
+            assert f'gatewayd_requests_total{{code="{code}",route="-"}} {n}.0' in text, text[:2000]
+    finally:
+        await metrics.close()
+        await control.close()
+        await runtime.shutdown(1.0)
+
+
+async def _command(path, obj):
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(json.dumps(obj).encode() + b"\n")
+        await writer.drain()
+        return json.loads(await reader.readline())
+    finally:
+        writer.close()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..context import Context
 from ..report import Table
-from . import admission, cancel, eject, idle, instructions, overload, paths, profile, reload, throughput
+from . import admission, cancel, eject, idle, instructions, overload, paths, pipeflood, profile, reload, throughput
 
 Scenario = Callable[[Context], list[Table]]
 
@@ -22,6 +22,7 @@ SCENARIOS: dict[str, Scenario] = {
     "instructions": instructions.run,
     "paths": paths.run,
     "eject": eject.run,
+    "pipeflood": pipeflood.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
