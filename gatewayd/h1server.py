@@ -11,9 +11,10 @@ gets a task, which the connection cancels when its client leaves.
 
 What the protocol owns (the gateway never sees it):
 - pipelining: a read is parsed one head at a time while fewer than
-  ``MAX_PIPELINED`` requests wait their turn; the rest waits as bytes and
-  reading pauses; a client that does not take its responses (pause_writing)
-  is neither read nor answered until it does;
+  ``MAX_PIPELINED`` requests wait their turn; the rest waits as bytes (at most
+  ``READ_AHEAD`` of them: past that the requests parsed are answered and the
+  connection closes) and reading pauses; a client that does not take its
+  responses (pause_writing) is neither read nor answered until it does;
 - the request-head timer (first byte to end of head, for every head the parser
   holds, also behind requests being answered; 408), the keep-alive timer, and
   the send timer (a client that takes none of its response for
@@ -55,8 +56,11 @@ log = logging.getLogger("gatewayd")
 MAX_LINE = 8190  # the request line and each header line (as aiohttp's server)
 MAX_HEADERS = 128
 READ_BUFFER = 65536  # a body's bytes buffered before reading from the client pauses
-MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
+MAX_PIPELINED = 4  # requests parsed ahead of the one being answered before reading pauses
 COMPACT_AT = 32768  # bytes parsed off the front of read-ahead bytes before they are copied away
+# Pipelined bytes kept unparsed behind the MAX_PIPELINED parsed requests; past it the
+# connection answers those and closes (_read_too_far_ahead).
+READ_AHEAD = 32768
 PIPELINED_WRITE_BUFFER = 16384  # the high-water mark of output buffered for a pipelining client
 LINGER = 2.0  # seconds an unread body may take to arrive after the response
 # Client reads handled in one turn of the event loop; the rest wait for the next
@@ -278,6 +282,7 @@ class H1Server:
         self.closing = False
         self.heads: dict[tuple[int, str, bytes, int, int], bytes] = {}  # see Request.head_for
         self.bad_requests = 0  # refused by the HTTP parser (400 bad_request)
+        self.read_ahead_closes = 0  # connections closed for pipelining too far ahead
         # answers given without a route (parser refusals, head timeouts, no_route), by status:
         # gatewayd_requests_total{route="-"}
         self.unrouted: dict[int, int] = {}
@@ -578,7 +583,10 @@ class H1Protocol(BaseProtocol):
             if len(self._put_off) >= READ_BUFFER and not self._buffer_paused:
                 self._pause_reading_for_buffer()
             return
-        if not self.server.admit_read(self):
+        # (a read larger than READ_AHEAD is handled at once: put off, a thousand of them
+        # would hold a read each, up to 256 KiB; handled, a body's flow control or
+        # _read_too_far_ahead lets it go)
+        if len(data) <= READ_AHEAD and not self.server.admit_read(self):
             self._put_off = data
             return
         self._feed(data)
@@ -611,6 +619,8 @@ class H1Protocol(BaseProtocol):
             # bytes read before these wait to be parsed (a read under way as reading paused)
             self._unparsed = self._unparsed[self._unparsed_at:] + data
             self._unparsed_at = 0
+            if len(self._unparsed) > READ_AHEAD:
+                self._read_too_far_ahead()
             return
         end = data.find(b"\r\n\r\n")
         if 0 <= end < len(data) - 4:
@@ -693,6 +703,9 @@ class H1Protocol(BaseProtocol):
                 self._tail = bytes(tail) + data[pos:]
                 pos = size
         if pos < size:
+            if size - pos > READ_AHEAD:
+                self._read_too_far_ahead()
+                return
             if pos >= COMPACT_AT:
                 # what is parsed is let go (the bytes may wait long: a client not reading)
                 self._unparsed = data = data[pos:]
@@ -708,6 +721,28 @@ class H1Protocol(BaseProtocol):
             self._unparsed = None
             if self._buffer_paused:
                 self._may_read()
+
+    def _read_too_far_ahead(self) -> None:
+        """The client sent more than ``READ_AHEAD`` bytes beyond the ``MAX_PIPELINED``
+        requests parsed ahead: those are answered, the last with ``Connection: close``,
+        and the bytes after them are dropped unread, as a server may close a
+        persistent connection at any time (RFC 9112 §9.3.2 has a pipelining client
+        send again what was not answered). Otherwise every such connection holds a
+        whole read, up to 256 KiB (the event loop's read size): a thousand clients
+        that pipeline and never read would hold hundreds of MiB, where nginx reads
+        no more than its header buffers hold."""
+        self._unparsed = None
+        self.server.read_ahead_closes += 1
+        pending = self._pending
+        if pending:
+            payload = pending[-1][1]
+            if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                pending.pop()  # its body is in the bytes dropped: not answered either
+        self._close_after = True
+        if not self._buffer_paused:
+            self._pause_reading_for_buffer()
+        if self.current is None and not self._pending:
+            self._close()
 
     def _may_read(self) -> None:
         """Read again, unless something read is still waiting (see _hold_reasons)."""
@@ -729,8 +764,8 @@ class H1Protocol(BaseProtocol):
 
     def _dispatch(self, message: RawRequestMessage, payload: StreamReader) -> None:
         request = Request(message, payload, self)
-        if self._close_after and self._final is None:
-            request.keep_alive = False
+        if self._close_after and self._final is None and not self._pending:
+            request.keep_alive = False  # the last request the connection answers
         self.current = request
         self.server.handler(request)
 

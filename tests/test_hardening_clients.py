@@ -195,6 +195,36 @@ async def test_deep_pipeline_in_order(start_gateway):
         await relay.stop()
 
 
+async def test_pipelining_far_ahead_is_answered_then_closed(start_gateway):
+    """A client that pipelines far more than the gateway reads ahead (over 64 KiB of GETs
+    in one write, 2,500 requests): 1. the requests parsed ahead are answered, in order,
+    the last with Connection: close, then the connection closes (before: every one was
+    read, held and answered) 2. the upstream saw exactly those, nothing of the bytes
+    dropped 3. 24 KiB of pipelined GETs (under the bound) are all answered."""
+    relay = await RawUpstream(faults.echo_request_line).start()
+    try:
+        gw = await start_gateway(route_to(relay.url))
+        far = b"".join(b"GET /r%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(2500))
+        assert len(far) > 64 * 1024
+        resp = await raw_request(gw.port, far, timeout=10)
+        answers = resp.split(b"HTTP/1.1 200 OK\r\n")[1:]
+        assert 1 <= len(answers) <= 32, len(answers)
+        lines = [a.split(b"\r\n\r\n", 1)[1].split(b" HTTP/1.1", 1)[0] for a in answers]
+        assert lines == [b"GET /r%d" % i for i in range(len(answers))]
+        assert b"\r\nConnection: close" in b"\r\n" + answers[-1].split(b"\r\n\r\n", 1)[0]
+        assert not any(b"Connection: close" in a for a in answers[:-1])
+        await wait_for(lambda: len(relay.requests) == len(answers))
+        assert [r.request_line for r in relay.requests] == [f"GET /r{i} HTTP/1.1" for i in range(len(answers))]
+        near = b"".join(b"GET /s%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(800))
+        near += b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert len(near) < 32 * 1024
+        resp = await raw_request(gw.port, near, timeout=20)
+        assert resp.count(b"HTTP/1.1 200 OK\r\n") == 801
+        await settled(gw)
+    finally:
+        await relay.stop()
+
+
 async def test_shed_on_a_keepalive_connection_is_answered_once(start_gateway, upstream):
     """1. the route's one slot is busy and its queue is 0 2. a keep-alive connection sends
     two requests: each gets exactly one 503 queue_full, nothing else follows 3. once the
