@@ -6,7 +6,8 @@ and a record of when each request's connection closed (cancellation).
 seconds; its connection closing before that is recorded as an abort. Any other
 path is answered after ``delay`` seconds by one of ``slots`` workers (0: no
 limit), first come first served; a queued request whose connection closed is
-skipped, as a worker pool that checks its socket would.
+skipped, as a worker pool that checks its socket would. A request with a
+body (Content-Length) is answered only once its whole body is in.
 
     python -m bench.upstream --port 9000 --delay 0.1 --slots 100
 """
@@ -82,6 +83,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.skip = 0  # request body bytes still to discard
+        self.after_body: bytes | None = None  # a request answered once its body is all in
         self.pending = 0  # requests received, not yet answered
         self.hold_id: int | None = None
         self.closed = False
@@ -95,12 +97,22 @@ class _Conn(asyncio.Protocol):
             if self.skip:
                 n = min(self.skip, len(buf))
                 buf, self.skip = buf[n:], self.skip - n
+                if self.skip:
+                    break
+                if self.after_body is not None:
+                    # as applications do: the whole body is read before the answer begins
+                    path, self.after_body = self.after_body, None
+                    self._request(path)
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 break
             head, buf = buf[:end], buf[end + 4:]
             self.skip = _content_length(head)
-            self._request(head.split(b" ", 2)[1])
+            path = head.split(b" ", 2)[1]
+            if self.skip:
+                self.after_body = path
+            else:
+                self._request(path)
         self.buf = buf
 
     def _request(self, path: bytes) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..context import Context
 from ..report import Table
-from . import admission, cancel, idle, instructions, overload, profile, reload, throughput
+from . import admission, cancel, idle, instructions, overload, profile, reload, throughput, uploads
 
 Scenario = Callable[[Context], list[Table]]
 
@@ -20,6 +20,7 @@ SCENARIOS: dict[str, Scenario] = {
     "idle": idle.run,
     "profile": profile.run,
     "instructions": instructions.run,
+    "uploads": uploads.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
