@@ -78,9 +78,11 @@ class ServerConfig:
         unit="bytes per second", reload=RELOAD_NEW,
     )
     request_buffer_size: int = setting(
-        k.Size(), 1024 * 1024,
-        "a body of a declared length up to this is read whole before the request asks for a slot "
-        "(larger ones stream once admitted; chunked bodies are always read whole, up to max_body_size)",
+        k.Size(), 10 * 1024 * 1024,
+        "a body whose Content-Length is up to this is read whole before its request asks for a "
+        "slot; a larger one streams once admitted, holding its slot meanwhile (the default is "
+        "max_body_size's: every body is read first). Chunked bodies are always read whole, up to "
+        "max_body_size",
         unit="bytes", reload=RELOAD_NEW,
     )
     request_buffer_memory: int = setting(

@@ -68,12 +68,14 @@ def run(ctx: Context) -> list[Table]:
         table.add(kind, len(outcome.gets), len(lat), LEGIT - len(lat),
                   ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) or "-",
                   percentile(lat, 50) if lat else None, percentile(lat, 99) if lat else None,
-                  lat[-1] if lat else None, outcome.uploads_answered, before, outcome.rss_end)
+                  lat[-1] if lat else None,
+                  ", ".join(f"{k} x{n}" for k, n in outcome.uploads_answered.most_common()) or "-",
+                  before, outcome.rss_end)
     table.notes += [
         "GET: a new connection each, Connection: close; latency from connect to the end of the "
         f"response; an error is any other status, a reset, or no answer within {CLIENT_TIMEOUT:g} s.",
-        "uploads answered: uploads that got any response (a 408, a 503, ...) before the end; "
-        "at 600 B/s none can finish in time.",
+        "uploads answered: how the uploads that got a response (or were closed) before the end "
+        "were answered; at 600 B/s none can finish in time.",
         "RSS: the proxy's whole process tree (nginx: master and worker), from /proc.",
         "Goal: 0 errors and p99 < 100 ms for the GETs.",
     ]
@@ -83,7 +85,7 @@ def run(ctx: Context) -> list[Table]:
 class _Outcome:
     def __init__(self) -> None:
         self.gets: list[tuple[str | int, float]] = []
-        self.uploads_answered = 0
+        self.uploads_answered: Counter[str] = Counter()
         self.rss_end = 0.0
 
 
@@ -112,7 +114,7 @@ async def _upload(port: int, stop: asyncio.Event, out: _Outcome) -> None:
     writer.write(b"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Type: application/octet-stream\r\n"
                  b"Content-Length: %d\r\n\r\n" % UPLOAD_SIZE)
     step = b"u" * int(RATE * TICK)
-    answer = asyncio.create_task(reader.read(1))
+    answer = asyncio.create_task(reader.read(4096))
     sent = 0
     try:
         while not stop.is_set() and sent < UPLOAD_SIZE:
@@ -120,8 +122,8 @@ async def _upload(port: int, stop: asyncio.Event, out: _Outcome) -> None:
             sent += len(step)
             await asyncio.wait([answer], timeout=TICK)
             if answer.done():
-                if answer.exception() is None and answer.result():
-                    out.uploads_answered += 1
+                data = answer.result() if answer.exception() is None else b""
+                out.uploads_answered[_status(data) if data else "closed"] += 1
                 return
     except ConnectionError:
         return
@@ -145,15 +147,19 @@ async def _get(port: int) -> tuple[str | int, float]:
     except OSError:
         return "reset", (time.monotonic() - t0) * 1000
     ms = (time.monotonic() - t0) * 1000
+    status = _status(data)
+    return (200 if status == "200" else status), ms
+
+
+def _status(data: bytes) -> str:
+    """A response's status, with its X-Gatewayd-Reason if any: "503 queue_timeout"."""
     try:
-        status = int(data.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        return "garbled", ms
-    if status == 200:
-        return 200, ms
+        status = data.split(b" ", 2)[1].decode()
+    except IndexError:
+        return "garbled"
     reason = next((line.split(b":", 1)[1].strip().decode() for line in data.split(b"\r\n")
                    if line.lower().startswith(b"x-gatewayd-reason:")), "")
-    return f"{status} {reason}".strip(), ms
+    return f"{status} {reason}".strip()
 
 
 def _rss_mib(proxy: Server) -> float:
