@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp.hdrs import HOST
+from aiohttp.web_protocol import RequestPayloadError
 
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .body import BodyTimeout, BodyTooLarge, RequestBody
@@ -162,7 +163,15 @@ class Gateway:
             stats.cancelled_queued += 1
             self._log(request, route, 499, 0, start, "client_gone_buffering")
             raise
-        except Exception:  # the client left, or broke the body's framing (the connection answers 400)
+        except RequestPayloadError:  # the body's framing broke: the connection answers 400 and closes
+            body.close()
+            request.task = None
+            request.keep_alive = False
+            stats.responded(400, self._loop.time() - start)
+            self._log(request, route, 400, 0, start, "bad_request")
+            request.protocol.finish(request)
+            return
+        except Exception:  # the client left (ConnectionResetError, from the connection)
             body.close()
             request.task = None
             request.keep_alive = False
@@ -261,6 +270,12 @@ class Gateway:
         except BodyTimeout:
             status, reason = 408, "body_timeout"
             self._fail(request, status, reason, ex.head_sent, close=True)
+        except RequestPayloadError:
+            # a streamed body's framing broke: the connection answers 400 once this is done
+            status, reason = 400, "bad_request"
+            request.keep_alive = False
+            if ex.head_sent:
+                request.abort()
         except Exception:
             log.exception("route %s: unexpected error", route.name)
             status, reason = 500, "internal_error"

@@ -701,6 +701,10 @@ class H1Protocol(BaseProtocol):
             # answering the request before it: the 400 follows its response
             self._refused = True
             self._pause_transport_reading()
+            payload = self.current.content
+            if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                # the refused bytes were its body's: whoever reads it learns now, not at its timeout
+                payload.set_exception(RequestPayloadError("bad body framing"))
 
     # -- writing ------------------------------------------------------------------------
     def pause_writing(self) -> None:

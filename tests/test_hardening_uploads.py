@@ -287,3 +287,35 @@ async def test_handler_reads_the_body(start_gateway, framing):
     assert status_of(resp) == 200, resp[:300]
     assert json.loads(resp.split(b"\r\n\r\n", 1)[1]) == {"length": size, "head": "abcdefgh"}
     await wait_for(lambda: gw.runtime.body_memory.held == 0)
+
+
+@pytest.mark.parametrize("memory", [65536, 1], ids=["buffered", "streamed"])
+async def test_broken_chunk_framing_later_is_one_400_at_once(start_gateway, memory):
+    """A chunked body whose framing breaks in a later read (a chunk size that is not
+    hex), while its body is being read before admission or (the buffer memory full)
+    streamed: 1. one 400 bad_request, at once, not a 408 at the body timeout followed
+    by a 400 2. the upstream never gets a complete request 3. nothing logged at
+    ERROR, nothing left behind."""
+    relay = await RawUpstream().start()
+    try:
+        gw = await start_gateway(route_to(relay.url), request_body_timeout=3.0, request_buffer_memory=memory)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(CHUNKED_HEAD + b"\r\n" + b"5\r\nhello\r\n")
+            if memory == 1:
+                await wait_for(lambda: relay.connections)
+            else:
+                await wait_for(lambda: gw.runtime.body_memory.held == 5)
+            writer.write(b"zz\r\nxx\r\n")
+            t0 = time.monotonic()
+            data = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        assert time.monotonic() - t0 < 1.0
+        assert data.count(b"HTTP/1.1 ") == 1 and status_of(data) == 400, data
+        assert b"X-Gatewayd-Reason: bad_request" in data
+        await wait_for(lambda: all(c.closed for c in relay.connections))
+        assert not relay.requests
+        await settled(gw)
+    finally:
+        await relay.stop()
