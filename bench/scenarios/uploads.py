@@ -8,7 +8,7 @@ connection each, 5 s client timeout) are spread over the measured time; their
 errors and latency are the figure, with the proxy's RSS before the attack and
 at its end. nginx runs with its defaults (``proxy_request_buffering on``: the
 body is read, to memory and then to a temporary file, before the upstream is
-contacted).
+contacted). A variant sends 2 MB, chunked, at the same rate.
 
 Without request buffering, gatewayd gave each upload a slot (or a queue place)
 as its head arrived and kept it while the body trickled, so every GET was
@@ -31,7 +31,8 @@ from ..report import Table, percentile
 from ..servers import Limits, Server, python_upstream, start_proxy
 
 UPLOADERS = 110
-UPLOAD_SIZE = 1_000_000
+# (body size, chunked): the attack, and a variant larger than a 1 MiB buffer, chunked
+VARIANTS = ((1_000_000, False), (2_000_000, True))
 RATE = 600  # bytes per second per uploader
 TICK = 0.1  # seconds between an uploader's writes
 LEGIT = 150
@@ -46,31 +47,27 @@ def run(ctx: Context) -> list[Table]:
     seconds = 10.0 if ctx.options.quick else 30.0
     proxies = [p for p in PROXIES if p in ctx.options.proxies]
     table = Table(
-        f"Slow uploads: {UPLOADERS} clients x {UPLOAD_SIZE:,} B at {RATE} B/s, route of "
+        f"Slow uploads: {UPLOADERS} clients at {RATE} B/s each, route of "
         f"{LIMITS.max_concurrency} slots; {LEGIT} GETs over {seconds:g} s",
-        ["proxy", "GETs", "2xx", "errors", "error kinds", "p50 ms", "p99 ms", "max ms",
+        ["proxy", "uploads", "GETs", "2xx", "errors", "error kinds", "p50 ms", "p99 ms", "max ms",
          "uploads answered", "RSS before MiB", "RSS at end MiB"],
     )
-    for kind in proxies:
-        ctx.say(f"uploads: {kind}, {UPLOADERS} slow uploads and {LEGIT} GETs over {seconds:g} s")
-        up = python_upstream(ctx.env, DELAY, 0)
-        try:
-            proxy = start_proxy(ctx.env, kind, up.port, LIMITS)
+    for size, chunked in VARIANTS:
+        for kind in proxies:
+            label = f"{size / 1e6:g} MB, {'chunked' if chunked else 'Content-Length'}"
+            ctx.say(f"uploads: {kind}, {UPLOADERS} slow uploads ({label}) and {LEGIT} GETs "
+                    f"over {seconds:g} s")
+            up = python_upstream(ctx.env, DELAY, 0)
             try:
-                before = _rss_mib(proxy)
-                outcome = run_async(_attack(proxy, seconds))
+                proxy = start_proxy(ctx.env, kind, up.port, LIMITS)
+                try:
+                    before = _rss_mib(proxy)
+                    outcome = run_async(_attack(proxy, seconds, size, chunked))
+                finally:
+                    ctx.env.procs.stop(proxy.proc)
             finally:
-                ctx.env.procs.stop(proxy.proc)
-        finally:
-            ctx.env.procs.stop(up.proc)
-        lat = sorted(ms for status, ms in outcome.gets if status == 200)
-        kinds = Counter(status for status, _ in outcome.gets if status != 200)
-        table.add(kind, len(outcome.gets), len(lat), LEGIT - len(lat),
-                  ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) or "-",
-                  percentile(lat, 50) if lat else None, percentile(lat, 99) if lat else None,
-                  lat[-1] if lat else None,
-                  ", ".join(f"{k} x{n}" for k, n in outcome.uploads_answered.most_common()) or "-",
-                  before, outcome.rss_end)
+                ctx.env.procs.stop(up.proc)
+            _row(table, kind, label, outcome, before)
     table.notes += [
         "GET: a new connection each, Connection: close; latency from connect to the end of the "
         f"response; an error is any other status, a reset, or no answer within {CLIENT_TIMEOUT:g} s.",
@@ -82,6 +79,17 @@ def run(ctx: Context) -> list[Table]:
     return [table]
 
 
+def _row(table: Table, kind: str, label: str, outcome: _Outcome, before: float) -> None:
+    lat = sorted(ms for status, ms in outcome.gets if status == 200)
+    kinds = Counter(status for status, _ in outcome.gets if status != 200)
+    table.add(kind, label, len(outcome.gets), len(lat), LEGIT - len(lat),
+              ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) or "-",
+              percentile(lat, 50) if lat else None, percentile(lat, 99) if lat else None,
+              lat[-1] if lat else None,
+              ", ".join(f"{k} x{n}" for k, n in outcome.uploads_answered.most_common()) or "-",
+              before, outcome.rss_end)
+
+
 class _Outcome:
     def __init__(self) -> None:
         self.gets: list[tuple[str | int, float]] = []
@@ -89,10 +97,10 @@ class _Outcome:
         self.rss_end = 0.0
 
 
-async def _attack(proxy: Server, seconds: float) -> _Outcome:
+async def _attack(proxy: Server, seconds: float, size: int, chunked: bool) -> _Outcome:
     out = _Outcome()
     stop = asyncio.Event()
-    uploads = [asyncio.create_task(_upload(proxy.port, stop, out)) for _ in range(UPLOADERS)]
+    uploads = [asyncio.create_task(_upload(proxy.port, stop, out, size, chunked)) for _ in range(UPLOADERS)]
     try:
         await asyncio.sleep(SETTLE)
         gap = seconds / LEGIT
@@ -109,17 +117,19 @@ async def _attack(proxy: Server, seconds: float) -> _Outcome:
     return out
 
 
-async def _upload(port: int, stop: asyncio.Event, out: _Outcome) -> None:
+async def _upload(port: int, stop: asyncio.Event, out: _Outcome, size: int, chunked: bool) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
     writer.write(b"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Type: application/octet-stream\r\n"
-                 b"Content-Length: %d\r\n\r\n" % UPLOAD_SIZE)
-    step = b"u" * int(RATE * TICK)
+                 b"%s\r\n\r\n" % framing)
+    data = b"u" * int(RATE * TICK)
+    step = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
     answer = asyncio.create_task(reader.read(4096))
     sent = 0
     try:
-        while not stop.is_set() and sent < UPLOAD_SIZE:
+        while not stop.is_set() and sent < size:
             writer.write(step)
-            sent += len(step)
+            sent += len(data)
             await asyncio.wait([answer], timeout=TICK)
             if answer.done():
                 data = answer.result() if answer.exception() is None else b""
