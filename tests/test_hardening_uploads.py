@@ -61,6 +61,27 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return status, headers, body
 
 
+class Received:
+    """Everything the gateway sends on a connection, read as it arrives: the reset that
+    follows a response on a connection closed with unread input cannot take it back
+    (as it would from a StreamReader read after the reset)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.data = bytearray()
+        self.task = asyncio.create_task(self._run(reader))
+
+    async def _run(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                self.data += chunk
+        except ConnectionError:
+            pass
+
+    async def until(self, text: bytes, timeout: float = 5.0) -> bytes:
+        await wait_for(lambda: text in self.data or self.task.done(), timeout=timeout)
+        return bytes(self.data)
+
+
 class Uploader:
     """A client sending a ``size``-byte body ``step`` bytes every ``every`` seconds."""
 
@@ -156,17 +177,18 @@ async def test_trickle_after_a_burst_is_cut(start_gateway, upstream, buffered):
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"b" * 60_000)
     t0 = time.monotonic()
-    answer = asyncio.create_task(reader.read())
+    received = Received(reader)
     try:
-        while not answer.done() and time.monotonic() - t0 < 3:
+        while not received.data and not received.task.done() and time.monotonic() - t0 < 3:
             writer.write(b"t")
-            await asyncio.wait([answer], timeout=0.05)
+            await asyncio.wait([received.task], timeout=0.05)
     except ConnectionError:
         pass
+    elapsed = time.monotonic() - t0
+    try:
+        data = await received.until(b"\r\n\r\n")
     finally:
         writer.close()
-    elapsed = time.monotonic() - t0
-    data = await asyncio.wait_for(answer, 5)
     assert status_of(data) == 408 and b"body_timeout" in data, data[:200]
     assert elapsed < 1.5, elapsed
     await settled(gw)
@@ -185,10 +207,12 @@ async def test_oversized_chunked_body_never_reaches_the_upstream(start_gateway, 
     try:
         gw = await start_gateway(route_to(relay.url), max_body_size="1MiB")
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        received = Received(reader)
         writer.write(CHUNKED_HEAD + (b"Expect: 100-continue\r\n\r\n" if expect else b"\r\n"))
         if expect:
-            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            assert interim.startswith(b"HTTP/1.1 100 "), interim
+            interim = await received.until(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+            del received.data[:25]
         chunk = b"%x\r\n%s\r\n" % (65536, b"c" * 65536)
         try:
             for _ in range(32):
@@ -198,9 +222,11 @@ async def test_oversized_chunked_body_never_reaches_the_upstream(start_gateway, 
             await writer.drain()
         except ConnectionError:
             pass  # the gateway answered and closed before the end
-        status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
-        writer.close()
-        assert status == 413 and headers["x-gatewayd-reason"] == "body_too_large"
+        try:
+            data = await received.until(b"\r\n\r\n")
+        finally:
+            writer.close()
+        assert status_of(data) == 413 and b"X-Gatewayd-Reason: body_too_large" in data, data[:300]
         assert relay.received == b"" and not relay.connections
         # a chunked body within the limit is forwarded, with its length
         ok = await raw_request(gw.port, CHUNKED_HEAD + b"Connection: close\r\n\r\n"
