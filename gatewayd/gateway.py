@@ -5,7 +5,8 @@ Admission follows SPEC §3 exactly: a free slot forwards at once; otherwise the
 request queues if the queue has room, else it is shed at once with 503
 ``queue_full``; a request that waited ``queue_timeout`` gets 503
 ``queue_timeout``. The slot is held until the response is sent in full and is
-released on every path out.
+released on every path out. A request with a body asks for its slot only once
+the body is read (request buffering, ``_with_body``), unless it cannot be held.
 """
 
 from __future__ import annotations
@@ -171,13 +172,18 @@ class Gateway:
             self._log(request, route, 400, 0, start, "bad_request")
             request.protocol.finish(request)
             return
-        except Exception:  # the client left (ConnectionResetError, from the connection)
+        except ConnectionError:  # the client left (set by the connection on its payload)
             body.close()
             request.task = None
             request.keep_alive = False
             stats.cancelled_queued += 1
             self._log(request, route, 499, 0, start, "client_gone_buffering")
             request.protocol.finish(request)
+            return
+        except Exception:
+            log.exception("route %s: unexpected error reading a body", route.name)
+            body.close()
+            self._end_unadmitted(request, route, 500, "internal_error", start)
             return
         request.task = None
         if request.protocol.current is not request:  # its client left meanwhile
@@ -222,7 +228,7 @@ class Gateway:
         self.handover(ex, route.upstream.serve(ex))
 
     def _refuse(self, request: Request, route: Route, status: int, reason: str, start: float) -> None:
-        """Answer without forwarding (413, 503): the body, if any, is never read.
+        """Answer without forwarding (413, 503): the body, if any, is not read further.
 
         This is the shedding path, taken most under overload: prebuilt bytes written
         straight to the transport, no task, no response object, so a shed costs far

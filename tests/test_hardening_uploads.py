@@ -345,3 +345,19 @@ async def test_broken_chunk_framing_later_is_one_400_at_once(start_gateway, memo
         await settled(gw)
     finally:
         await relay.stop()
+
+
+async def test_buffer_memory_is_divided_among_workers(start_gateway, upstream):
+    """request_buffer_memory is gateway-wide: 1. one worker holds all of it 2. each of
+    N workers holds its share (the shares add up to the whole), re-divided when the
+    number of live workers changes."""
+    gw = await start_gateway(route_to(upstream.url), request_buffer_memory=1000)
+    runtime = gw.runtime
+    assert runtime.body_memory.limit == 1000
+    shares = []
+    for index in range(3):
+        runtime.set_share(index, 3)
+        shares.append(runtime.body_memory.limit)
+    assert shares == [334, 333, 333]
+    runtime.set_share(0, 1)
+    assert runtime.body_memory.limit == 1000
