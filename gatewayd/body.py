@@ -20,6 +20,10 @@ class BodyTooLarge(Exception):
     """The body passed ``max_body_size`` (413)."""
 
 
+class BufferFull(Exception):
+    """The gateway's buffer memory (``request_buffer_memory``) is full (503)."""
+
+
 class BodyTimeout(TimeoutError):
     """The body arrived slower than the rate guard allows (408).
 
@@ -33,9 +37,8 @@ class RequestBody:
 
     ``fill`` reads it into memory before the request asks for a slot (request
     buffering, as nginx and HAProxy's ``http-buffer-request``): a slow upload then
-    costs its connection and its bytes, never a slot or a queue place. What
-    ``fill`` could not hold (the gateway's buffer memory ran out) and bodies never
-    buffered are read by ``chunks`` after admission, as they arrive.
+    costs its connection and its bytes, never a slot or a queue place. A body too
+    large to be buffered is read by ``chunks`` after admission, as it arrives.
 
     The rate guard, in both phases, is a credit of time: the body starts with
     ``timeout`` seconds, each byte adds ``1 / min_rate`` s, and the credit never
@@ -73,7 +76,7 @@ class RequestBody:
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._expect = request.headers.get("Expect", "").lower() == "100-continue"
-        self._parts: list[bytes] = []  # what fill read, not yet forwarded
+        self._parts: list[bytes] = []  # what fill read
         self._held = 0  # of it, the bytes counted in ``memory``
         self.complete = False  # fill read the whole body: its length is known
         self.error: Exception | None = None
@@ -137,10 +140,13 @@ class RequestBody:
 
     # -- phase one: before admission --------------------------------------------------
     async def fill(self) -> None:
-        """Read the body into memory, counted in the gateway's buffer memory. Returns
-        with ``complete`` set, or early when the memory bound is reached (the rest is
-        then read by ``chunks``); raises BodyTooLarge, BodyTimeout, or what the
-        connection raises when the client leaves or breaks the body's framing."""
+        """Read the whole body into memory, counted in the gateway's buffer memory;
+        raise BufferFull when that is full, BodyTooLarge, BodyTimeout, or what the
+        connection raises when the client leaves or breaks the body's framing.
+
+        A full memory refuses the body rather than letting it stream: a body that
+        streams holds a slot, and clients that filled the memory with slow bodies
+        would then take the slots too, the attack buffering is there to stop."""
         memory = self._memory
         assert memory is not None
         self.send_continue()
@@ -159,10 +165,10 @@ class RequestBody:
                     self.error = BodyTooLarge()
                     raise self.error
                 self._got(n)
-                parts.append(chunk)
                 if not memory.take(n):
-                    memory.spilled += 1
-                    return  # (this last read is held uncounted until it is forwarded)
+                    memory.refused += 1
+                    raise BufferFull()
+                parts.append(chunk)
                 self._held += n
         finally:
             self.cancel_timer()
@@ -187,12 +193,12 @@ class RequestBody:
 
     # -- phase two: after admission ---------------------------------------------------
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the body, buffered part first; raise BodyTooLarge or BodyTimeout (also
-        kept in ``error``)."""
-        parts, self._parts = self._parts, []
-        for part in parts:
-            yield part
+        """Yield the body (from memory when ``fill`` read it); raise BodyTooLarge or
+        BodyTimeout (also kept in ``error``)."""
         if self.complete:
+            data = self.buffered()
+            if data:
+                yield data
             return
         request = self._request
         self.send_continue()

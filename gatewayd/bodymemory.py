@@ -13,12 +13,12 @@ class BodyMemory:
     """Bytes held by buffered request bodies in this process, against ``limit``
     (``request_buffer_memory``, or this worker's share of it)."""
 
-    __slots__ = ("held", "limit", "spilled")
+    __slots__ = ("held", "limit", "refused")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        self.spilled = 0  # bodies that found the bound full and streamed instead
+        self.refused = 0  # bodies answered 503 body_buffer_full: the bound was reached
 
     def take(self, n: int) -> bool:
         """Count ``n`` more bytes as held if they fit under the bound; whether they did."""

@@ -87,8 +87,8 @@ class ServerConfig:
     )
     request_buffer_memory: int = setting(
         k.Size(), 64 * 1024 * 1024,
-        "the memory all bodies being read before admission may hold, gateway-wide (each worker holds "
-        "its share); past it, bodies stream once admitted",
+        "the memory all bodies being read before admission may hold, gateway-wide (each of N "
+        "workers holds 1/N of it); a body that finds it full is answered 503 body_buffer_full",
         unit="bytes",
     )
     send_timeout: float = setting(

@@ -20,7 +20,7 @@ from aiohttp.hdrs import HOST
 from aiohttp.web_protocol import RequestPayloadError
 
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
-from .body import BodyTimeout, BodyTooLarge, RequestBody
+from .body import BodyTimeout, BodyTooLarge, BufferFull, RequestBody
 from .requestcheck import Refused, origin_target
 from .responses import prebuilt
 from .upstream import Exchange, UpstreamFailure, raising
@@ -119,9 +119,9 @@ class Gateway:
     def _with_body(self, request: Request, route: Route, target: str, start: float) -> None:
         """A request with a body: 413 at once if it declares too much; shed at once if
         its route could not take it anyway; otherwise its body is read into memory
-        first (``_buffer``) where it may be, and only then does it ask for a slot. A
-        body that may not be buffered (declared larger than ``request_buffer_size``,
-        or the buffer memory is full) asks now and streams once admitted."""
+        first (``_buffer``), and only then does it ask for a slot. A body declared
+        larger than ``request_buffer_size`` asks now and streams once admitted. With
+        the buffer memory full, 503 ``body_buffer_full`` (see ``RequestBody.fill``)."""
         server = self.runtime.config.server
         length = request.content_length
         if length is not None and length > server.max_body_size:
@@ -138,10 +138,12 @@ class Gateway:
         # a chunked body is always buffered (its size is known only at its end: 413
         # before the upstream sees a byte), as nginx buffers chunked bodies
         if length is None or length <= server.request_buffer_size:
-            if not memory.full:
-                request.task = self._loop.create_task(self._buffer(request, route, target, start, body))
+            if memory.full:
+                memory.refused += 1
+                self._refuse(request, route, 503, "body_buffer_full", start)
                 return
-            memory.spilled += 1
+            request.task = self._loop.create_task(self._buffer(request, route, target, start, body))
+            return
         self._admit_body(request, route, target, start, body)
 
     async def _buffer(self, request: Request, route: Route, target: str, start: float,
@@ -158,6 +160,10 @@ class Gateway:
         except BodyTimeout:
             body.close()
             self._end_unadmitted(request, route, 408, "body_timeout", start)
+            return
+        except BufferFull:
+            body.close()
+            self._end_unadmitted(request, route, 503, "body_buffer_full", start)
             return
         except asyncio.CancelledError:
             body.close()
@@ -196,7 +202,7 @@ class Gateway:
     def _end_unadmitted(self, request: Request, route: Route, status: int, reason: str,
                         start: float) -> None:
         request.task = None
-        answer(request, status, reason, close=True)
+        answer(request, status, reason, route.retry_after if status == 503 else None, close=True)
         route.stats.responded(status, self._loop.time() - start)
         self._log(request, route, status, 0, start, reason)
         request.protocol.finish(request)
