@@ -6,6 +6,7 @@ oversized chunked body never reaches the upstream."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -394,3 +395,31 @@ async def test_buffer_memory_is_divided_among_workers(start_gateway, upstream):
     assert shares == [334, 333, 333]
     runtime.set_share(0, 1)
     assert runtime.body_memory.limit == 1000
+
+
+@pytest.mark.parametrize("framing", ["buffered", "chunked", "streamed"])
+async def test_process_handler_gets_the_body(start_gateway, framing):
+    """A process-pool handler gets the whole body as bytes, whether it was buffered
+    before admission (Content-Length, chunked) or streamed (over request_buffer_size)."""
+    gw = await start_gateway("""
+        [upstreams.h]
+        handler = "gatewayd.handlers:cpu_hash"
+        executor = "process"
+        processes = 1
+
+        [[routes]]
+        name = "app"
+        upstream = "h"
+    """, request_buffer_size=1000)
+    size = 500 if framing == "buffered" else 5000
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    if framing == "chunked":
+        req = (CHUNKED_HEAD.replace(b"/up", b"/h?n=0") + b"Connection: close\r\n\r\n"
+               + b"%x\r\n%s\r\n0\r\n\r\n" % (size, body))
+    else:
+        req = (b"POST /h?n=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % size
+               + body)
+    resp = await raw_request(gw.port, req, timeout=20)
+    assert status_of(resp) == 200, resp[:300]
+    assert resp.split(b"\r\n\r\n", 1)[1] == hashlib.sha256(body).hexdigest().encode() + b"\n"
+    await wait_for(lambda: gw.runtime.body_memory.held == 0)
