@@ -8,6 +8,7 @@ on the load CPU.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -267,7 +268,7 @@ def _nginx_main(d: Path, http_block: str) -> Path:
     conf = d / "nginx.conf"
     conf.write_text(textwrap.dedent(f"""\
         daemon off;
-        master_process on;
+        master_process on;{_as_root()}
         worker_processes 1;
         worker_rlimit_nofile 20000;
         pid {d}/nginx.pid;
@@ -282,6 +283,13 @@ def _nginx_main(d: Path, http_block: str) -> Path:
             scgi_temp_path {d}/scgi;
         """) + textwrap.indent(textwrap.dedent(http_block), "    ") + "}\n")
     return conf
+
+
+def _as_root() -> str:
+    # Started as root, nginx's workers would run as nobody, who cannot enter the run's
+    # folder (0700): a request body past client_body_buffer_size (16 KiB), written to
+    # client_body_temp_path, would be answered 500.
+    return "\n        user root;" if os.geteuid() == 0 else ""
 
 
 def _start_nginx(env: Env, name: str, d: Path, conf: Path, port: int, cpu: int | None) -> Server:

@@ -6,7 +6,8 @@ and a record of when each request's connection closed (cancellation).
 seconds; its connection closing before that is recorded as an abort. Any other
 path is answered after ``delay`` seconds by one of ``slots`` workers (0: no
 limit), first come first served; a queued request whose connection closed is
-skipped, as a worker pool that checks its socket would.
+skipped, as a worker pool that checks its socket would. A request with a
+body (Content-Length or chunked) is answered only once its whole body is in.
 
     python -m bench.upstream --port 9000 --delay 0.1 --slots 100
 """
@@ -82,6 +83,8 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.skip = 0  # request body bytes still to discard
+        self.after_body: bytes | None = None  # a request answered once its body is all in
+        self.chunked = False  # in a chunked body's chunk-size lines
         self.pending = 0  # requests received, not yet answered
         self.hold_id: int | None = None
         self.closed = False
@@ -95,12 +98,35 @@ class _Conn(asyncio.Protocol):
             if self.skip:
                 n = min(self.skip, len(buf))
                 buf, self.skip = buf[n:], self.skip - n
+                if self.skip:
+                    break
+            if self.chunked:
+                # a chunked body: skip each chunk (no trailers), its end ends the body
+                line_end = buf.find(b"\r\n")
+                if line_end < 0:
+                    break
+                size = int(buf[:line_end].split(b";", 1)[0], 16)
+                buf = buf[line_end + 2:]
+                self.skip = size + 2
+                if size:
+                    continue
+                self.chunked = False
+                continue
+            if self.after_body is not None:
+                # as applications do: the whole body is read before the answer begins
+                path, self.after_body = self.after_body, None
+                self._request(path)
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 break
             head, buf = buf[:end], buf[end + 4:]
             self.skip = _content_length(head)
-            self._request(head.split(b" ", 2)[1])
+            self.chunked = b"\r\ntransfer-encoding: chunked" in head.lower()
+            path = head.split(b" ", 2)[1]
+            if self.skip or self.chunked:
+                self.after_body = path
+            else:
+                self._request(path)
         self.buf = buf
 
     def _request(self, path: bytes) -> None:

@@ -1,4 +1,5 @@
-"""The client's request body, streamed: size limit, slow-body timeout, 100-continue."""
+"""The client's request body: buffered before admission where it can be, streamed
+where it cannot; size limit, rate guard, 100-continue."""
 
 from __future__ import annotations
 
@@ -6,18 +7,25 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from aiohttp.streams import StreamReader
+
 if TYPE_CHECKING:
+    from .bodymemory import BodyMemory
     from .h1server import Request
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class BodyTooLarge(Exception):
-    """The body passed ``max_body_size`` while streaming (413)."""
+    """The body passed ``max_body_size`` (413)."""
+
+
+class BufferFull(Exception):
+    """The gateway's buffer memory (``request_buffer_memory``) is full (503)."""
 
 
 class BodyTimeout(TimeoutError):
-    """The body did not arrive within the body timeout (408).
+    """The body arrived slower than the rate guard allows (408).
 
     A TimeoutError: it is left in the request's payload, where the connection's
     lingering read of an unread body meets it.
@@ -25,35 +33,52 @@ class BodyTimeout(TimeoutError):
 
 
 class RequestBody:
-    """An async iterator over the body's chunks, with the guards of SPEC §3.
+    """The body of one request, read in up to two phases.
 
-    The deadline is ``start + timeout + received / min_rate``: a slow but steady
-    upload is allowed, a dribble is not. One timer per body, re-armed only when
-    it fires early.
+    ``fill`` reads it into memory before the request asks for a slot (request
+    buffering, as nginx and HAProxy's ``http-buffer-request``): a slow upload then
+    costs its connection and its bytes, never a slot or a queue place. A body too
+    large to be buffered is read by ``chunks`` after admission, as it arrives.
+
+    The rate guard, in both phases, is a credit of time: the body starts with
+    ``timeout`` seconds, each byte adds ``1 / min_rate`` s, and the credit never
+    exceeds ``timeout``; at zero the body is cut (408). So a body is judged by its
+    rate over the last ``timeout`` seconds only: bytes sent early bank nothing for
+    later (the old rule, ``start + timeout + received / min_rate``, let a body at
+    600 B/s live for hours). One timer per phase, re-armed only when it fires early.
     """
 
     __slots__ = (
+        "_deadline",
         "_expect",
+        "_held",
         "_limit",
         "_loop",
+        "_memory",
         "_min_rate",
+        "_parts",
         "_received",
         "_request",
-        "_start",
         "_timeout",
         "_timer",
+        "complete",
         "error",
     )
 
-    def __init__(self, request: Request, limit: int, timeout: float, min_rate: int) -> None:
+    def __init__(self, request: Request, limit: int, timeout: float, min_rate: int,
+                 memory: BodyMemory | None = None) -> None:
         self._request = request
         self._limit = limit
         self._timeout = timeout
         self._min_rate = min_rate
+        self._memory = memory
         self._received = 0
-        self._start = 0.0
+        self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._expect = request.headers.get("Expect", "").lower() == "100-continue"
+        self._parts: list[bytes] = []  # what fill read
+        self._held = 0  # of it, the bytes counted in ``memory``
+        self.complete = False  # fill read the whole body: its length is known
         self.error: Exception | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -65,11 +90,27 @@ class RequestBody:
     def received(self) -> int:
         return self._received
 
-    def _deadline(self) -> float:
-        return self._start + self._timeout + self._received / self._min_rate
+    @property
+    def length(self) -> int | None:
+        """The length to forward: known once the whole body is buffered (so a chunked
+        body goes upstream with a Content-Length), else as the client declared it."""
+        if self.complete:
+            return self._received
+        return self._request.content_length
+
+    # -- the rate guard ---------------------------------------------------------------
+    def _arm(self) -> None:
+        self._deadline = self._loop.time() + self._timeout
+        self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    def _got(self, n: int) -> None:
+        # the credit grows by n / min_rate, capped at timeout (the deadline never moves back)
+        deadline = self._deadline + n / self._min_rate
+        cap = self._loop.time() + self._timeout
+        self._deadline = deadline if deadline < cap else cap
 
     def _on_timer(self) -> None:
-        deadline = self._deadline()
+        deadline = self._deadline
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return
@@ -82,18 +123,86 @@ class RequestBody:
             self._timer.cancel()
             self._timer = None
 
+    def close(self) -> None:
+        """The exchange is over: no timer, and the buffered bytes are given back."""
+        self.cancel_timer()
+        self._parts = []
+        if self._held:
+            assert self._memory is not None
+            self._memory.give(self._held)
+            self._held = 0
+
     def send_continue(self) -> None:
-        """Answer ``Expect: 100-continue`` (once): the request was admitted."""
+        """Answer ``Expect: 100-continue`` (once): the gateway starts reading the body."""
         if self._expect:
             self._expect = False
             self._request.write(CONTINUE)
 
+    # -- phase one: before admission --------------------------------------------------
+    async def fill(self) -> None:
+        """Read the whole body into memory, counted in the gateway's buffer memory;
+        raise BufferFull when that is full, BodyTooLarge, BodyTimeout, or what the
+        connection raises when the client leaves or breaks the body's framing.
+
+        A full memory refuses the body rather than letting it stream: a body that
+        streams holds a slot, and clients that filled the memory with slow bodies
+        would then take the slots too, the attack buffering is there to stop."""
+        memory = self._memory
+        assert memory is not None
+        self.send_continue()
+        self._arm()
+        content = self._request.content
+        parts = self._parts
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    self.complete = True
+                    return
+                n = len(chunk)
+                self._received += n
+                if self._received > self._limit:
+                    self.error = BodyTooLarge()
+                    raise self.error
+                self._got(n)
+                if not memory.take(n):
+                    memory.refused += 1
+                    raise BufferFull()
+                parts.append(chunk)
+                self._held += n
+        finally:
+            self.cancel_timer()
+
+    def buffered(self) -> bytes:
+        """The whole buffered body (``complete``), as one object."""
+        parts = self._parts
+        if len(parts) != 1:
+            parts[:] = [b"".join(parts)]
+        return parts[0]
+
+    def as_stream(self) -> StreamReader:
+        """The buffered body as a finished StreamReader, for handlers that read
+        ``request.content`` themselves; a limit above the body's size keeps it from
+        ever pausing the connection's reading."""
+        data = self.buffered()
+        stream = StreamReader(self._request.protocol, len(data) + 1, loop=self._loop)
+        if data:
+            stream.feed_data(data)
+        stream.feed_eof()
+        return stream
+
+    # -- phase two: after admission ---------------------------------------------------
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the body; raise BodyTooLarge or BodyTimeout (also kept in ``error``)."""
+        """Yield the body (from memory when ``fill`` read it); raise BodyTooLarge or
+        BodyTimeout (also kept in ``error``)."""
+        if self.complete:
+            data = self.buffered()
+            if data:
+                yield data
+            return
         request = self._request
         self.send_continue()
-        self._start = self._loop.time()
-        self._timer = self._loop.call_at(self._deadline(), self._on_timer)
+        self._arm()
         content = request.content
         try:
             while True:
@@ -104,11 +213,14 @@ class RequestBody:
                 if self._received > self._limit:
                     self.error = BodyTooLarge()
                     raise self.error
+                self._got(len(chunk))
                 yield chunk
         finally:
             self.cancel_timer()
 
     async def read_all(self) -> bytes:
         """The whole body, for handlers that need it at once (process executor)."""
+        if self.complete:
+            return self.buffered()
         parts = [chunk async for chunk in self.chunks()]
         return b"".join(parts)

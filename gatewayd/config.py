@@ -68,12 +68,28 @@ class ServerConfig:
         unit="seconds", reload=RELOAD_NEW,
     )
     request_body_timeout: float = setting(
-        k.Duration(), 20.0, "a request body must arrive within this (answered 408 otherwise)",
+        k.Duration(), 20.0,
+        "a request body is judged by its rate over the last this many seconds "
+        "(it starts with this much credit, never holds more; 408 when it runs out)",
         unit="seconds", reload=RELOAD_NEW,
     )
     request_body_min_rate: int = setting(
-        k.Int(1), 500, "the body timeout grows by 1 s for every this many bytes received",
+        k.Int(1), 500, "each this many bytes of a request body add 1 s to its credit",
         unit="bytes per second", reload=RELOAD_NEW,
+    )
+    request_buffer_size: int = setting(
+        k.Size(), 10 * 1024 * 1024,
+        "a body whose Content-Length is up to this is read whole before its request asks for a "
+        "slot; a larger one streams once admitted, holding its slot meanwhile (the default is "
+        "max_body_size's: every body is read first). Chunked bodies are always read whole, up to "
+        "max_body_size",
+        unit="bytes", reload=RELOAD_NEW,
+    )
+    request_buffer_memory: int = setting(
+        k.Size(), 64 * 1024 * 1024,
+        "the memory all bodies being read before admission may hold, gateway-wide (each of N "
+        "workers holds 1/N of it); a body that finds it full is answered 503 body_buffer_full",
+        unit="bytes",
     )
     send_timeout: float = setting(
         k.Duration(), 60.0,

@@ -5,7 +5,8 @@ Admission follows SPEC §3 exactly: a free slot forwards at once; otherwise the
 request queues if the queue has room, else it is shed at once with 503
 ``queue_full``; a request that waited ``queue_timeout`` gets 503
 ``queue_timeout``. The slot is held until the response is sent in full and is
-released on every path out.
+released on every path out. A request with a body asks for its slot only once
+the body is read (request buffering, ``_with_body``), unless it cannot be held.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp.hdrs import HOST
+from aiohttp.web_protocol import RequestPayloadError
 
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
-from .body import BodyTimeout, BodyTooLarge, RequestBody
+from .body import BodyTimeout, BodyTooLarge, BufferFull, RequestBody
 from .requestcheck import Refused, kept_target, origin_target
 from .responses import prebuilt
 from .upstream import Exchange, UpstreamFailure, raising
@@ -81,10 +83,8 @@ class Gateway:
         stats = route.stats
         stats.requests += 1
         if request.body_exists:  # (the parser makes a body for any Content-Length over 0)
-            length = request.content_length
-            if length is not None and length > self.runtime.config.server.max_body_size:
-                self._refuse(request, route, 413, "body_too_large", start)
-                return
+            self._with_body(request, route, target, start)
+            return
         gate = route.gate
         if gate.try_enter():
             stats.queue_wait.observe_zero()
@@ -103,30 +103,141 @@ class Gateway:
             request.task = queued
 
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
-        """An admitted request, holding its slot: served inline where its upstream can (a
-        bodiless GET through a warm pool: it ends in ``settle``, ``handover`` or
+        """An admitted request without a body, holding its slot: served inline where its
+        upstream can (a GET through a warm pool: it ends in ``settle``, ``handover`` or
         ``cancelled``), else by a task."""
         upstream = route.upstream
         path = route.forward_path(target)
-        body = None
-        if request.body_exists:
-            server = self.runtime.config.server
-            body = RequestBody(request, server.max_body_size, server.request_body_timeout,
-                               server.request_body_min_rate)
-        else:
-            try:
-                inline = upstream.serve_inline(request, route, path, start, self)
-            except Exception as exc:  # a bug: answered and counted by _run, as in a task
-                self.handover(Exchange(request, route, path, start, None), raising(exc))
-                return
-            if inline is not None:
-                request.task = inline
-                return
-        ex = Exchange(request, route, path, start, body)
+        try:
+            inline = upstream.serve_inline(request, route, path, start, self)
+        except Exception as exc:  # a bug: answered and counted by _run, as in a task
+            self.handover(Exchange(request, route, path, start, None), raising(exc))
+            return
+        if inline is not None:
+            request.task = inline
+            return
+        ex = Exchange(request, route, path, start, None)
         self.handover(ex, upstream.serve(ex))
 
+    # -- requests with a body ---------------------------------------------------------------
+    def _with_body(self, request: Request, route: Route, target: str, start: float) -> None:
+        """A request with a body: 413 at once if it declares too much; shed at once if
+        its route could not take it anyway; otherwise its body is read into memory
+        first (``_buffer``), and only then does it ask for a slot. A body declared
+        larger than ``request_buffer_size`` asks now and streams once admitted. With
+        the buffer memory full, 503 ``body_buffer_full`` (see ``RequestBody.fill``)."""
+        server = self.runtime.config.server
+        length = request.content_length
+        if length is not None and length > server.max_body_size:
+            self._refuse(request, route, 413, "body_too_large", start)
+            return
+        gate = route.gate
+        if gate.in_flight >= gate.limit and gate.queue_full():
+            route.stats.queue_full += 1
+            self._refuse(request, route, 503, QUEUE_FULL, start)
+            return
+        memory = self.runtime.body_memory
+        body = RequestBody(request, server.max_body_size, server.request_body_timeout,
+                           server.request_body_min_rate, memory)
+        # a chunked body is always buffered (its size is known only at its end: 413
+        # before the upstream sees a byte), as nginx buffers chunked bodies
+        if length is None or length <= server.request_buffer_size:
+            if memory.full:
+                memory.refused += 1
+                self._refuse(request, route, 503, "body_buffer_full", start)
+                return
+            request.task = self._loop.create_task(self._buffer(request, route, target, start, body))
+            return
+        self._admit_body(request, route, target, start, body)
+
+    async def _buffer(self, request: Request, route: Route, target: str, start: float,
+                      body: RequestBody) -> None:
+        """Read the body with no slot held, then ask for one. The client leaving cancels
+        this (``request.task``)."""
+        stats = route.stats
+        try:
+            await body.fill()
+        except BodyTooLarge:
+            body.close()
+            self._end_unadmitted(request, route, 413, "body_too_large", start)
+            return
+        except BodyTimeout:
+            body.close()
+            self._end_unadmitted(request, route, 408, "body_timeout", start)
+            return
+        except BufferFull:
+            body.close()
+            self._end_unadmitted(request, route, 503, "body_buffer_full", start)
+            return
+        except asyncio.CancelledError:
+            body.close()
+            stats.cancelled_queued += 1
+            self._log(request, route, 499, 0, start, "client_gone_buffering")
+            raise
+        except RequestPayloadError:  # the body's framing broke: the connection answers 400 and closes
+            body.close()
+            request.task = None
+            stats.responded(400, self._loop.time() - start)
+            self._log(request, route, 400, 0, start, "bad_request")
+            request.protocol.finish(request)
+            return
+        except ConnectionError:  # the client left (set by the connection on its payload)
+            body.close()
+            request.task = None
+            request.keep_alive = False
+            stats.cancelled_queued += 1
+            self._log(request, route, 499, 0, start, "client_gone_buffering")
+            request.protocol.finish(request)
+            return
+        except Exception:
+            log.exception("route %s: unexpected error reading a body", route.name)
+            body.close()
+            self._end_unadmitted(request, route, 500, "internal_error", start)
+            return
+        request.task = None
+        if request.protocol.current is not request:  # its client left meanwhile
+            body.close()
+            stats.cancelled_queued += 1
+            self._log(request, route, 499, 0, start, "client_gone_buffering")
+            return
+        self._admit_body(request, route, target, start, body)
+
+    def _end_unadmitted(self, request: Request, route: Route, status: int, reason: str,
+                        start: float) -> None:
+        request.task = None
+        answer(request, status, reason, route.retry_after if status == 503 else None, close=True)
+        route.stats.responded(status, self._loop.time() - start)
+        self._log(request, route, status, 0, start, reason)
+        request.protocol.finish(request)
+
+    def _admit_body(self, request: Request, route: Route, target: str, start: float,
+                    body: RequestBody) -> None:
+        """Admission (as in ``__call__``) for a request whose body is buffered, or is
+        to stream once admitted."""
+        stats = route.stats
+        gate = route.gate
+        if gate.try_enter():
+            stats.queue_wait.observe_zero()
+            route.upstream.enter()
+            self._forward_body(request, route, target, start, body)
+        elif gate.queue_full():
+            stats.queue_full += 1
+            body.close()
+            self._refuse(request, route, 503, QUEUE_FULL, start)
+        else:
+            route.upstream.enter()
+            queued = _Queued(self, request, route, target, start, body)
+            queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
+                                         target, request.remote or "")
+            request.task = queued
+
+    def _forward_body(self, request: Request, route: Route, target: str, start: float,
+                      body: RequestBody) -> None:
+        ex = Exchange(request, route, route.forward_path(target), start, body)
+        self.handover(ex, route.upstream.serve(ex))
+
     def _refuse(self, request: Request, route: Route, status: int, reason: str, start: float) -> None:
-        """Answer without forwarding (413, 503): the body, if any, is never read.
+        """Answer without forwarding (413, 503): the body, if any, is not read further.
 
         This is the shedding path, taken most under overload: prebuilt bytes written
         straight to the transport, no task, no response object, so a shed costs far
@@ -174,6 +285,11 @@ class Gateway:
         except BodyTimeout:
             status, reason = 408, "body_timeout"
             self._fail(request, status, reason, ex.head_sent, close=True)
+        except RequestPayloadError:
+            # a streamed body's framing broke: the connection answers 400 once this is done
+            status, reason = 400, "bad_request"
+            if ex.head_sent:
+                request.abort()
         except Exception:
             log.exception("route %s: unexpected error", route.name)
             status, reason = 500, "internal_error"
@@ -191,7 +307,7 @@ class Gateway:
         finally:
             route.upstream.leave()
             if ex.body is not None:
-                ex.body.cancel_timer()
+                ex.body.close()
             request = ex.request
             request.protocol.finish(request)
 
@@ -243,14 +359,16 @@ class _Queued:
     with its slot (or at its queue timeout); its connection cancels it when the
     client leaves (``request.task``)."""
 
-    __slots__ = ("gateway", "request", "route", "start", "target", "waiter")
+    __slots__ = ("body", "gateway", "request", "route", "start", "target", "waiter")
 
-    def __init__(self, gateway: Gateway, request: Request, route: Route, target: str, start: float) -> None:
+    def __init__(self, gateway: Gateway, request: Request, route: Route, target: str, start: float,
+                 body: RequestBody | None = None) -> None:
         self.gateway = gateway
         self.request = request
         self.route = route
         self.target = target
         self.start = start
+        self.body = body
         self.waiter: Waiter | None = None
 
     def wake(self, outcome: str | None) -> bool:
@@ -261,8 +379,11 @@ class _Queued:
         request = self.request
         route = self.route
         request.task = None
+        body = self.body
         if outcome is not ADMITTED:
             assert outcome == QUEUE_TIMEOUT
+            if body is not None:
+                body.close()
             route.upstream.leave()
             route.stats.queue_timeout += 1
             gateway._refuse(request, route, 503, QUEUE_TIMEOUT, self.start)
@@ -272,7 +393,10 @@ class _Queued:
             self._gone()
             return False
         route.stats.queue_wait.observe(gateway._loop.time() - self.start)
-        gateway._forward(request, route, self.target, self.start)
+        if body is None:
+            gateway._forward(request, route, self.target, self.start)
+        else:
+            gateway._forward_body(request, route, self.target, self.start, body)
         return True
 
     def cancel(self) -> None:
@@ -284,6 +408,8 @@ class _Queued:
 
     def _gone(self) -> None:
         self.request.task = None  # (it refers back to this)
+        if self.body is not None:
+            self.body.close()
         route = self.route
         route.upstream.leave()
         route.stats.cancelled_queued += 1

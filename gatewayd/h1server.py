@@ -83,10 +83,11 @@ class Refusal:
     head does not arrive in time (408): sent once the requests before it are answered,
     then logged and counted as any answer (H1Server.refused)."""
 
-    __slots__ = ("duration", "line", "reason", "response", "status")
+    __slots__ = ("duration", "line", "logged", "reason", "response", "status")
 
     def __init__(self, response: bytes, status: int, reason: str,
-                 line: re.Match[bytes] | None, duration: float) -> None:
+                 line: re.Match[bytes] | None, duration: float, logged: bool = False) -> None:
+        self.logged = logged  # counted and logged already, by the request whose body it ends
         self.response = response
         self.status = status
         self.reason = reason
@@ -935,9 +936,15 @@ class H1Protocol(BaseProtocol):
             last = None
         if last is not None and payload is not EMPTY_PAYLOAD and not payload.is_eof():
             # the refused bytes are that request's body: refused with it, when it has not
-            # gone to the gateway yet (else its body never ends: the body timeout)
+            # gone to the gateway yet; else whoever reads the body learns now, not at its
+            # timeout (the gateway counts and logs the 400 with its route; it is sent here)
             if pending:
                 pending.pop()
+            else:
+                payload.set_exception(RequestPayloadError("bad body framing"))
+                self.server.bad_requests += 1
+                self._conclude(Refusal(_BAD_REQUEST, 400, "bad_request", None, 0.0, logged=True))
+                return
         elif last is not None and last.should_close:
             # bytes after a request that ends the connection (Connection: close, HTTP/1.0):
             # not read, as nginx ignores them; that request is answered, then the close
@@ -966,7 +973,8 @@ class H1Protocol(BaseProtocol):
         refusal, self._final = self._final, None
         if refusal is not None and self.transport is not None:
             self.send_later(refusal.response)
-            self.server.refused(self, refusal)
+            if not refusal.logged:
+                self.server.refused(self, refusal)
         self._close()
 
     # -- writing ------------------------------------------------------------------------

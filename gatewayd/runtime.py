@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .accesslog import AccessLog
 from .admission import Gate, share
+from .bodymemory import BodyMemory
 from .confdiff import diff, restart_only_changes
 from .config import Config, RouteConfig, worker_count
 from .gateway import Gateway
@@ -101,6 +102,7 @@ class Runtime:
         self.draining = False
         self.ready = False
         self.overrides: dict[str, dict[str, int]] = {}
+        self.body_memory = BodyMemory(self._share(config.server.request_buffer_memory, 0))
         self._retiring: set[asyncio.Task[None]] = set()
         self.table: Table
         self.server: H1Server
@@ -322,6 +324,7 @@ class Runtime:
         for route in self.table.routes.values():
             route.gate.set_limits(*self._route_limits(route.config))
         self.acceptor.set_limit(self._share(self.config.server.max_connections, 1))
+        self.body_memory.limit = self._share(self.config.server.request_buffer_memory, 0)
 
     def set_share(self, index: int, count: int) -> None:
         """This worker is now ``index`` of ``count`` live workers: re-divide the limits."""

@@ -27,8 +27,12 @@ class HandlerUpstream(Upstream):
 
     async def serve(self, ex: Exchange) -> None:
         ours = ex.request
-        if ex.body is not None:
-            ex.body.send_continue()  # the handler reads request.content itself
+        incoming = ex.body
+        if incoming is not None:
+            if incoming.complete:  # read before admission: the handler reads it from memory
+                ours.content = incoming.as_stream()
+            else:
+                incoming.send_continue()  # the handler reads request.content itself
         # client_max_size bounds what the handler may read() at once: max_body_size
         limit = ex.body.limit if ex.body is not None else 0
         request = ours.as_aiohttp(limit, ex.path if ex.path != ours.raw_path else None)

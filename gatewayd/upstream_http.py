@@ -246,7 +246,7 @@ class HttpUpstream(Upstream):
             attempt = pool.request(method, ex.path, headers)
         else:
             attempt = pool.request(method, ex.path, headers, body=body.chunks(),
-                                   body_length=request.content_length)
+                                   body_length=body.length)
         await self._carry_on(ex, server, headers, began, attempt)
 
     async def _resume(self, ex: Exchange, server: ServerState, headers: bytes,
@@ -370,7 +370,7 @@ class HttpUpstream(Upstream):
                 up = await pool.request(
                     request.method, ex.path, headers,
                     body=body.chunks() if body is not None else None,
-                    body_length=request.content_length if body is not None else None,
+                    body_length=body.length if body is not None else None,
                     connect_timeout=connect_timeout,
                 )
             except UpstreamFailure as f:

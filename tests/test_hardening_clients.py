@@ -89,10 +89,10 @@ async def test_slowloris_many_connections(start_gateway, upstream):
 
 
 async def test_dribbled_body_is_cut_and_steady_body_is_not(start_gateway, upstream):
-    """The body deadline is request_body_timeout + received / request_body_min_rate:
-    1. a body dribbled at 20 B/s (below 1000 B/s) gets 408 soon after 0.5 s, though
-    bytes keep coming 2. a body sent steadily at 4000 B/s for 1.5 s (three times the
-    base timeout) is served whole."""
+    """A body holds a credit of at most request_body_timeout seconds, earning 1 s per
+    request_body_min_rate bytes: 1. a body dribbled at 20 B/s (below 1000 B/s) gets
+    408 soon after 0.5 s, though bytes keep coming 2. a body sent steadily at 4000 B/s
+    for 1.5 s (three times the timeout) is served whole."""
     gw = await start_gateway(route_to(upstream.url), request_body_timeout=0.5, request_body_min_rate=1000)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")

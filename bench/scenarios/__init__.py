@@ -7,7 +7,20 @@ from collections.abc import Callable
 
 from ..context import Context
 from ..report import Table
-from . import admission, cancel, eject, idle, instructions, overload, paths, pipeflood, profile, reload, throughput
+from . import (
+               admission,
+               cancel,
+               eject,
+               idle,
+               instructions,
+               overload,
+               paths,
+               pipeflood,
+               profile,
+               reload,
+               throughput,
+               uploads,
+)
 
 Scenario = Callable[[Context], list[Table]]
 
@@ -23,6 +36,7 @@ SCENARIOS: dict[str, Scenario] = {
     "paths": paths.run,
     "eject": eject.run,
     "pipeflood": pipeflood.run,
+    "uploads": uploads.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
