@@ -67,6 +67,7 @@ class Gateway:
         except Refused as refused:
             kept = kept_target(refused, self.runtime.table.router, request.headers.get(HOST))
             if kept is None:
+                request.protocol.server.count_unrouted(refused.status)
                 self._log(request, None, refused.status, 0, start, refused.reason)
                 answer(request, refused.status, refused.reason, close=True)
                 request.protocol.finish(request)

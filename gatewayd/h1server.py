@@ -633,6 +633,7 @@ class H1Protocol(BaseProtocol):
                 self._step()
             return
         # at most one head ends here, at the end (the common case: one request per read)
+        body = self._open_body() if self.current is not None or self._pending else None
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
@@ -643,7 +644,7 @@ class H1Protocol(BaseProtocol):
         if not messages:
             self._clean = False
             if data:
-                self._head_arriving()
+                self._head_arriving(data, body)
             return
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -685,6 +686,7 @@ class H1Protocol(BaseProtocol):
             stop = size if end < 0 else end + 4
             piece = data[pos:stop]
             pos = stop
+            body = self._open_body()
             try:
                 messages, upgraded, tail = parser.feed_data(piece)
             except HttpProcessingError as exc:
@@ -699,7 +701,7 @@ class H1Protocol(BaseProtocol):
                 self._clean = messages[-1][1] is EMPTY_PAYLOAD and end >= 0
             else:
                 self._clean = False
-                self._head_arriving()
+                self._head_arriving(piece, body)
             if upgraded:
                 self._tail = bytes(tail) + data[pos:]
                 pos = size
@@ -734,6 +736,9 @@ class H1Protocol(BaseProtocol):
         no more than its header buffers hold."""
         self._unparsed = None
         self.server.read_ahead_closes += 1
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         pending = self._pending
         if pending:
             payload = pending[-1][1]
@@ -746,7 +751,7 @@ class H1Protocol(BaseProtocol):
             self._close()
 
     def _may_read(self) -> None:
-        """Read again, unless something read is still waiting (see _hold_reasons)."""
+        """Read again, unless something read is still waiting."""
         if self._buffer_paused and not (
                 self._unparsed is not None or self._tail is not None or self._write_held
                 or self._close_after or self._put_off is not None
@@ -789,8 +794,9 @@ class H1Protocol(BaseProtocol):
                 if budget == 0:
                     # MAX_PIPELINED answered at once: the rest waits its turn with the
                     # other clients' reads (H1Server.admit_read), after this output
-                    self._put_off = b""
-                    self.server.defer(self)
+                    if self._put_off is None:
+                        self._put_off = b""
+                        self.server.defer(self)
                     return
                 budget -= 1
                 message, payload = pending.popleft()
@@ -833,7 +839,8 @@ class H1Protocol(BaseProtocol):
             return
         if not request.keep_alive or self.server.closing or (self._close_after and not self._pending):
             self.current = None
-            if self._final is not None and request.keep_alive:
+            # (a logged refusal is this request's own answer: its body broke)
+            if self._final is not None and (request.keep_alive or self._final.logged):
                 self._say_final()  # (it closes)
             else:
                 self._close()  # after what is held and buffered is sent
@@ -850,7 +857,7 @@ class H1Protocol(BaseProtocol):
             # the next pipelined request waits its turn behind other clients' reads:
             # else a thousand pipelining clients, each answered as soon as its last
             # answer is out, leave a new client's request waiting for seconds
-            if self._put_off is None:
+            if self._put_off is None and not self._stepping:  # (else _step's loop goes on)
                 self._put_off = b""
                 self.server.defer(self)
         else:
@@ -895,21 +902,39 @@ class H1Protocol(BaseProtocol):
     def close_idle(self) -> None:
         self._close()
 
-    def _head_arriving(self) -> None:
-        """Bytes were parsed and no head ended in them. If they are part of a head (not
-        of a body still arriving), that head has ``head_timeout`` from its first byte,
-        whether a request is being answered or not."""
-        if self._head_timer is not None:
-            return
+    def _open_body(self) -> tuple[RawRequestMessage, StreamReader, int] | None:
+        """The last request read, its body and the bytes of it read so far, while that
+        body is still arriving (taken before a feed: see _head_arriving)."""
         pending = self._pending
         if pending:
-            payload = pending[-1][1]
+            message, payload = pending[-1]
         elif self.current is not None:
-            payload = self.current.content
+            message, payload = self.current.message, self.current.content
         else:
-            payload = EMPTY_PAYLOAD
+            return None
         if payload is EMPTY_PAYLOAD or payload.is_eof():
-            self._head_timer = self._loop.call_later(self.server.head_timeout, self._head_timed_out)
+            return None
+        return message, payload, payload.total_bytes
+
+    def _head_arriving(self, data: bytes, body: tuple[RawRequestMessage, StreamReader, int] | None) -> None:
+        """``data`` was parsed and no head ended in it. If it holds part of a head (it
+        is not all a body's: ``body`` is the body that was arriving before it), that
+        head has ``head_timeout`` from its first byte, whether a request is being
+        answered or not. The bytes that end a body are no head: taken for one, an idle
+        keep-alive connection got a 408 after every upload."""
+        if self._head_timer is not None:
+            return
+        if body is not None:
+            message, payload, before = body
+            if not payload.is_eof():
+                return  # all of it the body's
+            # the body ended in these bytes: a head begins only if bytes follow it
+            if message.chunked:
+                if data.endswith(b"\r\n\r\n"):  # (its last chunk, or trailers)
+                    return
+            elif payload.total_bytes - before >= len(data):
+                return
+        self._head_timer = self._loop.call_later(self.server.head_timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -99,7 +99,8 @@ def origin_target(request: Request) -> str:
         raise Refused(405, "method_not_allowed")
     if not target.startswith("/"):
         target = _absolute_path(target, headers.get("Host"))
-    if "%" in target or "." in target or "\\" in target or "//" in target:
+    # (a dot-segment starts "/."; after an escape or a backslash the slow path looks)
+    if "%" in target or "/." in target or "\\" in target or "//" in target:
         path, sep, query = target.partition("?")
         try:
             normal, escaped = normalize(path)

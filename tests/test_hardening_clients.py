@@ -225,6 +225,104 @@ async def test_pipelining_far_ahead_is_answered_then_closed(start_gateway):
         await relay.stop()
 
 
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await asyncio.wait_for(reader.readexactly(length), 5)
+    return head
+
+
+async def test_upload_then_idle_gets_no_408(start_gateway, upstream):
+    """The bytes that end a body are no head: 1. a POST in one write, one whose body's
+    end comes in a later write, and a chunked one whose last chunk does, each answered
+    200 2. the keep-alive connection then stays idle for 3 x request_header_timeout,
+    open and sent nothing (before: a 408 and a close, request_header_timeout after the
+    body) 3. its next request is served 4. a body's end and the start of another head
+    in one write: that head still gets its 408."""
+    gw = await start_gateway(route_to(upstream.url), request_header_timeout=0.5, keepalive_timeout=30)
+    route = gw.runtime.table.routes["app"]
+    uploads = (
+        [b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"],
+        [b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe", b"llo"],
+        [b"POST /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", b"0\r\n\r\n"],
+    )
+    for parts in uploads:
+        seen = route.stats.requests
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            for part in parts:
+                writer.write(part)
+                await writer.drain()
+                await wait_for(lambda: route.stats.requests == seen + 1)  # (the head is in)
+            assert (await _answer(reader)).startswith(b"HTTP/1.1 200"), parts
+            with pytest.raises(TimeoutError):
+                got = await asyncio.wait_for(reader.read(1), 1.5)
+                raise AssertionError(f"sent while idle: {got!r}")
+            writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            rest = await asyncio.wait_for(reader.read(), 5)
+            assert rest.startswith(b"HTTP/1.1 200") and rest.count(b"HTTP/1.1 ") == 1, rest
+        finally:
+            writer.close()
+    t0 = time.monotonic()
+    out = await raw_request(gw.port, b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                            b"GET /b HTTP/1.1\r\nHost: x\r\nX-A: 1", timeout=10)
+    assert out.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in out and time.monotonic() - t0 < 5, out
+    await settled(gw)
+
+
+async def test_broken_chunk_on_a_closing_connection_gets_its_400(start_gateway, upstream):
+    """A chunked body that breaks in a later read, on a request that ends its connection
+    (Connection: close), is answered 400 bad_request before the close (before: the
+    access log said 400, the client got only the close); the upstream sees nothing."""
+    gw = await start_gateway(route_to(upstream.url))
+    route = gw.runtime.table.routes["app"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"POST /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await wait_for(lambda: route.stats.requests == 1)
+        writer.write(b"zz\r\n")
+        out = await asyncio.wait_for(reader.read(), 5)
+        assert out.startswith(b"HTTP/1.1 400") and b"bad_request" in out, out
+    finally:
+        writer.close()
+    assert upstream.requests == []
+    await settled(gw)
+
+
+async def test_pipelined_answers_at_once_are_put_off_once(start_gateway, upstream):
+    """A client whose pipelined requests are answered at once (404s) waits its turn
+    behind other clients once per turn, never queued twice (before: up to 100 places in
+    the turn's queue at once, each good for a burst of answers ahead of other clients):
+    400 pipelined 404s are all answered, and at no turn is the connection in the queue
+    of put-off work more than once."""
+    gw = await start_gateway(route_to(upstream.url, host="app.example"))
+    server = gw.runtime.server
+    worst = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal worst
+        while not done.is_set():
+            backlog = list(server._backlog)
+            worst = max(worst, len(backlog) - len(set(map(id, backlog))) + (1 if backlog else 0))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        flood = b"GET /nope HTTP/1.1\r\nHost: other.example\r\n\r\n" * 400
+        flood += b"GET /nope HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"
+        assert len(flood) < 32 * 1024
+        out = await raw_request(gw.port, flood, timeout=20)
+        assert out.count(b"HTTP/1.1 404") == 401
+    finally:
+        done.set()
+        await watcher
+    assert worst == 1, worst
+    await settled(gw)
+
+
 async def test_shed_on_a_keepalive_connection_is_answered_once(start_gateway, upstream):
     """1. the route's one slot is busy and its queue is 0 2. a keep-alive connection sends
     two requests: each gets exactly one 503 queue_full, nothing else follows 3. once the

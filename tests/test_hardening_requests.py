@@ -220,7 +220,8 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
     """Every answer the gateway gives before a request has a route is seen like any
     other: 1. a smuggling probe (CL + TE), a NUL byte, an oversized request line, TLS
     bytes, a head that never ends and a request no route matches are sent, each on
-    its own connection 2. each gets its 400 / 408 / 404 3. each has an access-log line
+    its own connection, and two the request checks refuse (an escaped dot-segment, a
+    TRACE) 2. each gets its 400 / 408 / 404 / 405 3. each has an access-log line
     with its status (method and target as far as known, else "-") and route "-"
     4. the snapshot's ``unrouted`` and gatewayd_requests_total{route="-"} count them
     by status."""
@@ -264,6 +265,8 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
             (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
             (b"GET /never HTTP/1.1\r\nHost: app.exa", 408),
             (b"GET /nowhere HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n", 404),
+            (b"GET /a/..%2fb HTTP/1.1\r\nHost: app.example\r\n\r\n", 400),
+            (b"TRACE / HTTP/1.1\r\nHost: app.example\r\n\r\n", 405),
         ]
         for data, status in sent:
             out = await raw_request(port, data)
@@ -277,18 +280,20 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
             got = [(e["status"], e["method"], e["target"][:8], e["route"]) for e in entries]
             assert got == [(400, "POST", "/probe", "-"), (400, "GET", "/nul", "-"),
                            (400, "-", "-", "-"), (400, "-", "-", "-"), (408, "-", "-", "-"),
-                           (404, "GET", "/nowhere", "-")]
+                           (404, "GET", "/nowhere", "-"), (400, "GET", "/a/..%2f", "-"),
+                           (405, "TRACE", "/", "-")]
             assert entries[0]["reason"] == "bad_request" and entries[4]["reason"] == "header_timeout"
         else:
             assert '"POST /probe HTTP/1.1" 400 ' in lines[0]
             assert '"GET /nul HTTP/1.1" 400 ' in lines[1]
             assert '"-" 400 ' in lines[3] and '"-" 408 ' in lines[4]
             assert '"GET /nowhere HTTP/1.1" 404 ' in lines[5]
+            assert '"GET /a/..%2fb HTTP/1.1" 400 ' in lines[6] and '"TRACE / HTTP/1.1" 405 ' in lines[7]
         snap = (await _command(config.socket_path, {"cmd": "snapshot"}))["snapshot"]
-        assert snap["unrouted"] == {"400": 4, "408": 1, "404": 1}
+        assert snap["unrouted"] == {"400": 5, "408": 1, "404": 1, "405": 1}
         assert snap["workers"][0]["bad_requests"] == 4
         text = (await raw_request(mport, b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")).decode()
-        for code, n in (("400", 4), ("408", 1), ("404", 1)):
+        for code, n in (("400", 5), ("408", 1), ("404", 1), ("405", 1)):
             assert f'gatewayd_requests_total{{code="{code}",route="-"}} {n}.0' in text, text[:2000]
     finally:
         await metrics.close()
