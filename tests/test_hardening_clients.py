@@ -253,7 +253,7 @@ async def test_upload_then_idle_gets_no_408(start_gateway, upstream):
             for part in parts:
                 writer.write(part)
                 await writer.drain()
-                await wait_for(lambda: route.stats.requests == seen + 1)  # (the head is in)
+                await wait_for(lambda seen=seen: route.stats.requests == seen + 1)  # (the head is in)
             assert (await _answer(reader)).startswith(b"HTTP/1.1 200"), parts
             with pytest.raises(TimeoutError):
                 got = await asyncio.wait_for(reader.read(1), 1.5)
