@@ -254,7 +254,8 @@ class RouteConfig:
     escaped_slashes: str = setting(
         k.Choice(("reject", "keep")), "reject",
         'a path with an escaped slash (%2F), a backslash or %5C: "reject" answers 400 bad_target, '
-        '"keep" forwards it as sent (the route is chosen with the escapes kept)',
+        '"keep" forwards %2F, %5C and backslashes as sent, the rest of the path in normal form '
+        '(the route is chosen with them kept)',
     )
     host: str | None = setting(
         k.HostName(), None, "match only this Host (port ignored); unset: any host"
