@@ -57,8 +57,10 @@ class RequestBody:
         "_memory",
         "_min_rate",
         "_parts",
+        "_pump",
         "_received",
         "_request",
+        "_source",
         "_timeout",
         "_timer",
         "complete",
@@ -68,6 +70,7 @@ class RequestBody:
     def __init__(self, request: Request, limit: int, timeout: float, min_rate: int,
                  memory: BodyMemory | None = None) -> None:
         self._request = request
+        self._source = request.content  # (as_stream may put another in its place for a handler)
         self._limit = limit
         self._timeout = timeout
         self._min_rate = min_rate
@@ -78,6 +81,7 @@ class RequestBody:
         self._expect = request.headers.get("Expect", "").lower() == "100-continue"
         self._parts: list[bytes] = []  # what fill read
         self._held = 0  # of it, the bytes counted in ``memory``
+        self._pump: asyncio.Task[None] | None = None  # as_stream's, for a body that outgrew the buffer
         self.complete = False  # fill read the whole body: its length is known
         self.error: Exception | None = None
         self._loop = asyncio.get_running_loop()
@@ -116,21 +120,31 @@ class RequestBody:
             return
         self._timer = None
         self.error = BodyTimeout()
-        self._request.content.set_exception(self.error)
+        self._source.set_exception(self.error)
 
     def cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def close(self) -> None:
-        """The exchange is over: no timer, and the buffered bytes are given back."""
-        self.cancel_timer()
+    def release(self) -> None:
+        """Give the buffered bytes back to the buffer memory: they have been handed to
+        the upstream (bodies are never replayed), or the exchange is over. Waiting for
+        the end of the response instead let a client that reads its answer slowly hold
+        its upload's bytes of ``request_buffer_memory`` for as long as it liked."""
         self._parts = []
         if self._held:
             assert self._memory is not None
             self._memory.give(self._held)
             self._held = 0
+
+    def close(self) -> None:
+        """The exchange is over: no timer, and the buffered bytes are given back."""
+        self.cancel_timer()
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
+        self.release()
 
     def send_continue(self) -> None:
         """Answer ``Expect: 100-continue`` (once): the gateway starts reading the body."""
@@ -139,19 +153,24 @@ class RequestBody:
             self._request.write(CONTINUE)
 
     # -- phase one: before admission --------------------------------------------------
-    async def fill(self) -> None:
+    async def fill(self, most: int) -> None:
         """Read the whole body into memory, counted in the gateway's buffer memory;
         raise BufferFull when that is full, BodyTooLarge, BodyTimeout, or what the
         connection raises when the client leaves or breaks the body's framing.
 
-        A full memory refuses the body rather than letting it stream: a body that
-        streams holds a slot, and clients that filled the memory with slow bodies
-        would then take the slots too, the attack buffering is there to stop."""
+        A body (chunked: its size is unknown until its end) that grows past ``most``
+        (``request_buffer_size``, or less when that is more than this worker's share
+        of the memory) stops being read here and streams once admitted, what it read
+        so far first: such a body could never fit, so a 503 would be one no retry
+        can cure. A full memory, though, refuses the body rather than letting it
+        stream: a body that streams holds a slot, and clients that filled the memory
+        with slow bodies would then take the slots too, the attack buffering is there
+        to stop; once they are gone a retry fits."""
         memory = self._memory
         assert memory is not None
         self.send_continue()
         self._arm()
-        content = self._request.content
+        content = self._source
         parts = self._parts
         try:
             while True:
@@ -165,6 +184,9 @@ class RequestBody:
                     self.error = BodyTooLarge()
                     raise self.error
                 self._got(n)
+                if self._received > most:
+                    parts.append(chunk)  # not counted: it is forwarded as soon as admitted
+                    return
                 if not memory.take(n):
                     memory.refused += 1
                     raise BufferFull()
@@ -183,27 +205,52 @@ class RequestBody:
     def as_stream(self) -> StreamReader:
         """The buffered body as a finished StreamReader, for handlers that read
         ``request.content`` themselves; a limit above the body's size keeps it from
-        ever pausing the connection's reading."""
+        ever pausing the connection's reading. The handler holds it from now on, in
+        its slot: it is no longer counted in the buffer memory.
+
+        A body that outgrew the buffer (``fill``) is fed in by a task, what was read
+        first then the rest as it arrives (rate guard included); its limit, above
+        ``max_body_size``, keeps it from pausing the connection too: the slot bounds
+        the bytes."""
+        if not self.complete:
+            stream = StreamReader(self._request.protocol, self._limit + 1, loop=self._loop)
+            self._pump = self._loop.create_task(self._feed(stream))
+            return stream
         data = self.buffered()
+        self.release()
         stream = StreamReader(self._request.protocol, len(data) + 1, loop=self._loop)
         if data:
             stream.feed_data(data)
         stream.feed_eof()
         return stream
 
+    async def _feed(self, stream: StreamReader) -> None:
+        try:
+            async for chunk in self.chunks():
+                stream.feed_data(chunk)
+        except Exception as exc:  # BodyTooLarge, BodyTimeout, the client's payload error
+            stream.set_exception(exc)
+            return
+        stream.feed_eof()
+
     # -- phase two: after admission ---------------------------------------------------
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the body (from memory when ``fill`` read it); raise BodyTooLarge or
-        BodyTimeout (also kept in ``error``)."""
-        if self.complete:
+        """Yield the body (from memory when ``fill`` read it, then the rest of a body
+        that outgrew it); raise BodyTooLarge or BodyTimeout (also kept in ``error``).
+
+        What ``fill`` read is given back to the buffer memory as it is handed over:
+        the upstream's writer writes it at once, and bodies are not replayed."""
+        if self._parts:
             data = self.buffered()
+            self.release()
             if data:
                 yield data
+            del data
+        if self.complete:
             return
-        request = self._request
         self.send_continue()
         self._arm()
-        content = request.content
+        content = self._source
         try:
             while True:
                 chunk = await content.readany()
@@ -221,6 +268,8 @@ class RequestBody:
     async def read_all(self) -> bytes:
         """The whole body, for handlers that need it at once (process executor)."""
         if self.complete:
-            return self.buffered()
+            data = self.buffered()
+            self.release()  # the caller holds it, in its slot
+            return data
         parts = [chunk async for chunk in self.chunks()]
         return b"".join(parts)

@@ -79,16 +79,21 @@ class ServerConfig:
     )
     request_buffer_size: int = setting(
         k.Size(), 10 * 1024 * 1024,
-        "a body whose Content-Length is up to this is read whole before its request asks for a "
-        "slot; a larger one streams once admitted, holding its slot meanwhile (the default is "
-        "max_body_size's: every body is read first). Chunked bodies are always read whole, up to "
-        "max_body_size",
+        "a body whose Content-Length is up to this (and up to this worker's share of "
+        "request_buffer_memory) is read whole before its request asks for a slot; a larger one "
+        "streams once admitted, holding its slot meanwhile. A chunked body is read up to the "
+        "same bound; one that grows past it streams once admitted, chunked, what was read first "
+        "and then the rest. Default 10MiB (the same as max_body_size's default, so every "
+        "admissible body is read first unless max_body_size is raised, or the share is smaller)",
         unit="bytes", reload=RELOAD_NEW,
     )
     request_buffer_memory: int = setting(
         k.Size(), 64 * 1024 * 1024,
         "the memory all bodies being read before admission may hold, gateway-wide (each of N "
-        "workers holds 1/N of it); a body that finds it full is answered 503 body_buffer_full",
+        "workers holds 1/N of it; a body larger than that share streams as one larger than "
+        "request_buffer_size does, so a single body never gets a 503 it could not cure); a body "
+        "that finds it full is answered 503 body_buffer_full with Retry-After. A body's bytes "
+        "are given back as soon as they are written to the upstream",
         unit="bytes",
     )
     send_timeout: float = setting(

@@ -125,8 +125,9 @@ class Gateway:
         """A request with a body: 413 at once if it declares too much; shed at once if
         its route could not take it anyway; otherwise its body is read into memory
         first (``_buffer``), and only then does it ask for a slot. A body declared
-        larger than ``request_buffer_size`` asks now and streams once admitted. With
-        the buffer memory full, 503 ``body_buffer_full`` (see ``RequestBody.fill``)."""
+        larger than ``request_buffer_size``, or than this worker's share of the buffer
+        memory (it could never fit), asks now and streams once admitted. With the
+        buffer memory full, 503 ``body_buffer_full`` (see ``RequestBody.fill``)."""
         server = self.runtime.config.server
         length = request.content_length
         if length is not None and length > server.max_body_size:
@@ -140,24 +141,27 @@ class Gateway:
         memory = self.runtime.body_memory
         body = RequestBody(request, server.max_body_size, server.request_body_timeout,
                            server.request_body_min_rate, memory)
-        # a chunked body is always buffered (its size is known only at its end: 413
-        # before the upstream sees a byte), as nginx buffers chunked bodies
-        if length is None or length <= server.request_buffer_size:
+        most = server.request_buffer_size
+        if memory.limit < most:
+            most = memory.limit
+        # a chunked body is buffered (its size is known only at its end: 413 before
+        # the upstream sees a byte), as nginx buffers chunked bodies, up to ``most``
+        if most and (length is None or length <= most):
             if memory.full:
                 memory.refused += 1
                 self._refuse(request, route, 503, "body_buffer_full", start)
                 return
-            request.task = self._loop.create_task(self._buffer(request, route, target, start, body))
+            request.task = self._loop.create_task(self._buffer(request, route, target, start, body, most))
             return
         self._admit_body(request, route, target, start, body)
 
     async def _buffer(self, request: Request, route: Route, target: str, start: float,
-                      body: RequestBody) -> None:
-        """Read the body with no slot held, then ask for one. The client leaving cancels
-        this (``request.task``)."""
+                      body: RequestBody, most: int) -> None:
+        """Read the body (up to ``most`` bytes) with no slot held, then ask for one. The
+        client leaving cancels this (``request.task``)."""
         stats = route.stats
         try:
-            await body.fill()
+            await body.fill(most)
         except BodyTooLarge:
             body.close()
             self._end_unadmitted(request, route, 413, "body_too_large", start)

@@ -29,7 +29,7 @@ class HandlerUpstream(Upstream):
         ours = ex.request
         incoming = ex.body
         if incoming is not None:
-            if incoming.complete:  # read before admission: the handler reads it from memory
+            if incoming.complete or incoming.received:  # read (or begun) before admission
                 ours.content = incoming.as_stream()
             else:
                 incoming.send_continue()  # the handler reads request.content itself

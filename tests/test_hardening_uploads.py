@@ -285,27 +285,12 @@ async def test_expect_100_is_answered_before_admission(start_gateway, upstream):
 
 
 async def test_buffer_memory_full_refuses_bodies(start_gateway, upstream):
-    """request_buffer_memory = 64 KiB: 1. a 300 kB body (Content-Length, and chunked)
-    outgrows it while being read: 503 body_buffer_full with Retry-After, the
-    connection closed, the upstream never sees it (a body let through to stream would
-    hold a slot, which is what slow uploads must not get) 2. while slow uploads hold
-    the whole of it, a new body is refused at once and GETs are still served 3. once
-    they are gone the memory is given back and a body fits again."""
+    """request_buffer_memory = 64 KiB: 1. while slow uploads hold the whole of it, a
+    new body is refused at once (503 body_buffer_full, Retry-After) and GETs are still
+    served 2. once they are gone the memory is given back and a body fits again."""
     gw = await start_gateway(route_to(upstream.url), request_buffer_memory=65536)
     route = gw.runtime.table.routes["app"]
-    payload = bytes(range(256)) * 1200
-    resp = await send_collecting(gw.port, b"POST /echo HTTP/1.1\r\nHost: x\r\n"
-                                 b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
-    assert status_of(resp) == 503 and b"X-Gatewayd-Reason: body_buffer_full" in resp, resp[:300]
-    assert b"Retry-After:" in resp and b"Connection: close" in resp
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i:i + 30000]), payload[i:i + 30000])
-                      for i in range(0, len(payload), 30000))
-    resp = await send_collecting(gw.port, CHUNKED_HEAD.replace(b"/up", b"/echo") + b"\r\n" + chunks
-                                 + b"0\r\n\r\n")
-    assert status_of(resp) == 503 and b"X-Gatewayd-Reason: body_buffer_full" in resp, resp[:300]
-    assert upstream.started == 0 and gw.runtime.body_memory.refused == 2
-
-    uploads = [Uploader(gw.port, 100_000, 16384, 0.1).start() for _ in range(4)]
+    uploads = [Uploader(gw.port, 60_000, 16384, 0.1).start() for _ in range(4)]
     try:
         await wait_for(lambda: gw.runtime.body_memory.full)
         resp = await raw_request(gw.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
@@ -422,4 +407,85 @@ async def test_process_handler_gets_the_body(start_gateway, framing):
     resp = await raw_request(gw.port, req, timeout=20)
     assert status_of(resp) == 200, resp[:300]
     assert resp.split(b"\r\n\r\n", 1)[1] == hashlib.sha256(body).hexdigest().encode() + b"\n"
+    await wait_for(lambda: gw.runtime.body_memory.held == 0)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_body_larger_than_the_buffer_memory_streams(start_gateway, framing):
+    """request_buffer_memory = 64 KiB (one worker's share, less than
+    request_buffer_size): a 300 kB body, Content-Length or chunked, could never fit,
+    so it streams once admitted instead of a 503 body_buffer_full no retry could
+    cure (before: 503 every time). The upstream gets it whole (a chunked one, chunked),
+    and nothing stays counted."""
+    relay = await RawUpstream().start()
+    try:
+        gw = await start_gateway(route_to(relay.url), request_buffer_memory=65536)
+        payload = bytes(range(256)) * 1200
+        if framing == "length":
+            req = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+        else:
+            req = CHUNKED_HEAD + b"\r\n" + b"".join(
+                b"%x\r\n%s\r\n" % (len(payload[i:i + 30000]), payload[i:i + 30000])
+                for i in range(0, len(payload), 30000)) + b"0\r\n\r\n"
+        resp = await send_collecting(gw.port, req)
+        assert status_of(resp) == 200, resp[:300]
+        [got] = relay.requests
+        assert got.body == payload
+        if framing == "chunked":
+            assert got.header("transfer-encoding") == ["chunked"]
+        assert gw.runtime.body_memory.refused == 0
+        await settled(gw)
+    finally:
+        await relay.stop()
+
+
+async def test_body_memory_is_given_back_once_forwarded(start_gateway, upstream):
+    """request_buffer_memory = 64 KiB: a client sends a 40 kB body to /big (a 50 MB
+    answer) and reads none of its response: 1. once the upstream has the body, none of
+    the buffer memory is held for it (before: all 40 kB until the response was
+    sent) 2. so another 40 kB body fits and is answered 200, not 503
+    body_buffer_full."""
+    gw = await start_gateway(route_to(upstream.url), request_buffer_memory=65536)
+    body = b"b" * 40000
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"POST /big?bytes=50000000 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        await wait_for(lambda: upstream.started == 1)
+        await wait_for(lambda: gw.runtime.body_memory.held == 0, timeout=2)
+        resp = await raw_request(gw.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert status_of(resp) == 200, resp[:300]
+        assert gw.runtime.table.routes["app"].gate.in_flight == 1  # the slow reader's answer is under way
+        status, _, rest = await asyncio.wait_for(read_response(reader), 20)  # now read it all
+        assert status == 200 and len(rest) == 50_000_000
+    finally:
+        writer.close()
+    await settled(gw)
+
+
+async def outgrown_handler(request: web.BaseRequest) -> web.StreamResponse:
+    data = await request.read()
+    return web.json_response({"length": len(data), "sha": hashlib.sha256(data).hexdigest()})
+
+
+async def test_handler_gets_a_chunked_body_that_outgrew_the_buffer(start_gateway):
+    """An inline handler behind request_buffer_memory = 64 KiB gets a 300 kB chunked
+    body whole: what was read before admission, then the rest."""
+    gw = await start_gateway("""
+        [upstreams.h]
+        handler = "tests.test_hardening_uploads:outgrown_handler"
+
+        [[routes]]
+        name = "app"
+        upstream = "h"
+    """, request_buffer_memory=65536)
+    payload = bytes(range(256)) * 1200
+    req = CHUNKED_HEAD + b"Connection: close\r\n\r\n" + b"".join(
+        b"%x\r\n%s\r\n" % (len(payload[i:i + 30000]), payload[i:i + 30000])
+        for i in range(0, len(payload), 30000)) + b"0\r\n\r\n"
+    resp = await send_collecting(gw.port, req)
+    assert status_of(resp) == 200, resp[:300]
+    got = json.loads(resp.split(b"\r\n\r\n", 1)[1])
+    assert got == {"length": len(payload), "sha": hashlib.sha256(payload).hexdigest()}
     await wait_for(lambda: gw.runtime.body_memory.held == 0)
