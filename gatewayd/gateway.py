@@ -274,7 +274,7 @@ class Gateway:
             stats.cancelled_in_flight += 1
             self._log(request, route, 499, ex.sent, start, "client_gone")
             raise
-        except ConnectionResetError:
+        except ConnectionError:  # (reset, or lost while a write waited for room)
             # the client went away while we wrote to it, before its cancellation
             stats.cancelled_in_flight += 1
             self._log(request, route, 499, ex.sent, start, "client_gone")
