@@ -587,8 +587,8 @@ class H1Protocol(BaseProtocol):
         # (a read larger than READ_AHEAD is handled at once: put off, a thousand of them
         # would hold a read each, up to 256 KiB; handled, a body's flow control or
         # _read_too_far_ahead lets it go)
-        if len(data) <= READ_AHEAD and not self.server.admit_read(self):
-            self._put_off = data
+        if not self.server.admit_read(self) and len(data) <= READ_AHEAD:
+            self._put_off = data  # (a larger read finds its place in the queue empty)
             return
         self._feed(data)
 
@@ -623,17 +623,19 @@ class H1Protocol(BaseProtocol):
             if len(self._unparsed) > READ_AHEAD:
                 self._read_too_far_ahead()
             return
-        end = data.find(b"\r\n\r\n")
-        if 0 <= end < len(data) - 4:
-            # more than one head may end in these bytes: parsed one at a time (_parse_ahead)
+        if (self.current is not None or self._pending is not None
+                or data.find(b"\r\n\r\n") != len(data) - 4):
+            # a request under way (these bytes may be its body, or requests behind it), or
+            # not one head ending where these bytes end (part of a head, a body, several
+            # heads): parsed one head at a time (_parse_ahead)
             self._unparsed = data
             self._unparsed_at = 0
             self._parse_ahead()
             if self.current is None:
                 self._step()
             return
-        # at most one head ends here, at the end (the common case: one request per read)
-        body = self._open_body() if self.current is not None or self._pending else None
+        # one head ending where these bytes end, on a connection with nothing under way
+        # (the common case: one request per read)
         try:
             messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
@@ -641,10 +643,9 @@ class H1Protocol(BaseProtocol):
             return
         if upgraded:
             self._tail = bytes(tail)
-        if not messages:
+        if not messages:  # (the end of a head the parser never saw begin: it refuses it)
             self._clean = False
-            if data:
-                self._head_arriving(data, body)
+            self._head_arriving(data, None)
             return
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -652,8 +653,8 @@ class H1Protocol(BaseProtocol):
         message, payload = messages[-1]
         # Whether the parser is between requests: the bytes ended a head whose request
         # has no body. Anything else (a body, a part of a head) keeps the parser.
-        self._clean = payload is EMPTY_PAYLOAD and end >= 0
-        if len(messages) == 1 and self.current is None and self._pending is None:
+        self._clean = payload is EMPTY_PAYLOAD
+        if len(messages) == 1:
             self._dispatch(message, payload)
             return
         pending = self._pending
@@ -679,9 +680,7 @@ class H1Protocol(BaseProtocol):
         pos = self._unparsed_at
         size = len(data)
         pending = self._pending
-        if pending is None:
-            pending = self._pending = deque()
-        while pos < size and len(pending) < MAX_PIPELINED:
+        while pos < size and (pending is None or len(pending) < MAX_PIPELINED):
             end = data.find(b"\r\n\r\n", pos)
             stop = size if end < 0 else end + 4
             piece = data[pos:stop]
@@ -697,6 +696,8 @@ class H1Protocol(BaseProtocol):
                 if self._head_timer is not None:
                     self._head_timer.cancel()
                     self._head_timer = None
+                if pending is None:
+                    pending = self._pending = deque()
                 pending.extend(messages)
                 self._clean = messages[-1][1] is EMPTY_PAYLOAD and end >= 0
             else:
