@@ -214,7 +214,7 @@ class Request:
         server = self.protocol.server
         if not self.keep_alive or server.closing:
             mode = 2
-        elif self.version == HttpVersion10:
+        elif self.version is HttpVersion10:  # (the parser's own object: no tuple compare)
             mode = 1
         else:
             mode = 0

@@ -73,7 +73,8 @@ def origin_target(request: Request) -> str:
     Raises Refused for a request the gateway must not forward.
     """
     version = request.version
-    if version != HttpVersion11 and version != HttpVersion10:
+    # (the parser gives HTTP/1.1 and 1.0 as these very objects: "is" spares a tuple compare)
+    if version is not HttpVersion11 and version != HttpVersion11 and version != HttpVersion10:
         raise Refused(400, "http_version")
     headers = request.headers
     raw = request.raw_headers
