@@ -252,10 +252,10 @@ class ControlServer:
                     return {"ok": False, "error": "route: expected a route name"}
                 return await c.queue(route)
             if cmd == "server_state":
-                args = [req.get(k) for k in ("upstream", "server", "state")]
-                if not all(isinstance(a, str) for a in args):
+                upstream, server, state = (req.get(k) for k in ("upstream", "server", "state"))
+                if not (isinstance(upstream, str) and isinstance(server, str) and isinstance(state, str)):
                     return {"ok": False, "error": "expected upstream, server and state strings"}
-                return await c.server_state(*args)
+                return await c.server_state(upstream, server, state)
         except Exception as exc:  # a command must never take the connection down
             log.exception("control command %r failed", cmd)
             return {"ok": False, "error": f"internal error: {exc}"}

@@ -133,15 +133,15 @@ async def serve(config: Config) -> int:
              ", ".join(config.server.listen), config.socket_path)
     try:
         while True:
-            sig = await signals.get()
-            if sig == signal.SIGHUP:
+            got = await signals.get()
+            if got == signal.SIGHUP:
                 log.info("SIGHUP: reloading %s", runtime.config.path)
                 await controller.reload(False)
-            elif sig == signal.SIGUSR1:
+            elif got == signal.SIGUSR1:
                 runtime.access_log.reopen()
             else:
                 log.info("%s: shutting down (up to %.1f s for in-flight requests)",
-                         signal.Signals(sig).name, runtime.config.server.shutdown_timeout)
+                         signal.Signals(got).name, runtime.config.server.shutdown_timeout)
                 break
     finally:
         notify.stopping()

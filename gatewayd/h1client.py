@@ -911,7 +911,7 @@ class _Conn(asyncio.Protocol):
         if self._partial is not None:  # the head came in parts: raw is the bytearray that gathered them
             fields = bytes(fields)
             self._partial = None
-        self._fields = fields
+        self._fields = fields  # type: ignore[assignment]  # (bytes: a gathered bytearray is copied above)
         self._keep_alive = parser.should_keep_alive()
         self._head_done = True
         self._raw = b""  # no reference kept to the read's bytes

@@ -375,17 +375,17 @@ class Master:
                  ", ".join(self.config.server.listen), n, self.config.socket_path)
         try:
             while True:
-                sig = await self._signals.get()
-                if sig == signal.SIGHUP:
+                got = await self._signals.get()
+                if got == signal.SIGHUP:
                     log.info("SIGHUP: reloading %s", self.config.path)
                     await self.reload(False)
-                elif sig == signal.SIGUSR1:
+                elif got == signal.SIGUSR1:
                     for h in self.workers.values():
                         with contextlib.suppress(ProcessLookupError):
                             h.proc.send_signal(signal.SIGUSR1)
                 elif self.fatal is None:
                     log.info("%s: shutting down (up to %.1f s for in-flight requests)",
-                             signal.Signals(sig).name, self.config.server.shutdown_timeout)
+                             signal.Signals(got).name, self.config.server.shutdown_timeout)
                     break
                 else:
                     break

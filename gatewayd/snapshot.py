@@ -548,13 +548,11 @@ def retire(retired: dict[str, Any], gone: dict[str, Any]) -> None:
     _sum_dicts(retired.setdefault("unrouted", {}), gone.get("unrouted", {}))
     routes = retired.setdefault("routes", {})
     for name, r in gone.get("routes", {}).items():
-        into = routes.get(name)
+        into: dict[str, Any] | None = routes.get(name)
         if into is None:
-            into = routes[name] = {k: 0 for k in _COUNTERS}
-            for k in _COUNTER_DICTS:
-                into[k] = {}
-            into["latency"] = None
-            into["queue_wait"] = None
+            fresh: dict[str, Any] = {k: 0 for k in _COUNTERS}
+            fresh.update({k: {} for k in _COUNTER_DICTS}, latency=None, queue_wait=None)
+            into = routes[name] = fresh
         for k in _COUNTERS:
             into[k] += r[k]
         for k in _COUNTER_DICTS:
