@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -313,3 +314,39 @@ def status_of(response: bytes) -> int:
     if not response.startswith(b"HTTP/"):
         return 0
     return int(response.split(b" ", 2)[1])
+
+
+# ----------------------------------------------------------------------------- hardening
+@pytest.fixture
+def no_error_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Nothing a client or an upstream does may make the gateway log an ERROR (a
+    traceback per hostile request is a log flood). The hardening modules use it
+    for every test (``pytestmark``)."""
+    yield
+    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def route_to(url: str, **route: object) -> str:
+    """One upstream ``app`` with ``url`` and one route ``app`` to it, with ``route``'s keys."""
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in route.items())
+    return f"""
+        [upstreams.app]
+        servers = ["{url}"]
+        read_timeout = 30.0
+
+        [[routes]]
+        name = "app"
+        upstream = "app"
+        {extra}
+    """
+
+
+async def settled(gw: Any) -> None:
+    """Wait until route ``app`` holds nothing: no connection, slot, waiter, upstream
+    exchange or buffered body byte is left behind."""
+    runtime = gw.runtime
+    route = runtime.table.routes["app"]
+    await wait_for(lambda: runtime.connections == 0 and route.gate.in_flight == 0
+                   and not route.gate.waiters and route.upstream.active == 0
+                   and runtime.body_memory.held == 0, timeout=5)

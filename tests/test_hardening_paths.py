@@ -9,20 +9,13 @@ Host with a trailing dot. The cases that need no route of their own (``..%2f``,
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from gatewayd.loader import ConfigError, parse
 
 from .conftest import gateway_config, raw_request, status_of
 
-
-@pytest.fixture(autouse=True)
-def no_error_logged(caplog):
-    yield
-    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
+pytestmark = pytest.mark.usefixtures("no_error_logged")
 
 
 async def get(port: int, target: str, host: str = "x") -> tuple[int, bytes]:

@@ -35,12 +35,7 @@ LONG = "/old/" + "a" * 8160  # with Host: example.com, a Location line of 8,197 
 HOST = "example.com"
 
 
-@pytest.fixture(autouse=True)
-def no_error_logged(caplog):
-    """Nothing a client or an upstream does may make the gateway log an ERROR."""
-    yield
-    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
+pytestmark = pytest.mark.usefixtures("no_error_logged")
 
 
 async def app_like(req: UpstreamRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

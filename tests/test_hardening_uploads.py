@@ -8,44 +8,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import time
 
 import pytest
 from aiohttp import web
 
-from .conftest import raw_request, status_of, wait_for
+from .conftest import raw_request, route_to, settled, status_of, wait_for
 from .faults import RawUpstream
 
-
-@pytest.fixture(autouse=True)
-def no_error_logged(caplog):
-    """Nothing a client does may make the gateway log an ERROR."""
-    yield
-    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
+pytestmark = pytest.mark.usefixtures("no_error_logged")
 
 
-def route_to(url: str, **route: object) -> str:
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in route.items())
-    return f"""
-        [upstreams.app]
-        servers = ["{url}"]
-        read_timeout = 30.0
-
-        [[routes]]
-        name = "app"
-        upstream = "app"
-        {extra}
-    """
 
 
-async def settled(gw) -> None:
-    runtime = gw.runtime
-    route = runtime.table.routes["app"]
-    await wait_for(lambda: runtime.connections == 0 and route.gate.in_flight == 0
-                   and not route.gate.waiters and route.upstream.active == 0
-                   and runtime.body_memory.held == 0, timeout=5)
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

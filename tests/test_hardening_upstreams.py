@@ -9,7 +9,6 @@ The upstreams are raw sockets from ``faults.py`` that misbehave on purpose.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
 
@@ -22,13 +21,7 @@ from .faults import RawUpstream
 READ_TIMEOUT = 0.5
 
 
-@pytest.fixture(autouse=True)
-def no_error_logged(caplog):
-    """Nothing a client or an upstream does may make the gateway log an ERROR (a
-    traceback per hostile request is a log flood)."""
-    yield
-    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
+pytestmark = pytest.mark.usefixtures("no_error_logged")
 
 
 def route_to(url: str, max_fails: int = 0, retries: int = 0) -> str:
