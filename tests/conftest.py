@@ -153,13 +153,18 @@ class InProcessGateway:
         self.socket_path = runtime.config.socket_path
 
     async def command(self, obj: dict[str, Any]) -> dict[str, Any]:
-        reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
-        try:
-            writer.write(json.dumps(obj).encode() + b"\n")
-            await writer.drain()
-            return json.loads(await reader.readline())
-        finally:
-            writer.close()
+        return await control_command(self.socket_path, obj)
+
+
+async def control_command(path: Path, obj: dict[str, Any]) -> dict[str, Any]:
+    """One request line on the control socket at ``path``; its answer."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(json.dumps(obj).encode() + b"\n")
+        await writer.drain()
+        return json.loads(await reader.readline())
+    finally:
+        writer.close()
 
 
 def gateway_config(tmp_path: Path, body: str, port: int | None = None, **server: Any) -> Path:

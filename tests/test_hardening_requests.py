@@ -231,7 +231,7 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
     from gatewayd.prom import MetricsListener
     from gatewayd.runtime import Runtime
 
-    from .conftest import free_port, gateway_config, raw_request
+    from .conftest import control_command, free_port, gateway_config, raw_request
 
     log_path = tmp_path / "access.log"
     cfg = gateway_config(tmp_path, f"""
@@ -289,7 +289,7 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
             assert '"-" 400 ' in lines[3] and '"-" 408 ' in lines[4]
             assert '"GET /nowhere HTTP/1.1" 404 ' in lines[5]
             assert '"GET /a/..%2fb HTTP/1.1" 400 ' in lines[6] and '"TRACE / HTTP/1.1" 405 ' in lines[7]
-        snap = (await _command(config.socket_path, {"cmd": "snapshot"}))["snapshot"]
+        snap = (await control_command(config.socket_path, {"cmd": "snapshot"}))["snapshot"]
         assert snap["unrouted"] == {"400": 5, "408": 1, "404": 1, "405": 1}
         assert snap["workers"][0]["bad_requests"] == 4
         text = (await raw_request(mport, b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")).decode()
@@ -300,12 +300,3 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
         await control.close()
         await runtime.shutdown(1.0)
 
-
-async def _command(path, obj):
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    try:
-        writer.write(json.dumps(obj).encode() + b"\n")
-        await writer.drain()
-        return json.loads(await reader.readline())
-    finally:
-        writer.close()
