@@ -1,5 +1,5 @@
 """What the upstream client costs per request: aiohttp's ClientSession, configured
-as gatewayd configures it, against gatewayd.h1client.H1Pool.
+as gatewayd configures it, against gatewayd.http.client.H1Pool.
 
     python -m bench.client_cost [--requests 20000] [--concurrency 32] [--repeats 3]
 
@@ -30,7 +30,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from gatewayd.h1client import H1Pool
+from gatewayd.http.client import H1Pool
 
 from .deps import tool
 from .procs import Processes, free_port
@@ -47,7 +47,7 @@ HEADERS = [
     ("X-Forwarded-Proto", "http"),
     ("X-Forwarded-Host", "example.test"),
 ]
-_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")  # as gatewayd.upstream_http
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")  # as gatewayd.upstreams.http
 
 AIOHTTP_UPSTREAM = textwrap.dedent("""\
     import asyncio
@@ -82,7 +82,7 @@ def start_upstream(tmp: Path, procs: Processes) -> Server:
 
 # ----------------------------------------------------------------------------- the clients
 class SessionClient:
-    """aiohttp's ClientSession exactly as gatewayd.upstream_http.HttpUpstream uses it."""
+    """aiohttp's ClientSession exactly as gatewayd.upstreams.http.HttpUpstream uses it."""
 
     name = "ClientSession"
 

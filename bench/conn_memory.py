@@ -20,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 
-from gatewayd.daemon import new_loop
-from gatewayd.loader import parse
-from gatewayd.runtime import Runtime
+from gatewayd.config.loader import parse
+from gatewayd.process.single import new_loop
+from gatewayd.runtime.state import Runtime
 
 CLIENT = r"""
 import socket, sys

@@ -53,10 +53,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gatewayd.control import ControlServer
-from gatewayd.daemon import LocalController
-from gatewayd.loader import parse
-from gatewayd.runtime import Runtime
+from gatewayd.config.loader import parse
+from gatewayd.control.server import ControlServer
+from gatewayd.process.single import LocalController
+from gatewayd.runtime.state import Runtime
 
 from . import aio
 from .procs import Processes, free_port

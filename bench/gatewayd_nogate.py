@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from gatewayd import admission
-from gatewayd.cli import main
+from gatewayd.process.cli import main
+from gatewayd.proxy import admission
 
 
 def _admit(self: admission.Gate) -> bool:

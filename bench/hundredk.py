@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gatewayd.ctl import call
+from gatewayd.control.cli import call
 
 REQUEST = b"GET /?ms=10 HTTP/1.1\r\nHost: bench\r\n\r\n"
 

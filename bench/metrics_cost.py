@@ -13,9 +13,9 @@ import asyncio
 import gc
 import time
 
-from gatewayd.admission import Gate
-from gatewayd.metrics import RouteStats
-from gatewayd.procstats import GcMonitor, TaskCounter
+from gatewayd.proxy.admission import Gate
+from gatewayd.stats.metrics import RouteStats
+from gatewayd.stats.process import GcMonitor, TaskCounter
 
 N = 200_000
 

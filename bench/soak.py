@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from gatewayd.ctl import call
+from gatewayd.control.cli import call
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = b"s" * 100

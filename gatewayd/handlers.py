@@ -12,7 +12,7 @@ import hashlib
 
 from aiohttp import web
 
-from .upstream_process import ProcessRequest
+from .upstreams.process import ProcessRequest
 
 _BODY = b"hello from gatewayd simulated_io\n"
 

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gatewayd.control import ControlServer
-from gatewayd.daemon import LocalController
-from gatewayd.loader import parse
-from gatewayd.runtime import Runtime
+from gatewayd.config.loader import parse
+from gatewayd.control.server import ControlServer
+from gatewayd.process.single import LocalController
+from gatewayd.runtime.state import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -188,7 +188,7 @@ async def test_a_freed_slot_passes_over_waiters_that_decline_it():
     3,000 waiters whose clients have gone (they decline the slot), then one that
     takes it 2. one release wakes all 3,001 in order, without a RecursionError
     3. the slot ends with the last waiter and nobody is left queued."""
-    from gatewayd.admission import ADMITTED, Gate
+    from gatewayd.proxy.admission import ADMITTED, Gate
 
     gate = Gate(1, 5000)
     assert gate.try_enter()

@@ -29,10 +29,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatewayd import __version__
-from gatewayd import kinds as k
-from gatewayd.config import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
-from gatewayd.loader import ConfigError, dump, load, parse
-from gatewayd.tomlpos import Locator, format_path
+from gatewayd.config import kinds as k
+from gatewayd.config.loader import ConfigError, dump, load, parse
+from gatewayd.config.positions import Locator, format_path
+from gatewayd.config.settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -526,7 +526,7 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
         case k.Text(empty=empty):
             return st.text(min_size=0 if empty else 1, max_size=20).filter(lambda s: "\0" not in s)
         case k.PathPrefix():
-            # in normal form (gatewayd.paths): dots and escapes only where they are no
+            # in normal form (gatewayd.http.paths): dots and escapes only where they are no
             # dot-segment and no escaped unreserved character
             return st.from_regex(r"/[A-Za-z0-9/_~?=&-]{0,12}", fullmatch=True) | st.sampled_from(
                 ["/a.b/", "/.well-known/", "/x..y", "/files%2F", "/%C3%A9t%C3%A9", "/a?%2e"])

@@ -284,7 +284,7 @@ async def test_gatewayctl(start_gateway, upstream):
 
     async def ctl(*args: str, where: tuple[str, ...] = ("--config", str(gw.config_path))) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gatewayd.ctl", *where, *args,
+            sys.executable, "-m", "gatewayd.control.cli", *where, *args,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
         out, err = await proc.communicate()
         return proc.returncode, out.decode(), err.decode()

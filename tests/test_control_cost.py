@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from gatewayd import snapshot as snapshots
-from gatewayd.metrics import LATENCY_BUCKETS, RouteStats, quantiles_ms
-from gatewayd.snapshot import (
+from gatewayd.control import snapshot as snapshots
+from gatewayd.control.snapshot import (
     export,
     present,
     route_json,
@@ -30,6 +29,7 @@ from gatewayd.snapshot import (
     to_json,
     without_histograms,
 )
+from gatewayd.stats.metrics import LATENCY_BUCKETS, RouteStats, quantiles_ms
 
 from .conftest import wait_for
 

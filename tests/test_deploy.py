@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from gatewayd.config import ServerConfig
-from gatewayd.kinds import parse_hostport
-from gatewayd.loader import parse
+from gatewayd.config.loader import parse
+from gatewayd.config.settings import ServerConfig
+from gatewayd.http.addresses import parse_hostport
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "contrib" / "kubernetes"

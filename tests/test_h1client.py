@@ -1,4 +1,4 @@
-"""gatewayd.h1client: the lean HTTP/1.1 upstream client, against real servers on
+"""gatewayd.http.client: the lean HTTP/1.1 upstream client, against real servers on
 127.0.0.1 — aiohttp upstreams for well-behaved HTTP, raw asyncio socket servers
 for faults. The asyncio tests run on asyncio's loop; ``test_on_uvloop`` runs the
 core ones again on uvloop (gatewayd's loop in production).
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gatewayd.h1client import H1Pool, Response
-from gatewayd.upstream import UpstreamFailure
+from gatewayd.http.client import H1Pool, Response
+from gatewayd.proxy.exchange import UpstreamFailure
 
 from .conftest import free_port, wait_for
 

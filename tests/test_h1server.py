@@ -1,4 +1,4 @@
-"""The client protocol's own economies (gatewayd/h1server.py) keep every request
+"""The client protocol's own economies (gatewayd/http/server.py) keep every request
 whole: a parser dropped from an idle connection, a partial head that must keep its
 parser, and client reads put off to a later loop turn under a burst."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from gatewayd.h1server import PARSER_IDLE, READS_PER_TURN, SWEEP_INTERVAL
+from gatewayd.http.server import PARSER_IDLE, READS_PER_TURN, SWEEP_INTERVAL
 
 from .conftest import raw_request, wait_for
 

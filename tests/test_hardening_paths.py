@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from gatewayd.loader import ConfigError, parse
+from gatewayd.config.loader import ConfigError, parse
 
 from .conftest import gateway_config, raw_request, status_of
 

@@ -225,11 +225,11 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
     with its status (method and target as far as known, else "-") and route "-"
     4. the snapshot's ``unrouted`` and gatewayd_requests_total{route="-"} count them
     by status."""
-    from gatewayd.control import ControlServer
-    from gatewayd.daemon import LocalController
-    from gatewayd.loader import parse
-    from gatewayd.prom import MetricsListener
-    from gatewayd.runtime import Runtime
+    from gatewayd.config.loader import parse
+    from gatewayd.control.prometheus import MetricsListener
+    from gatewayd.control.server import ControlServer
+    from gatewayd.process.single import LocalController
+    from gatewayd.runtime.state import Runtime
 
     from .conftest import control_command, free_port, gateway_config, raw_request
 

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gatewayd.prom import SnapshotCollector
+from gatewayd.control.prometheus import SnapshotCollector
 
 from .conftest import Upstream, free_port, raw_request, status_of
 from .faults import OK_HEAD, OK_RESPONSE, RawUpstream, UpstreamRequest, reset

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.control import ControlError, ControlServer
-from gatewayd.daemon import LocalController
-from gatewayd.loader import ConfigError, parse
+from gatewayd.config.loader import ConfigError, parse
+from gatewayd.control.server import ControlError, ControlServer
+from gatewayd.process.single import LocalController
 
 from .conftest import GatewayProcess, free_port, gateway_config
 

@@ -19,10 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gatewayd import confdiff
-from gatewayd.config import RELOAD_RESTART, SECTIONS, RouteConfig, UpstreamConfig, settings_of
-from gatewayd.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS
-from gatewayd.prom import SnapshotCollector
+from gatewayd.config import diff as confdiff
+from gatewayd.config.settings import RELOAD_RESTART, SECTIONS, RouteConfig, UpstreamConfig, settings_of
+from gatewayd.control.prometheus import SnapshotCollector
+from gatewayd.stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
@@ -58,7 +58,7 @@ def _manpage_keys() -> Any:
 # ----------------------------------------------------------------------------- gatewayd.toml(5)
 def test_keys_section_is_generated():
     """man/gatewayd.toml.5's key list is what tools/manpage_keys.py makes of
-    gatewayd/config.py (run the tool after changing a setting)."""
+    gatewayd/config/settings.py (run the tool after changing a setting)."""
     tool = _manpage_keys()
     text = page("gatewayd.toml.5")
     assert tool.splice(text, tool.render()) == text, "run: python tools/manpage_keys.py"
@@ -263,7 +263,7 @@ def test_histogram_bounds_are_documented():
 def test_every_gateway_reason_is_documented():
     """Each X-Gatewayd-Reason the code can answer is listed with its status."""
     found: set[tuple[int, str]] = {(503, "queue_full"), (503, "queue_timeout")}
-    for path in (ROOT / "gatewayd").glob("*.py"):
+    for path in (ROOT / "gatewayd").rglob("*.py"):
         src = path.read_text()
         for pattern in (
             r'UpstreamFailure\((\d{3}), "(\w+)"\)',

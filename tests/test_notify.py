@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd import notify
+from gatewayd.process import notify
 
 from .conftest import wait_for_sync
 

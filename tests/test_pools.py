@@ -17,12 +17,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gatewayd.balance import Balancer
-from gatewayd.h1client import H1Pool
-from gatewayd.kinds import Server
-from gatewayd.prom import SnapshotCollector
-from gatewayd.servers import ServerState
-from gatewayd.upstream_http import UnresolvableServer
+from gatewayd.config.kinds import Server
+from gatewayd.control.prometheus import SnapshotCollector
+from gatewayd.http.client import H1Pool
+from gatewayd.upstreams.balance import Balancer
+from gatewayd.upstreams.http import UnresolvableServer
+from gatewayd.upstreams.servers import ServerState
 
 from .conftest import Upstream, free_port, wait_for
 

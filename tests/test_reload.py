@@ -253,7 +253,7 @@ def test_gatewayctl_reload_outcome(gateway_process, tmp_path):
     gp = gateway_process(body)
 
     def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gatewayd.ctl", "--config", str(gp.config_path), *args],
+        return subprocess.run([sys.executable, "-m", "gatewayd.control.cli", "--config", str(gp.config_path), *args],
                               capture_output=True, text=True, cwd=str(ROOT), timeout=30)
 
     gp.config_path.write_text(gp.config_path.read_text().replace("max_concurrency = 10", "max_concurrency = 12"))

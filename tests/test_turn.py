@@ -1,4 +1,4 @@
-"""The end of a loop turn (gatewayd/turn.py): upstream request heads are written
+"""The end of a loop turn (gatewayd/http/turn.py): upstream request heads are written
 before client output, and both before the client reads put off under a flood."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gatewayd.turn import CLIENT_READS, CLIENT_WRITES, UPSTREAM_WRITES, Turn
+from gatewayd.http.turn import CLIENT_READS, CLIENT_WRITES, UPSTREAM_WRITES, Turn
 
 
 async def test_held_work_runs_at_the_end_of_the_turn_by_rank() -> None:

@@ -68,8 +68,8 @@ def run(ctx: Context) -> list[Table]:
 
 
 def _micro(loops: int) -> dict[str, float]:
-    from gatewayd.admission import Gate
-    from gatewayd.metrics import RouteStats
+    from gatewayd.proxy.admission import Gate
+    from gatewayd.stats.metrics import RouteStats
 
     gate = Gate(1_000_000, 0)
     stats = RouteStats()

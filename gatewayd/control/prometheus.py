@@ -1,0 +1,190 @@
+"""The metrics listener: Prometheus text at /metrics, /healthz and /readyz.
+
+The exposition is prometheus_client's, fed by a custom collector that reads
+one snapshot per scrape, so Prometheus and the control socket always agree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from ..http.addresses import parse_hostport
+from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS
+
+
+def _buckets(bounds: tuple[float, ...], h: dict[str, Any]) -> list[tuple[str, float]]:
+    out = []
+    running = 0
+    for le, count in zip((*bounds, float("inf")), h["counts"], strict=True):
+        running += count
+        out.append(("+Inf" if le == float("inf") else repr(le), running))
+    return out
+
+
+class SnapshotCollector:
+    """A prometheus_client collector over gatewayd snapshots (SPEC §7 names)."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        routes = s["routes"]
+        req = CounterMetricFamily("gatewayd_requests", "Responses by route and status code",
+                                  labels=["route", "code"])
+        inflight = GaugeMetricFamily("gatewayd_in_flight", "Requests at the upstream now",
+                                     labels=["route"])
+        depth = GaugeMetricFamily("gatewayd_queue_depth", "Requests waiting for a slot",
+                                  labels=["route"])
+        oldest = GaugeMetricFamily("gatewayd_queue_oldest_wait_seconds",
+                                   "How long the oldest waiter has waited", labels=["route"])
+        limit = GaugeMetricFamily("gatewayd_route_max_concurrency", "Concurrency limit",
+                                  labels=["route"])
+        qlimit = GaugeMetricFamily("gatewayd_route_max_queue", "Queue limit", labels=["route"])
+        rejected = CounterMetricFamily("gatewayd_rejected", "Requests shed with 503",
+                                       labels=["route", "reason"])
+        cancelled = CounterMetricFamily("gatewayd_cancelled", "Requests whose client left",
+                                        labels=["route"])
+        cancelled_q = CounterMetricFamily("gatewayd_cancelled_queued",
+                                          "Requests whose client left while queued",
+                                          labels=["route"])
+        uperr = CounterMetricFamily("gatewayd_upstream_errors", "Upstream failures by reason",
+                                    labels=["route", "reason"])
+        duration = HistogramMetricFamily("gatewayd_request_duration_seconds",
+                                         "Time from arrival to the end of the response",
+                                         labels=["route"])
+        qwait = HistogramMetricFamily("gatewayd_queue_wait_seconds",
+                                      "Time spent waiting for a slot", labels=["route"])
+        for r in routes:
+            name = r["name"]
+            for code, n in sorted(r["codes"].items()):
+                req.add_metric([name, code], n)
+            inflight.add_metric([name], r["in_flight"])
+            depth.add_metric([name], r["queued"])
+            oldest.add_metric([name], r["oldest_wait_ms"] / 1000)
+            limit.add_metric([name], r["max_concurrency"])
+            qlimit.add_metric([name], r["max_queue"])
+            for reason, n in r["rejected"].items():
+                rejected.add_metric([name, reason], n)
+            cancelled.add_metric([name], r["cancelled"])
+            cancelled_q.add_metric([name], r["cancelled_queued"])
+            for reason, n in sorted(r["upstream_error_reasons"].items()):
+                uperr.add_metric([name, reason], n)
+            h = r["latency_histogram"]
+            duration.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
+            h = r["queue_wait_histogram"]
+            qwait.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
+        for code, n in sorted(s.get("unrouted", {}).items()):
+            req.add_metric(["-", code], n)  # answered before or without a route
+        yield from (req, inflight, depth, oldest, limit, qlimit, rejected, cancelled,
+                    cancelled_q, uperr, duration, qwait)
+
+        gcp = HistogramMetricFamily("gatewayd_gc_pause_seconds", "GC pause per collection",
+                                    labels=["generation"])
+        gcc = CounterMetricFamily("gatewayd_gc_collections", "GC collections",
+                                  labels=["generation"])
+        for g in s["gc"]["generations"]:
+            h = g["histogram"]
+            gcp.add_metric([str(g["generation"])], _buckets(PAUSE_BUCKETS, h), h["sum"])
+            gcc.add_metric([str(g["generation"])], g["count"])
+        yield gcp
+        yield gcc
+        for name, doc, value in (
+            ("gatewayd_tasks", "Live asyncio tasks", s["tasks"]),
+            ("gatewayd_event_loop_lag_seconds", "Latest event-loop lag (max over workers)",
+             s["loop_lag_ms"]["last"] / 1000),
+            ("gatewayd_event_loop_lag_max_seconds", "Largest event-loop lag seen",
+             s["loop_lag_ms"]["max"] / 1000),
+            ("gatewayd_connections", "Open client connections", s["connections"]),
+            ("gatewayd_open_fds", "Open file descriptors", s["open_fds"]),
+            ("gatewayd_resident_memory_bytes", "Resident memory", s["rss_bytes"]),
+            ("gatewayd_config_generation", "Configuration generation", s["generation"]),
+            ("gatewayd_workers", "Worker processes", len(s["workers"])),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        up = GaugeMetricFamily("gatewayd_upstream_server_up",
+                               "1 when the server takes requests", labels=["upstream", "server"])
+        ureq = CounterMetricFamily("gatewayd_upstream_server_requests",
+                                   "Requests sent to the server", labels=["upstream", "server"])
+        ufail = CounterMetricFamily("gatewayd_upstream_server_failures",
+                                    "Failures of the server", labels=["upstream", "server"])
+        for u in s.get("upstreams", []):
+            for srv in u.get("servers", []):
+                labels = [u["name"], srv["url"]]
+                up.add_metric(labels, 1 if srv.get("healthy", True) else 0)
+                ureq.add_metric(labels, srv.get("requests", 0))
+                ufail.add_metric(labels, srv.get("failures", 0))
+        yield from (up, ureq, ufail)
+
+
+class MetricsListener:
+    """An aiohttp app on ``[metrics] listen``.
+
+    ``allow`` (``[metrics] allow``) limits who reads /metrics: route names, upstream
+    addresses and traffic figures are for the operator's scraper. The health
+    endpoints stay open to anyone: they tell only "up" and "ready", and a kubelet
+    probes them from the node's address, which an allow list for the scraper
+    would not name."""
+
+    def __init__(self, address: str, snapshot: Callable[[], dict[str, Any]],
+                 ready: Callable[[], bool], allow: tuple[str, ...] | None = None) -> None:
+        self.address = address
+        self._ready = ready
+        self._allow = None if allow is None else tuple(ipaddress.ip_network(n) for n in allow)
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(SnapshotCollector(snapshot))  # type: ignore[arg-type]
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, port = parse_hostport(self.address)
+        await web.TCPSite(self._runner, host, port).start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self._allow is not None and not _allowed(request.remote, self._allow):
+            return web.Response(status=403, text="403 forbidden\n")
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        # answering at all proves the loop turns
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        if self._ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+
+def _allowed(remote: str | None, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.partition("%")[0])
+    except ValueError:
+        return False
+    # an IPv4 client of a listener on "::" shows as ::ffff:a.b.c.d
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in n for n in networks)

@@ -1,0 +1,141 @@
+"""The contract between the proxy and its upstreams: the route a request was
+admitted on, the exchange an upstream serves, how it ends (``Sink``), its
+failures, and the ``Upstream`` base with a close that waits for the last request
+it is serving (reloads replace pools). An upstream kind needs nothing else from
+the proxy; the kinds themselves are chosen in ``gatewayd.upstreams.factory``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..config.settings import RouteConfig, UpstreamConfig
+from ..http.errors import UpstreamFailure
+from ..http.server import Cancellable
+
+__all__ = ["Cancellable", "Exchange", "Route", "Sink", "Upstream", "UpstreamFailure", "raising"]
+
+if TYPE_CHECKING:
+    from ..http.body import RequestBody
+    from ..http.server import Request
+    from ..http.turn import Turn
+    from ..stats.metrics import RouteStats
+    from .admission import Gate
+
+
+class Route:
+    """A route of one configuration generation; its gate and stats outlive it."""
+
+    __slots__ = ("_strip", "config", "gate", "name", "retry_after", "stats", "upstream")
+
+    def __init__(self, config: RouteConfig, gate: Gate, stats: RouteStats, upstream: Upstream) -> None:
+        self.config = config
+        self.name = config.name
+        self.gate = gate
+        self.stats = stats
+        self.upstream = upstream
+        self.retry_after = str(config.retry_after)
+        self._strip = len(config.path_prefix) if config.strip_prefix else 0
+
+    def forward_path(self, target: str) -> str:
+        """The request target as sent upstream: never a dot-segment or a path not
+        starting with ``/``, as the target is in normal form and the router matches a
+        stripped prefix only where a segment or the query begins."""
+        if not self._strip:
+            return target
+        rest = target[self._strip:]
+        return rest if rest.startswith("/") else "/" + rest
+
+
+class Exchange:
+    """One admitted request on its way through an upstream."""
+
+    __slots__ = ("body", "head_sent", "path", "request", "route", "sent", "start", "status",
+                 "truncated")
+
+    def __init__(self, request: Request, route: Route, path: str, start: float,
+                 body: RequestBody | None) -> None:
+        self.request = request
+        self.route = route
+        self.path = path  # the target as sent upstream (prefix stripped if asked)
+        self.start = start  # the loop's clock when the request's head was in
+        self.body = body
+        self.status = 0
+        self.head_sent = False
+        self.sent = 0  # response body bytes written to the client
+        self.truncated: str | None = None  # reason, when the upstream failed mid-body
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address as forwarded and logged; "" when unknown. Read where an
+        upstream needs it, not stored for every exchange."""
+        return self.request.remote or ""
+
+
+class Sink(Protocol):
+    """Where an exchange served inline (``Upstream.serve_inline``) ends: exactly one of
+    these, once."""
+
+    def settle(self, ex: Exchange) -> None:
+        """The response is out in full."""
+
+    def handover(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> Cancellable:
+        """``work`` carries the exchange on, as ``serve`` would have, in a task."""
+        ...
+
+    def cancelled(self, ex: Exchange) -> None:
+        """The client left; the upstream side is stopped already."""
+
+
+async def raising(exc: BaseException) -> None:
+    """A coroutine that raises ``exc``: an error met outside a task, handed to the
+    task that answers and counts errors (Gateway._run)."""
+    raise exc
+
+
+class Upstream:
+    """Base of the upstream kinds. ``serve`` writes the whole response to the client."""
+
+    def __init__(self, config: UpstreamConfig, turn: Turn) -> None:
+        self.config = config
+        self.name = config.name
+        self.active = 0
+        self._idle: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        """Open what the upstream needs (pools, sessions); called once, on the loop."""
+
+    def serve_inline(self, request: Request, route: Route, path: str, start: float,
+                     sink: Sink) -> Cancellable | None:
+        """Serve an admitted request without a body (``path`` as ``Exchange.path``), as
+        an exchange without a task that ends in ``sink``, if this upstream can (see
+        HttpUpstream); None, with nothing done, to have ``serve`` do it."""
+        return None
+
+    async def serve(self, ex: Exchange) -> None:
+        """Send the response for ``ex`` to its client in full (``ex.request.keep_alive``
+        says afterwards whether the connection may carry another request)."""
+        raise NotImplementedError
+
+    def enter(self) -> None:
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self._idle is not None and not self.active:  # (closing: rare, so asked first)
+            self._idle.set()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Close after the requests being served finished (or ``timeout`` passed)."""
+        if self.active:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                pass
+        await self._close()
+
+    async def _close(self) -> None:
+        pass

@@ -1,0 +1,116 @@
+"""Process-pool upstreams: a plain function run in worker processes, never on
+the event loop, for CPU-heavy handlers.
+
+The function takes a ``ProcessRequest`` and returns ``(status, headers, body)``
+with ``headers`` a dict or a list of pairs and ``body`` bytes or str. The
+route's admission bounds how many jobs are queued or running: the pool never
+holds more than the route's ``max_concurrency``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import multiprocessing
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from ..config.importing import resolve
+from ..config.settings import UpstreamConfig
+from ..http.headers import response_headers
+from ..http.turn import Turn
+from ..proxy.exchange import Exchange, Upstream, UpstreamFailure
+
+
+@dataclass(frozen=True)
+class ProcessRequest:
+    """What a process handler receives (picklable)."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    client: str
+
+
+_functions: dict[str, Any] = {}  # per worker process: import once
+
+
+def _run(path: str, request: ProcessRequest) -> tuple[int, list[tuple[str, str]], bytes]:
+    fn = _functions.get(path)
+    if fn is None:
+        fn = _functions[path] = resolve(path)
+    status, headers, body = fn(request)
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    if isinstance(body, str):
+        body = body.encode()
+    return int(status), [(str(k), str(v)) for k, v in pairs], bytes(body)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class ProcessUpstream(Upstream):
+    """``executor = "process"``: jobs in a pool of ``processes`` processes.
+
+    A job that has started cannot be interrupted safely: when its client leaves,
+    a job not yet started is dropped at once, a running one finishes and keeps
+    its slot until then, so the pool never holds more than the route admits.
+    """
+
+    def __init__(self, config: UpstreamConfig, turn: Turn) -> None:
+        super().__init__(config, turn)
+        assert config.handler
+        resolve(config.handler)  # fail at start, not on the first request
+        self._path = config.handler
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    async def start(self) -> None:
+        # forkserver: forking a process that runs an event loop (and maybe
+        # uvloop's threads) is unsafe; the server forks from a clean process.
+        ctx = multiprocessing.get_context("forkserver")
+        self._pool = concurrent.futures.ProcessPoolExecutor(self.config.processes, mp_context=ctx)
+
+    async def _close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(pool.shutdown, wait=True, cancel_futures=True)
+            )
+
+    async def serve(self, ex: Exchange) -> None:
+        request = ex.request
+        assert self._pool is not None
+        body = await ex.body.read_all() if ex.body is not None else b""
+        path, _, query = ex.path.partition("?")
+        job = ProcessRequest(request.method, path, query, tuple(request.headers.items()),
+                             body, ex.client_ip)
+        cfuture = self._pool.submit(_run, self._path, job)
+        future = asyncio.wrap_future(cfuture)
+        try:
+            status, headers, payload = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if not cfuture.cancel():
+                try:
+                    await future
+                except BaseException:
+                    pass
+            raise
+        except concurrent.futures.process.BrokenProcessPool:
+            raise UpstreamFailure(502, "handler_crashed") from None
+        except Exception as exc:
+            raise UpstreamFailure(500, "handler_error") from exc
+        ex.status = status
+        out = response_headers(headers)
+        if not any(n.lower() == "content-type" for n, _ in out):
+            out.append(("Content-Type", "application/octet-stream"))
+        request.write(request.head(status, _reason(status), out, len(payload)) + payload)
+        ex.head_sent = True
+        ex.sent = len(payload)
