@@ -19,17 +19,17 @@ from typing import Any
 import pytest
 
 from gatewayd.control import snapshot as snapshots
+from gatewayd.control.encode import route_json, to_json
 from gatewayd.control.snapshot import (
     export,
     present,
-    route_json,
     route_order,
     runtime_info,
     snapshot_json,
-    to_json,
     without_histograms,
 )
 from gatewayd.stats.metrics import LATENCY_BUCKETS, RouteStats, quantiles_ms
+from gatewayd.stats.process import open_fds
 
 from .conftest import wait_for
 
@@ -180,16 +180,16 @@ def test_quantiles_unchanged_by_the_split():
 def test_open_fds_counts_what_is_open():
     """The O(1) count (size of /proc/self/fd) agrees with listing the folder, and
     follows descriptors being opened and closed."""
-    before = snapshots._open_fds()
+    before = open_fds()
     listed = len(os.listdir("/proc/self/fd")) - 1  # the listing's own descriptor
     assert before in (listed, listed + 1)  # + 1: the fallback (listing) before Linux 6.2
     fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(50)]
     try:
-        assert snapshots._open_fds() == before + 50
+        assert open_fds() == before + 50
     finally:
         for fd in fds:
             os.close(fd)
-    assert snapshots._open_fds() == before
+    assert open_fds() == before
 
 
 # ----------------------------------------------------------------------------- no stale data

@@ -22,11 +22,24 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import __version__
-from .snapshot import snapshot_json, without_histograms
+from .encode import snapshot_json, without_histograms
+from .protocol import (
+    PROTOCOL,
+    Answer,
+    ErrorAnswer,
+    QueueAnswer,
+    ReloadAnswer,
+    Request,
+    ServerStateAnswer,
+    SetLimitAnswer,
+    Snapshot,
+    SubscribeRequest,
+    check,
+    decode,
+)
 
 log = logging.getLogger("gatewayd")
 
-PROTOCOL = 1
 MAX_LINE = 64 * 1024
 # A subscriber with this much unsent data gets no new snapshot until it reads.
 SUBSCRIBER_BACKLOG = 1024 * 1024
@@ -35,12 +48,12 @@ SUBSCRIBER_BACKLOG = 1024 * 1024
 class Controller(Protocol):
     """What the control socket calls into (a single runtime, or the master)."""
 
-    def snapshot(self) -> dict[str, Any]: ...
-    async def reload(self, dry_run: bool) -> dict[str, Any]: ...
+    def snapshot(self) -> Snapshot: ...
+    async def reload(self, dry_run: bool) -> ReloadAnswer: ...
     async def set_limit(self, route: str, max_concurrency: int | None,
-                        max_queue: int | None) -> dict[str, Any]: ...
-    async def queue(self, route: str) -> dict[str, Any]: ...
-    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]: ...
+                        max_queue: int | None) -> SetLimitAnswer: ...
+    async def queue(self, route: str) -> QueueAnswer: ...
+    async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer: ...
 
 
 class ControlError(Exception):
@@ -135,7 +148,7 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
-    def snapshot(self, histograms: bool = False) -> dict[str, Any]:
+    def snapshot(self, histograms: bool = False) -> Snapshot:
         """The controller's snapshot plus the socket's own figures. Bucket counts
         (the bulk of a many-route snapshot) only when asked for: /metrics has them.
         The controller's route objects may be shared between snapshots: never
@@ -188,16 +201,22 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
-                request = _decode(line)
+                obj = decode(line)
+                if isinstance(obj, str):
+                    await self._send(writer, {"ok": False, "error": obj})
+                    continue
+                request = check(obj)
                 if isinstance(request, str):
                     await self._send(writer, {"ok": False, "error": request})
+                    if obj["cmd"] == "subscribe":
+                        return  # a refused subscription ends the connection
                     continue
-                if request.get("cmd") == "subscribe":
+                if request["cmd"] == "subscribe":
                     await self._subscribe(request, reader, writer)
                     return
-                if request.get("cmd") == "snapshot":
+                if request["cmd"] == "snapshot":
                     try:
-                        line = self.snapshot_line(request.get("histograms") is True)
+                        line = self.snapshot_line(request.get("histograms", False))
                     except Exception as exc:  # as _dispatch: the connection lives on
                         log.exception("control command 'snapshot' failed")
                         await self._send(writer, {"ok": False, "error": f"internal error: {exc}"})
@@ -215,63 +234,36 @@ class ControlServer:
             self._handlers.discard(task)
             writer.close()
 
-    async def _send(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+    async def _send(self, writer: asyncio.StreamWriter, obj: Answer) -> None:
         writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
         await writer.drain()
 
-    async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
+    async def _dispatch(self, req: Request) -> Answer:
+        """The answer to a checked request (``subscribe`` is served by ``_subscribe``)."""
         c = self.controller
         try:
-            if cmd == "hello":
+            if req["cmd"] == "hello":
                 return {"ok": True, "version": __version__, "protocol": PROTOCOL, "pid": os.getpid()}
-            if cmd == "snapshot":  # _serve answers it with snapshot_line, the same bytes
-                return {"ok": True, "snapshot": self.snapshot(req.get("histograms") is True)}
-            if cmd == "reload":
-                dry = req.get("dry_run", False)
-                if not isinstance(dry, bool):
-                    return {"ok": False, "error": "dry_run: expected true or false"}
-                return await c.reload(dry)
-            if cmd == "set_limit":
-                route = req.get("route")
-                if not isinstance(route, str):
-                    return {"ok": False, "error": "route: expected a route name"}
-                mc = req.get("max_concurrency")
-                mq = req.get("max_queue")
-                for key, value, lo in (("max_concurrency", mc, 1), ("max_queue", mq, 0)):
-                    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                              or not lo <= value <= 1_000_000):
-                        return {"ok": False,
-                                "error": f"{key}: expected an integer >= {lo} and <= 1000000"}
-                if mc is None and mq is None:
-                    return {"ok": False, "error": "expected max_concurrency and/or max_queue"}
-                return await c.set_limit(route, mc, mq)
-            if cmd == "queue":
-                route = req.get("route")
-                if not isinstance(route, str):
-                    return {"ok": False, "error": "route: expected a route name"}
-                return await c.queue(route)
-            if cmd == "server_state":
-                upstream, server, state = (req.get(k) for k in ("upstream", "server", "state"))
-                if not (isinstance(upstream, str) and isinstance(server, str) and isinstance(state, str)):
-                    return {"ok": False, "error": "expected upstream, server and state strings"}
-                return await c.server_state(upstream, server, state)
+            if req["cmd"] == "snapshot":  # _serve answers it with snapshot_line, the same bytes
+                return {"ok": True, "snapshot": self.snapshot(req.get("histograms", False))}
+            if req["cmd"] == "reload":
+                return await c.reload(req.get("dry_run", False))
+            if req["cmd"] == "set_limit":
+                return await c.set_limit(req["route"], req.get("max_concurrency"), req.get("max_queue"))
+            if req["cmd"] == "queue":
+                return await c.queue(req["route"])
+            if req["cmd"] == "server_state":
+                return await c.server_state(req["upstream"], req["server"], req["state"])
         except Exception as exc:  # a command must never take the connection down
-            log.exception("control command %r failed", cmd)
-            return {"ok": False, "error": f"internal error: {exc}"}
-        return {"ok": False, "error": f"unknown cmd {cmd!r}; expected one of hello, snapshot, "
-                                      "subscribe, reload, set_limit, queue, server_state"}
+            log.exception("control command %r failed", req["cmd"])
+            return _refused(f"internal error: {exc}")
+        return _refused(f"{req['cmd']}: not a command answered here")
 
-    async def _subscribe(self, req: dict[str, Any], reader: asyncio.StreamReader,
+    async def _subscribe(self, req: SubscribeRequest, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
         interval = req.get("interval", 1.0)
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) \
-                or not 0.05 <= interval <= 3600:
-            await self._send(writer, {"ok": False,
-                                      "error": "interval: expected seconds >= 0.05 and <= 3600"})
-            return
         await self._send(writer, {"ok": True})
-        histograms = req.get("histograms") is True
+        histograms = req.get("histograms", False)
         # the client's next byte (or EOF) ends the subscription
         closed = asyncio.ensure_future(reader.read(1))
         transport = writer.transport
@@ -304,13 +296,5 @@ def _wake(waker: asyncio.Future[None]) -> None:
         waker.set_result(None)
 
 
-def _decode(line: bytes) -> dict[str, Any] | str:
-    try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"malformed JSON: {exc}"
-    if not isinstance(obj, dict):
-        return "expected a JSON object"
-    if not isinstance(obj.get("cmd"), str):
-        return 'expected a "cmd" string'
-    return obj
+def _refused(error: str) -> ErrorAnswer:
+    return {"ok": False, "error": error}

@@ -8,7 +8,7 @@ is computed when a snapshot is taken.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any
+from typing import TypedDict
 
 # Upper bounds, in seconds, of the latency and queue-wait histograms' buckets.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -20,6 +20,45 @@ PAUSE_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0,
 )
+
+
+# A summable map of counts by key (status code, response class, reason): summed
+# over workers key by key, so its keys are open.
+Counts = dict[str, int]
+
+
+class HistogramExport(TypedDict):
+    """A histogram as exported and presented: bucket counts (the last +Inf), their
+    sum of observed values, and the number of observations."""
+
+    counts: list[int]
+    sum: float
+    count: int
+
+
+class Quantiles(TypedDict):
+    """Estimated quantiles in milliseconds; None while the histogram is empty."""
+
+    p50: float | None
+    p90: float | None
+    p99: float | None
+
+
+class RouteCounters(TypedDict):
+    """A route's counters and histograms, as :meth:`RouteStats.export` gives them:
+    all summable over workers. ``responses`` by class (``RESPONSE_CLASSES``),
+    ``codes`` by status, ``rejected`` by reason (queue_full, queue_timeout),
+    ``upstream_errors`` by reason."""
+
+    requests: int
+    responses: Counts
+    codes: Counts
+    rejected: Counts
+    cancelled_queued: int
+    cancelled_in_flight: int
+    upstream_errors: Counts
+    latency: HistogramExport
+    queue_wait: HistogramExport
 
 
 class Histogram:
@@ -49,7 +88,7 @@ class Histogram:
         """Estimated ``q`` quantile (linear within a bucket); None when empty."""
         return quantile(self.bounds, self.counts, q)
 
-    def export(self) -> dict[str, Any]:
+    def export(self) -> HistogramExport:
         return {"counts": list(self.counts), "sum": self.total, "count": self.count}
 
 
@@ -69,20 +108,20 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
     return bounds[-1]
 
 
-def quantiles_ms(bounds: tuple[float, ...], h: dict[str, Any]) -> dict[str, float | None]:
+def quantiles_ms(bounds: tuple[float, ...], h: HistogramExport) -> Quantiles:
     """p50, p90 and p99 of an exported histogram, in milliseconds, in one pass."""
     return quantiles_ms_of(bounds, h["counts"], h["count"])
 
 
-def quantiles_ms_of(bounds: tuple[float, ...], counts: list[int], n: int) -> dict[str, float | None]:
+def quantiles_ms_of(bounds: tuple[float, ...], counts: list[int], n: int) -> Quantiles:
     """p50, p90 and p99 of bucket ``counts`` holding ``n`` observations, in milliseconds."""
     if not n:
         return {"p50": None, "p90": None, "p99": None}
-    out: dict[str, float | None] = {}
+    out: list[float] = []
     seen = 0
     i = 0
     last = len(counts) - 1
-    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+    for q in (0.5, 0.9, 0.99):
         rank = q * n
         while i < last and seen + counts[i] < rank:
             seen += counts[i]
@@ -91,8 +130,8 @@ def quantiles_ms_of(bounds: tuple[float, ...], counts: list[int], n: int) -> dic
         lo = bounds[i - 1] if i > 0 else 0.0
         hi = bounds[i] if i < len(bounds) else bounds[-1]
         v = lo + (hi - lo) * ((rank - seen) / c) if c else hi
-        out[name] = round(v * 1000, 3)
-    return out
+        out.append(round(v * 1000, 3))
+    return {"p50": out[0], "p90": out[1], "p99": out[2]}
 
 
 RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -149,7 +188,7 @@ class RouteStats:
         errs = self.upstream_errors
         errs[reason] = errs.get(reason, 0) + 1
 
-    def export(self) -> dict[str, Any]:
+    def export(self) -> RouteCounters:
         """Counters and buckets (summable over workers)."""
         return {
             "requests": self.requests,

@@ -13,9 +13,9 @@ import os
 import resource
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
-from .metrics import PAUSE_BUCKETS, Histogram
+from .metrics import PAUSE_BUCKETS, Histogram, HistogramExport
 
 LAG_INTERVAL = 0.05  # seconds between lag probes
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -86,6 +86,46 @@ class LoopLag:
         return max(0.0, self._loop.time() - (self._expected - LAG_INTERVAL))
 
 
+class PauseMs(TypedDict):
+    """GC pauses in milliseconds: the latest, the longest, all of them together."""
+
+    last: float
+    max: float
+    total: float
+
+
+class GcGeneration(TypedDict):
+    """One GC generation's collections and pauses."""
+
+    generation: int
+    count: int
+    collected: int
+    last_ms: float
+    max_ms: float
+    total_ms: float
+    histogram: NotRequired[HistogramExport]  # a snapshot has it only when asked for
+
+
+class GcPause(TypedDict):
+    """One recent collection: when (epoch seconds), which generation, how long."""
+
+    time: float
+    generation: int
+    ms: float
+    pid: NotRequired[int]  # the worker's, once presented
+
+
+class GcExport(TypedDict):
+    """What :meth:`GcMonitor.export` gives: a process's collections and pauses."""
+
+    collections: list[int]
+    pauses: int
+    pause_ms: PauseMs
+    generations: list[GcGeneration]
+    recent: list[GcPause]
+    frozen: int
+
+
 class GcMonitor:
     """GC pauses per generation from ``gc.callbacks``: count, last, max, total,
     a histogram, and a ring of the most recent pauses."""
@@ -142,7 +182,7 @@ class GcMonitor:
             gc.callbacks.remove(self._callback)
             self._installed = False
 
-    def export(self) -> dict[str, Any]:
+    def export(self) -> GcExport:
         return {
             "collections": list(self.count),
             "pauses": sum(self.count),
@@ -176,6 +216,15 @@ def rss_bytes() -> int:
 
 
 def open_fds() -> int:
+    """Open file descriptors; -1 when unknown. Linux 6.2 and later give the count as
+    the size of /proc/self/fd, in microseconds; listing the folder (the fallback)
+    takes milliseconds with thousands of connections, on every snapshot."""
+    try:
+        n = os.stat("/proc/self/fd").st_size
+    except OSError:
+        n = 0
+    if n > 0:
+        return n
     try:
         return len(os.listdir("/proc/self/fd"))
     except OSError:

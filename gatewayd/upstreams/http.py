@@ -44,6 +44,7 @@ from .servers import ServerState, counted_reasons
 if TYPE_CHECKING:
     from ..http.server import Request
     from ..proxy.exchange import Route
+    from .state import UpstreamExport
 
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 RESOLVE_TIMEOUT = 5.0  # seconds for each server name resolved at start-up
@@ -385,7 +386,7 @@ class HttpUpstream(Upstream):
             return up, server
 
     # -- state, for the snapshot and the control socket ----------------------------
-    def pool_export(self) -> dict[str, Any]:
+    def pool_export(self) -> UpstreamExport:
         """This process's view of the servers (see upstream_state)."""
         now = self._now()
         return {

@@ -25,12 +25,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config.kinds import Server
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from .state import ServerExport
 
 log = logging.getLogger("gatewayd")
 
@@ -251,7 +253,7 @@ class ServerState:
             return "ejected"
         return "kept" if self.kept else "up"
 
-    def export(self, now: float) -> dict[str, Any]:
+    def export(self, now: float) -> ServerExport:
         state = self.state(now)
         ejected = None
         if state in ("ejected", "trial"):

@@ -1,0 +1,130 @@
+"""One process's raw figures, read from its Runtime: counters, histogram buckets
+and gauges, summable over workers (``merge``) before anything is derived from them
+(``present``). A worker sends its export to the master; a single process presents
+its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, TypedDict
+
+from ..stats.metrics import Counts, RouteCounters
+from ..stats.process import GcExport, cpu_seconds, fd_limit, open_fds, rss_bytes
+from ..upstreams.state import UpstreamExport
+from .protocol import LoopLag, Waiter
+
+if TYPE_CHECKING:
+    from ..proxy.exchange import Upstream
+    from ..runtime.state import Runtime
+
+XRAY_SUMMARY = 5  # waiters listed per route in a snapshot (the queue command lists all)
+
+
+class RouteFigures(RouteCounters):
+    """A route's counters and its gates' gauges: one process's, or summed over all."""
+
+    in_flight: int
+    queued: int
+    oldest_wait_ms: float
+    waiters: list[Waiter]  # the oldest few (XRAY_SUMMARY) of each process
+
+
+class RouteExport(RouteFigures):
+    """A route in one process."""
+
+    limit: int  # this process's share of the gateway-wide limits
+    queue_limit: int
+
+
+class ProcessFigures(TypedDict):
+    """One process's own figures: everything but its routes."""
+
+    pid: int
+    index: int
+    started: float
+    connections: int
+    accepted: int
+    bad_requests: int
+    unrouted: Counts
+    deferred_reads: int
+    tasks: int
+    loop_lag_ms: LoopLag
+    gc: GcExport
+    rss_bytes: int
+    open_fds: int
+    fd_limit: int
+    cpu_s: float
+    generation: int
+    upstreams: dict[str, UpstreamExport]
+
+
+class ProcessExport(ProcessFigures):
+    """What a worker sends its master: its figures and its routes by name."""
+
+    routes: dict[str, RouteExport]
+
+
+def waiters(runtime: Runtime, route: str, limit: int | None = None) -> list[Waiter]:
+    """The route's waiters, oldest first: the queue X-ray."""
+    r = runtime.table.routes.get(route)
+    if r is None:
+        return []
+    now = runtime.lag._loop.time() if runtime.lag._loop else 0.0
+    out: list[Waiter] = []
+    for w in r.gate.waiters:
+        out.append({"wait_ms": round((now - w.since) * 1000, 3), "method": w.method,
+                    "path": w.path, "client": w.client, "pid": os.getpid()})
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def export(runtime: Runtime) -> ProcessExport:
+    """This process's raw figures."""
+    loop_now = runtime.lag._loop.time() if runtime.lag._loop else 0.0
+    routes: dict[str, RouteExport] = {}
+    for name, r in runtime.table.routes.items():
+        gate = r.gate
+        routes[name] = {
+            **r.stats.export(),
+            "in_flight": gate.in_flight, "queued": len(gate.waiters),
+            "limit": gate.limit, "queue_limit": gate.max_queue,
+            "oldest_wait_ms": round(gate.oldest_wait(loop_now) * 1000, 3),
+            "waiters": waiters(runtime, name, XRAY_SUMMARY),
+        }
+    return {**process_figures(runtime), "routes": routes}
+
+
+def process_figures(runtime: Runtime) -> ProcessFigures:
+    """This process's figures other than its routes."""
+    return {
+        "pid": os.getpid(),
+        "index": runtime.worker_index,
+        "started": runtime.started,
+        "connections": runtime.connections,
+        "accepted": runtime.acceptor.accepted,
+        "bad_requests": runtime.server.bad_requests,
+        "unrouted": {str(c): n for c, n in runtime.server.unrouted.items()},
+        "deferred_reads": runtime.server.deferred_reads,
+        "tasks": runtime.tasks.live,
+        "loop_lag_ms": {"last": runtime.lag.last * 1000, "max": runtime.lag.max * 1000},
+        "gc": runtime.gc.export(),
+        "rss_bytes": rss_bytes(),
+        "open_fds": open_fds(),
+        "fd_limit": fd_limit(),
+        "cpu_s": cpu_seconds(),
+        "generation": runtime.generation,
+        "upstreams": export_upstreams(runtime.table.upstreams),
+    }
+
+
+def export_upstreams(upstreams: Mapping[str, Upstream]) -> dict[str, UpstreamExport]:
+    """This process's servers, by upstream name (upstreams with servers only)."""
+    out = {}
+    for name, u in upstreams.items():
+        view = getattr(u, "pool_export", None)
+        if view is not None:
+            out[name] = view()
+    return out

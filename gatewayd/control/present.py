@@ -1,0 +1,150 @@
+"""What an operator reads (the SPEC §5 snapshot): the configured routes with their
+gateway-wide limits, each route's merged figures with its latency quantiles, the
+process figures summed over the workers, and each worker's own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypedDict, cast
+
+from ..stats.metrics import LATENCY_BUCKETS, Quantiles, quantiles_ms
+from .encode import route_object
+from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures
+from .merge import Retired, merge_gc, merge_route, merge_unrouted, merge_upstreams, worker_totals
+from .protocol import LastReload, RouteSnapshot, RuntimeInfo, Snapshot, Waiter, WorkerSnapshot
+
+if TYPE_CHECKING:
+    from ..config.settings import Config
+    from ..runtime.state import Runtime
+
+
+class ConfiguredRoute(TypedDict):
+    """A route as configured, with its gateway-wide limits (``set_limit`` included)."""
+
+    name: str
+    upstream: str
+    path_prefix: str
+    host: str | None
+    max_concurrency: int
+    max_queue: int
+    queue_timeout: float
+
+
+def route_order(runtime: Runtime) -> list[ConfiguredRoute]:
+    return route_order_from(runtime.config, runtime.overrides)
+
+
+def route_order_from(config: Config, overrides: dict[str, dict[str, int]]) -> list[ConfiguredRoute]:
+    """The configured routes with their gateway-wide limits, in configuration order."""
+    out: list[ConfiguredRoute] = []
+    for r in config.routes:
+        o = overrides.get(r.name, {})
+        mc = o.get("max_concurrency", r.max_concurrency)
+        mq = o.get("max_queue", r.max_queue)
+        out.append({"name": r.name, "upstream": r.upstream, "path_prefix": r.path_prefix,
+                    "host": r.host, "max_concurrency": mc, "max_queue": mq,
+                    "queue_timeout": r.queue_timeout})
+    return out
+
+
+def runtime_info(runtime: Runtime) -> RuntimeInfo:
+    """Top-level fields that belong to the gateway, not to a worker."""
+    return {
+        "version": runtime.version,
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - runtime.started, 3),
+        "config_path": os.path.abspath(runtime.config.path),
+        "generation": runtime.generation,
+        # Runtime keeps it untyped (runtime/ cannot import this layer's types): a LastReload
+        "last_reload": cast("LastReload | None", runtime.last_reload),
+        "draining": runtime.draining,
+        "listen": list(runtime.config.server.listen),
+    }
+
+
+def _age(w: Waiter) -> float:
+    return -w["wait_ms"]
+
+
+def present_route(conf: ConfiguredRoute, r: RouteFigures, latency_ms: Quantiles,
+                  queue_wait_ms: Quantiles) -> RouteSnapshot:
+    """The route an operator reads: ``conf`` and ``r``'s figures (quantiles given:
+    the caller may have them from a previous snapshot)."""
+    cq, cf = r["cancelled_queued"], r["cancelled_in_flight"]
+    errors = r["upstream_errors"]
+    xray = r["waiters"]
+    return route_object({
+        "name": conf["name"],
+        "upstream": conf["upstream"],
+        "path_prefix": conf["path_prefix"],
+        "host": conf["host"],
+        "in_flight": r["in_flight"],
+        "max_concurrency": conf["max_concurrency"],
+        "queued": r["queued"],
+        "max_queue": conf["max_queue"],
+        "queue_timeout": conf["queue_timeout"],
+        "oldest_wait_ms": r["oldest_wait_ms"],
+        "waiters": sorted(xray, key=_age)[:XRAY_SUMMARY] if xray else [],
+        "requests": r["requests"],
+        "responses": r["responses"],
+        "codes": r["codes"],
+        "rejected": r["rejected"],
+        "cancelled": cq + cf,
+        "cancelled_queued": cq,
+        "cancelled_in_flight": cf,
+        "upstream_errors": sum(errors.values()),
+        "upstream_error_reasons": errors,
+        "latency_ms": latency_ms,
+        "queue_wait_ms": queue_wait_ms,
+    }, r["latency"], r["queue_wait"])
+
+
+def present(runtime_info: RuntimeInfo, exports: Sequence[ProcessExport],
+            route_order: list[ConfiguredRoute], retired: Retired | None = None) -> Snapshot:
+    """The SPEC §5 snapshot from worker exports.
+
+    ``route_order`` lists the configured routes (name, upstream, gateway-wide
+    limits); ``retired`` holds counters of workers that exited, so totals never
+    go backwards when a worker is replaced.
+    """
+    routes = []
+    for conf in route_order:
+        r = merge_route(conf["name"], exports, retired)
+        routes.append(present_route(conf, r, quantiles_ms(LATENCY_BUCKETS, r["latency"]),
+                                    quantiles_ms(LATENCY_BUCKETS, r["queue_wait"])))
+    return present_top(runtime_info, exports, routes, retired, [worker_totals(e) for e in exports])
+
+
+def present_top(runtime_info: RuntimeInfo, exports: Sequence[ProcessFigures],
+                routes: list[RouteSnapshot], retired: Retired | None,
+                totals: list[tuple[int, int, int]]) -> Snapshot:
+    """The snapshot around its ``routes``: process figures summed over ``exports``;
+    ``totals`` holds the requests, in flight and queued of each export's routes."""
+    workers: list[WorkerSnapshot] = [{
+        "pid": e["pid"], "index": e["index"], "connections": e["connections"],
+        "tasks": e["tasks"], "loop_lag_ms": e["loop_lag_ms"], "rss_bytes": e["rss_bytes"],
+        "open_fds": e["open_fds"], "fd_limit": e["fd_limit"], "cpu_s": e["cpu_s"],
+        "generation": e["generation"], "accepted": e["accepted"],
+        "bad_requests": e.get("bad_requests", 0), "deferred_reads": e.get("deferred_reads", 0),
+        "gc_pause_ms": e["gc"]["pause_ms"],
+        "requests": t[0], "in_flight": t[1], "queued": t[2],
+    } for e, t in zip(exports, totals, strict=True)]
+    return {
+        **runtime_info,
+        "time": time.time(),
+        "connections": sum(e["connections"] for e in exports),
+        "tasks": sum(e["tasks"] for e in exports),
+        "loop_lag_ms": {"last": max((e["loop_lag_ms"]["last"] for e in exports), default=0.0),
+                        "max": max((e["loop_lag_ms"]["max"] for e in exports), default=0.0)},
+        "gc": merge_gc(exports),
+        "rss_bytes": sum(e["rss_bytes"] for e in exports) + runtime_info.get("master_rss_bytes", 0),
+        "open_fds": sum(e["open_fds"] for e in exports),
+        "fd_limit": min((e["fd_limit"] for e in exports), default=0),
+        "routes": routes,
+        "unrouted": merge_unrouted(exports, retired),
+        "upstreams": merge_upstreams(exports, retired),
+        "workers": workers,
+    }
