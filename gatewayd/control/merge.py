@@ -16,7 +16,7 @@ from typing import Literal, TypedDict
 from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, Counts, HistogramExport, RouteCounters
 from ..stats.process import GcExport, GcGeneration, GcPause
 from ..upstreams.state import ServerExport
-from .export import ProcessExport, ProcessFigures, RouteFigures
+from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures
 from .protocol import ServerSnapshot, UpstreamSnapshot, Waiter
 
 # Worst first: the merged state of a server is the first any worker reports.
@@ -62,7 +62,8 @@ def add_counts(into: Counts, more: Counts) -> None:
 
 # ----------------------------------------------------------------------------- routes
 def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | None) -> RouteFigures:
-    """Route ``name`` summed over ``exports`` and the workers that exited."""
+    """Route ``name`` summed over ``exports`` and the workers that exited; its waiters
+    the oldest of all."""
     live = [e["routes"][name] for e in exports if name in e["routes"]]
     gone = retired.get("routes", {}).get(name) if retired else None
     if gone is None and len(live) == 1:
@@ -93,13 +94,19 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
         queued += r["queued"]
         oldest = max(oldest, r["oldest_wait_ms"])
         xray.extend(r["waiters"])
+    xray.sort(key=_age)
     return {
         "requests": requests, "responses": responses, "codes": codes, "rejected": rejected,
         "cancelled_queued": cq, "cancelled_in_flight": cf, "upstream_errors": errors,
         "latency": latency or empty_histogram(LATENCY_BUCKETS),
         "queue_wait": qwait or empty_histogram(LATENCY_BUCKETS),
-        "in_flight": in_flight, "queued": queued, "oldest_wait_ms": oldest, "waiters": xray,
+        "in_flight": in_flight, "queued": queued, "oldest_wait_ms": oldest,
+        "waiters": xray[:XRAY_SUMMARY],
     }
+
+
+def _age(w: Waiter) -> float:
+    return -w["wait_ms"]
 
 
 def worker_totals(e: ProcessExport) -> tuple[int, int, int]:

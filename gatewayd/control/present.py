@@ -10,9 +10,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict, cast
 
-from ..stats.metrics import LATENCY_BUCKETS, Quantiles, quantiles_ms
+from ..stats.metrics import LATENCY_BUCKETS, Counts, HistogramExport, Quantiles, quantiles_ms
 from .encode import route_object
-from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures
+from .export import ProcessExport, ProcessFigures
 from .merge import Retired, merge_gc, merge_route, merge_unrouted, merge_upstreams, worker_totals
 from .protocol import LastReload, RouteSnapshot, RuntimeInfo, Snapshot, Waiter, WorkerSnapshot
 
@@ -65,41 +65,42 @@ def runtime_info(runtime: Runtime) -> RuntimeInfo:
     }
 
 
-def _age(w: Waiter) -> float:
-    return -w["wait_ms"]
-
-
-def present_route(conf: ConfiguredRoute, r: RouteFigures, latency_ms: Quantiles,
+def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
+                  max_concurrency: int, max_queue: int, queue_timeout: float, in_flight: int,
+                  queued: int, oldest_wait_ms: float, waiters: list[Waiter], requests: int,
+                  responses: Counts, codes: Counts, rejected: Counts, cancelled_queued: int,
+                  cancelled_in_flight: int, upstream_errors: Counts, latency: HistogramExport,
+                  latency_ms: Quantiles, queue_wait: HistogramExport,
                   queue_wait_ms: Quantiles) -> RouteSnapshot:
-    """The route an operator reads: ``conf`` and ``r``'s figures (quantiles given:
-    the caller may have them from a previous snapshot)."""
-    cq, cf = r["cancelled_queued"], r["cancelled_in_flight"]
-    errors = r["upstream_errors"]
-    xray = r["waiters"]
+    """The route an operator reads, the one place one is made: from a configured
+    route's merged figures (``present``) or from one process's counters, read
+    directly (``snapshot.Presenter``). Positional fields, not a dict of them: the
+    single-process snapshot calls this for every route that changed, and a call with
+    a figures dict or keywords measured 4 to 8 % more instructions per tick."""
     return route_object({
-        "name": conf["name"],
-        "upstream": conf["upstream"],
-        "path_prefix": conf["path_prefix"],
-        "host": conf["host"],
-        "in_flight": r["in_flight"],
-        "max_concurrency": conf["max_concurrency"],
-        "queued": r["queued"],
-        "max_queue": conf["max_queue"],
-        "queue_timeout": conf["queue_timeout"],
-        "oldest_wait_ms": r["oldest_wait_ms"],
-        "waiters": sorted(xray, key=_age)[:XRAY_SUMMARY] if xray else [],
-        "requests": r["requests"],
-        "responses": r["responses"],
-        "codes": r["codes"],
-        "rejected": r["rejected"],
-        "cancelled": cq + cf,
-        "cancelled_queued": cq,
-        "cancelled_in_flight": cf,
-        "upstream_errors": sum(errors.values()),
-        "upstream_error_reasons": errors,
+        "name": name,
+        "upstream": upstream,
+        "path_prefix": path_prefix,
+        "host": host,
+        "in_flight": in_flight,
+        "max_concurrency": max_concurrency,
+        "queued": queued,
+        "max_queue": max_queue,
+        "queue_timeout": queue_timeout,
+        "oldest_wait_ms": oldest_wait_ms,
+        "waiters": waiters,
+        "requests": requests,
+        "responses": responses,
+        "codes": codes,
+        "rejected": rejected,
+        "cancelled": cancelled_queued + cancelled_in_flight,
+        "cancelled_queued": cancelled_queued,
+        "cancelled_in_flight": cancelled_in_flight,
+        "upstream_errors": sum(upstream_errors.values()),
+        "upstream_error_reasons": upstream_errors,
         "latency_ms": latency_ms,
         "queue_wait_ms": queue_wait_ms,
-    }, r["latency"], r["queue_wait"])
+    }, latency, queue_wait)
 
 
 def present(runtime_info: RuntimeInfo, exports: Sequence[ProcessExport],
@@ -113,8 +114,13 @@ def present(runtime_info: RuntimeInfo, exports: Sequence[ProcessExport],
     routes = []
     for conf in route_order:
         r = merge_route(conf["name"], exports, retired)
-        routes.append(present_route(conf, r, quantiles_ms(LATENCY_BUCKETS, r["latency"]),
-                                    quantiles_ms(LATENCY_BUCKETS, r["queue_wait"])))
+        routes.append(present_route(
+            conf["name"], conf["upstream"], conf["path_prefix"], conf["host"], conf["max_concurrency"],
+            conf["max_queue"], conf["queue_timeout"], r["in_flight"], r["queued"], r["oldest_wait_ms"],
+            r["waiters"], r["requests"], r["responses"], r["codes"], r["rejected"],
+            r["cancelled_queued"], r["cancelled_in_flight"], r["upstream_errors"],
+            r["latency"], quantiles_ms(LATENCY_BUCKETS, r["latency"]),
+            r["queue_wait"], quantiles_ms(LATENCY_BUCKETS, r["queue_wait"])))
     return present_top(runtime_info, exports, routes, retired, [worker_totals(e) for e in exports])
 
 

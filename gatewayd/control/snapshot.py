@@ -31,7 +31,7 @@ class _Entry:
     __slots__ = ("key", "route")
 
     def __init__(self, key: tuple[object, ...], route: RouteSnapshot) -> None:
-        self.key = key
+        self.key = key  # the figures ``route`` was presented from
         self.route = route
 
 
@@ -105,18 +105,12 @@ class Presenter:
                 oldest, xray = 0.0, []
             resp = s.responses
             route = present_route(
-                {"name": name, "upstream": rc.upstream, "path_prefix": rc.path_prefix,
-                 "host": rc.host, "max_concurrency": mc, "max_queue": mq,
-                 "queue_timeout": rc.queue_timeout},
-                {"requests": s.requests,
-                 "responses": {"1xx": resp[1], "2xx": resp[2], "3xx": resp[3], "4xx": resp[4],
-                               "5xx": resp[5]},
-                 "codes": {str(c): n for c, n in s.codes.items()},
-                 "rejected": {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout},
-                 "cancelled_queued": s.cancelled_queued, "cancelled_in_flight": s.cancelled_in_flight,
-                 "upstream_errors": dict(errs), "latency": lat_h, "queue_wait": qw_h,
-                 "in_flight": g.in_flight, "queued": nw, "oldest_wait_ms": oldest, "waiters": xray},
-                lat_q, qw_q)
+                name, rc.upstream, rc.path_prefix, rc.host, mc, mq, rc.queue_timeout, g.in_flight, nw,
+                oldest, xray, s.requests,
+                {"1xx": resp[1], "2xx": resp[2], "3xx": resp[3], "4xx": resp[4], "5xx": resp[5]},
+                {str(c): n for c, n in s.codes.items()},
+                {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout},
+                s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, qw_h, qw_q)
             new[name] = _Entry(key, route)
             out.append(route)
         self._entries = new

@@ -8,7 +8,7 @@ is computed when a snapshot is taken.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 # Upper bounds, in seconds, of the latency and queue-wait histograms' buckets.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -108,6 +108,9 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
     return bounds[-1]
 
 
+_QUANTILES: tuple[tuple[Literal["p50", "p90", "p99"], float], ...] = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+
+
 def quantiles_ms(bounds: tuple[float, ...], h: HistogramExport) -> Quantiles:
     """p50, p90 and p99 of an exported histogram, in milliseconds, in one pass."""
     return quantiles_ms_of(bounds, h["counts"], h["count"])
@@ -117,11 +120,11 @@ def quantiles_ms_of(bounds: tuple[float, ...], counts: list[int], n: int) -> Qua
     """p50, p90 and p99 of bucket ``counts`` holding ``n`` observations, in milliseconds."""
     if not n:
         return {"p50": None, "p90": None, "p99": None}
-    out: list[float] = []
+    out: Quantiles = {"p50": None, "p90": None, "p99": None}
     seen = 0
     i = 0
     last = len(counts) - 1
-    for q in (0.5, 0.9, 0.99):
+    for name, q in _QUANTILES:
         rank = q * n
         while i < last and seen + counts[i] < rank:
             seen += counts[i]
@@ -130,8 +133,8 @@ def quantiles_ms_of(bounds: tuple[float, ...], counts: list[int], n: int) -> Qua
         lo = bounds[i - 1] if i > 0 else 0.0
         hi = bounds[i] if i < len(bounds) else bounds[-1]
         v = lo + (hi - lo) * ((rank - seen) / c) if c else hi
-        out.append(round(v * 1000, 3))
-    return {"p50": out[0], "p90": out[1], "p99": out[2]}
+        out[name] = round(v * 1000, 3)
+    return out
 
 
 RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
