@@ -16,7 +16,7 @@ import tomli_w
 
 from . import kinds as k
 from .importing import resolve
-from .positions import Locator, Path, format_path
+from .positions import Locator, Path, format_path, toml_key
 from .settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
 
 DEFAULT_CONFIG = "/etc/gatewayd/config.toml"  # without --config or $GATEWAYD_CONFIG
@@ -185,7 +185,7 @@ def _routes(data: dict[str, Any], upstream_names: list[str] | None, errors: _Err
             matches.setdefault(match, i)
         upstream = values.get("upstream")
         if upstream is not None and upstream_names is not None and upstream not in upstream_names:
-            known = ", ".join(k.toml_key(n) for n in upstream_names) or "none defined"
+            known = ", ".join(toml_key(n) for n in upstream_names) or "none defined"
             errors.add(("routes", i, "upstream"), f"expected a key of [upstreams] ({known}), got {k.shown(upstream)}")
         if r is not None:
             out.append(r)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.loader import DEFAULT_CONFIG
+from .protocol import Request, SetLimitRequest, Snapshot
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
@@ -32,8 +33,9 @@ def socket_from_config(config: str) -> Path:
     return p if p.is_absolute() else Path(config).resolve().parent / p
 
 
-def call(path: Path, request: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-    """One request line, one answer line."""
+def call(path: Path, request: Request, timeout: float = 60.0) -> dict[str, Any]:
+    """One request line, one answer line (as sent: read with care, the gateway may be
+    another version)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
@@ -49,14 +51,15 @@ def call(path: Path, request: dict[str, Any], timeout: float = 60.0) -> dict[str
         raise Unreachable(f"{path}: {exc.strerror or exc}") from None
     if not buf:
         raise Unreachable(f"{path}: connection closed without an answer")
-    return json.loads(buf)
+    answer: dict[str, Any] = json.loads(buf)
+    return answer
 
 
 def _ms(v: Any) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def print_status(s: dict[str, Any]) -> None:
+def print_status(s: Snapshot) -> None:
     lr = s.get("last_reload")
     reload_text = "never" if not lr else ("ok" if lr.get("ok") else f"FAILED: {lr.get('error')}")
     print(f"gatewayd {s.get('version')}  pid {s.get('pid')}  up {s.get('uptime_s', 0):.0f}s  "
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     cmd = args.command
     if cmd in ("status", "snapshot"):
-        request: dict[str, Any] = {"cmd": "snapshot"}
+        request: Request = {"cmd": "snapshot"}
     elif cmd == "queue":
         request = {"cmd": "queue", "route": args.route}
     elif cmd == "set-limit":
@@ -127,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         if mc is None and args.queue is None:
             print("gatewayctl: set-limit needs a concurrency and/or --queue", file=sys.stderr)
             return EXIT_USAGE
-        request = {"cmd": "set_limit", "route": args.route}
+        limits: SetLimitRequest = {"cmd": "set_limit", "route": args.route}
         if mc is not None:
-            request["max_concurrency"] = mc
+            limits["max_concurrency"] = mc
         if args.queue is not None:
-            request["max_queue"] = args.queue
+            limits["max_queue"] = args.queue
+        request = limits
     else:
         request = {"cmd": "reload", "dry_run": bool(args.dry_run)}
     try:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, TypeVar
 
 from ..stats.metrics import HistogramExport
 from ..stats.process import GcExport
 from .protocol import RouteSnapshot, Snapshot
 
 HISTOGRAM_KEYS = ("latency_histogram", "queue_wait_histogram")
+S = TypeVar("S", bound=Snapshot)
 
 
 class RouteDict(dict[str, Any]):
@@ -95,7 +96,7 @@ def route_json(r: Mapping[str, Any], histograms: bool = False) -> str:
     return to_json({k: v for k, v in r.items() if k not in HISTOGRAM_KEYS})
 
 
-def without_histograms(snap: Snapshot) -> Snapshot:
+def without_histograms(snap: S) -> S:
     """``snap`` without bucket counts (routes' and GC generations'), ``snap`` untouched."""
     out = snap.copy()
     out["routes"] = [_route_base(r) for r in snap["routes"]]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from aiohttp import web
 from prometheus_client.core import (
@@ -19,13 +18,15 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from ..http.addresses import parse_hostport
-from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS
+from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, HistogramExport
+from .protocol import Snapshot
 
 
-def _buckets(bounds: tuple[float, ...], h: dict[str, Any]) -> list[tuple[str, float]]:
-    out = []
+def _buckets(bounds: tuple[float, ...], h: HistogramExport) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
     running = 0
     for le, count in zip((*bounds, float("inf")), h["counts"], strict=True):
         running += count
@@ -33,10 +34,10 @@ def _buckets(bounds: tuple[float, ...], h: dict[str, Any]) -> list[tuple[str, fl
     return out
 
 
-class SnapshotCollector:
+class SnapshotCollector(Collector):
     """A prometheus_client collector over gatewayd snapshots (SPEC §7 names)."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
@@ -138,13 +139,13 @@ class MetricsListener:
     probes them from the node's address, which an allow list for the scraper
     would not name."""
 
-    def __init__(self, address: str, snapshot: Callable[[], dict[str, Any]],
+    def __init__(self, address: str, snapshot: Callable[[], Snapshot],
                  ready: Callable[[], bool], allow: tuple[str, ...] | None = None) -> None:
         self.address = address
         self._ready = ready
         self._allow = None if allow is None else tuple(ipaddress.ip_network(n) for n in allow)
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(SnapshotCollector(snapshot))  # type: ignore[arg-type]
+        self._registry.register(SnapshotCollector(snapshot))
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:

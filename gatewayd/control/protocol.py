@@ -148,7 +148,12 @@ class Snapshot(RuntimeInfo):
     unrouted: Counts  # answers given without a route, by status code
     upstreams: list[UpstreamSnapshot]
     workers: list[WorkerSnapshot]
-    control: NotRequired[ControlFigures]  # added by the control socket
+
+
+class ServedSnapshot(Snapshot):
+    """A snapshot as the control socket serves it: with the socket's own figures."""
+
+    control: ControlFigures
 
 
 # ----------------------------------------------------------------------------- requests
@@ -216,7 +221,7 @@ class HelloAnswer(TypedDict):
 
 class SnapshotAnswer(TypedDict):
     ok: Literal[True]
-    snapshot: Snapshot
+    snapshot: ServedSnapshot
 
 
 class ReloadDone(TypedDict):

@@ -30,6 +30,7 @@ from .protocol import (
     QueueAnswer,
     ReloadAnswer,
     Request,
+    ServedSnapshot,
     ServerStateAnswer,
     SetLimitAnswer,
     Snapshot,
@@ -148,20 +149,21 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
-    def snapshot(self, histograms: bool = False) -> Snapshot:
+    def snapshot(self, histograms: bool = False) -> ServedSnapshot:
         """The controller's snapshot plus the socket's own figures. Bucket counts
         (the bulk of a many-route snapshot) only when asked for: /metrics has them.
         The controller's route objects may be shared between snapshots: never
         modified here."""
-        snap = self.controller.snapshot()
-        snap["control"] = {"clients": self.clients, "dropped_snapshots": self.dropped_snapshots}
+        snap = self._served()
         return snap if histograms else without_histograms(snap)
 
     def build_line(self, histograms: bool = False) -> bytes:
         """``{"ok": true, "snapshot": {...}}`` and a newline, encoded now."""
-        snap = self.controller.snapshot()
-        snap["control"] = {"clients": self.clients, "dropped_snapshots": self.dropped_snapshots}
-        return snapshot_json(snap, histograms, '{"ok":true,"snapshot":', "}\n").encode()
+        return snapshot_json(self._served(), histograms, '{"ok":true,"snapshot":', "}\n").encode()
+
+    def _served(self) -> ServedSnapshot:
+        return {**self.controller.snapshot(),
+                "control": {"clients": self.clients, "dropped_snapshots": self.dropped_snapshots}}
 
     def snapshot_line(self, histograms: bool = False) -> bytes:
         """:meth:`build_line`, built once per turn of the event loop: subscribers whose

@@ -258,12 +258,12 @@ class Request:
     def as_aiohttp(self, client_max_size: int, rel_url: str | None = None) -> web.BaseRequest:
         """This request as aiohttp's, for an inline handler written against aiohttp."""
         protocol = self.protocol
-        writer = StreamWriter(protocol, protocol._loop)  # type: ignore[arg-type]
+        writer = StreamWriter(protocol, protocol._loop)
         task = asyncio.current_task()
         request = web.BaseRequest(self.message, self.content, protocol, writer,  # type: ignore[arg-type]
                                   task, protocol._loop, client_max_size=client_max_size)  # type: ignore[arg-type]
         if not self.keep_alive:
-            request._cache["keep_alive"] = False  # type: ignore[attr-defined]
+            request._cache["keep_alive"] = False
         if rel_url is not None:
             request = request.clone(rel_url=rel_url)
         return request

@@ -41,7 +41,7 @@ class TaskCounter:
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         # tasks that exist before the factory are counted once, as a base
         self.live += len(asyncio.all_tasks(loop))
-        loop.set_task_factory(self.factory)  # type: ignore[arg-type]
+        loop.set_task_factory(self.factory)
 
 
 class LoopLag:

@@ -387,7 +387,7 @@ class HttpUpstream(Upstream):
 
     # -- state, for the snapshot and the control socket ----------------------------
     def pool_export(self) -> UpstreamExport:
-        """This process's view of the servers (see upstream_state)."""
+        """This process's view of the servers (merged over workers by control.merge)."""
         now = self._now()
         return {
             "balance": self.config.balance,
