@@ -12,7 +12,7 @@
 
 Runs are derandomized (the same examples every time) and keep no database;
 ``GATEWAYD_FUZZ_EXAMPLES`` sets the number of examples per property (300).
-The configuration files have their own hypothesis test in test_config.py.
+The configuration files have their own hypothesis test in config/test_config.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from .conftest import GatewayProcess, wait_for_sync
 from .faults import RawUpstream, ThreadedUpstream
-from .test_hardening_requests import CASES, load
+from .http.test_requests import CASES, load
 
 # GATEWAYD_FUZZ_EXAMPLES=5000 for a longer run (docs/RELIABILITY.md)
 FUZZ = settings(max_examples=int(os.environ.get("GATEWAYD_FUZZ_EXAMPLES", "300")), deadline=None, derandomize=True, database=None,

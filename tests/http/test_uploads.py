@@ -13,8 +13,8 @@ import time
 import pytest
 from aiohttp import web
 
-from .conftest import raw_request, route_to, settled, status_of, wait_for
-from .faults import RawUpstream
+from ..conftest import raw_request, route_to, settled, status_of, wait_for
+from ..faults import RawUpstream
 
 pytestmark = pytest.mark.usefixtures("no_error_logged")
 
@@ -297,7 +297,7 @@ async def test_handler_reads_the_body(start_gateway, framing):
     before admission (Content-Length, chunked) or streams (over request_buffer_size)."""
     gw = await start_gateway("""
         [upstreams.h]
-        handler = "tests.test_hardening_uploads:echo_handler"
+        handler = "tests.http.test_uploads:echo_handler"
 
         [[routes]]
         name = "app"
@@ -449,7 +449,7 @@ async def test_handler_gets_a_chunked_body_that_outgrew_the_buffer(start_gateway
     body whole: what was read before admission, then the rest."""
     gw = await start_gateway("""
         [upstreams.h]
-        handler = "tests.test_hardening_uploads:outgrown_handler"
+        handler = "tests.http.test_uploads:outgrown_handler"
 
         [[routes]]
         name = "app"

@@ -9,7 +9,7 @@ import json
 
 from gatewayd.http.server import PARSER_IDLE, READS_PER_TURN, SWEEP_INTERVAL
 
-from .conftest import raw_request, wait_for
+from ..conftest import raw_request, wait_for
 
 ROUTE = """
     [upstreams.app]

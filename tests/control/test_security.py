@@ -1,8 +1,8 @@
 """Security properties of the edges (issue 9 §6) not covered elsewhere.
 
 Covered in other files: the control socket's mode under a permissive umask
-(test_control.py), upstream headers that try to inject hop-by-hop fields or
-X-Gatewayd-Reason (test_proxy.py), X-Forwarded-For appended and never trusted
+(control/test_control.py), upstream headers that try to inject hop-by-hop fields or
+X-Gatewayd-Reason (proxy/test_proxy.py), X-Forwarded-For appended and never trusted
 and its underscore spelling dropped (corpus cases x_forwarded_*).
 """
 
@@ -22,7 +22,7 @@ from gatewayd.config.loader import ConfigError, parse
 from gatewayd.control.server import ControlError, ControlServer
 from gatewayd.process.single import LocalController
 
-from .conftest import GatewayProcess, free_port, gateway_config
+from ..conftest import GatewayProcess, free_port, gateway_config
 
 NOBODY = 65534
 ROUTE = """
@@ -131,7 +131,7 @@ def test_metrics_listener_is_off_by_default(tmp_path):
     """No [metrics] listen: no Prometheus listener at all (the example binds loopback)."""
     config = parse(gateway_config(tmp_path, ROUTE).read_text(), "x.toml")
     assert config.metrics.listen is None
-    example = Path(__file__).resolve().parent.parent / "config.toml"
+    example = Path(__file__).resolve().parents[2] / "config.toml"
     text = example.read_text()
     if "[metrics]" in text:
         listen = parse(text, str(example)).metrics.listen

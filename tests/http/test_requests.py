@@ -1,5 +1,5 @@
 """Malformed and ambiguous requests (SPEC §3), data-driven: one case per file in
-``corpus/requests/``.
+``tests/corpus/requests/``.
 
 ``NAME.http`` holds the raw bytes the client sends, in a readable escaped form:
 the file's own line breaks are layout only and dropped; ``\\r``, ``\\n``,
@@ -39,10 +39,10 @@ from typing import Any
 
 import pytest
 
-from .conftest import wait_for
-from .faults import RawUpstream
+from ..conftest import wait_for
+from ..faults import RawUpstream
 
-CORPUS = Path(__file__).resolve().parent / "corpus" / "requests"
+CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "requests"
 CASES = sorted(p.stem for p in CORPUS.glob("*.http"))
 # A short head and body timeout, so the cases that end in a timeout end soon.
 SERVER = {"request_header_timeout": 1.0, "request_body_timeout": 1.0,
@@ -231,7 +231,7 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
     from gatewayd.process.single import LocalController
     from gatewayd.runtime.state import Runtime
 
-    from .conftest import control_command, free_port, gateway_config, raw_request
+    from ..conftest import control_command, free_port, gateway_config, raw_request
 
     log_path = tmp_path / "access.log"
     cfg = gateway_config(tmp_path, f"""

@@ -28,8 +28,8 @@ import pytest
 
 from gatewayd.control.prometheus import SnapshotCollector
 
-from .conftest import Upstream, free_port, raw_request, status_of
-from .faults import OK_HEAD, OK_RESPONSE, RawUpstream, UpstreamRequest, reset
+from ..conftest import Upstream, free_port, raw_request, status_of
+from ..faults import OK_HEAD, OK_RESPONSE, RawUpstream, UpstreamRequest, reset
 
 LONG = "/old/" + "a" * 8160  # with Host: example.com, a Location line of 8,197 bytes
 HOST = "example.com"

@@ -14,9 +14,9 @@ import random
 
 import pytest
 
-from . import faults
-from .conftest import free_port, raw_request, status_of, wait_for
-from .faults import RawUpstream
+from .. import faults
+from ..conftest import free_port, raw_request, status_of, wait_for
+from ..faults import RawUpstream
 
 READ_TIMEOUT = 0.5
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .conftest import ROOT, wait_for
+from ..conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 

@@ -3,7 +3,7 @@ never drain a large response, and deep pipelines. Each ends where SPEC §3 says,
 leaves nothing behind, and never costs another client its service.
 
 (Header timeout, keep-alive, a stalled body, max_connections and EMFILE have
-their own tests in test_lifecycle.py.)
+their own tests in process/test_lifecycle.py.)
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from . import faults
-from .conftest import raw_request, route_to, settled, status_of, wait_for
-from .faults import RawUpstream
+from .. import faults
+from ..conftest import raw_request, route_to, settled, status_of, wait_for
+from ..faults import RawUpstream
 
 pytestmark = pytest.mark.usefixtures("no_error_logged")
 

@@ -16,7 +16,7 @@ import time
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import ROOT, free_port, gateway_config, raw_request, wait_for, wait_for_sync
+from ..conftest import ROOT, free_port, gateway_config, raw_request, wait_for, wait_for_sync
 
 SLOW_ROUTE = """
     [upstreams.app]

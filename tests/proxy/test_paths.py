@@ -13,7 +13,7 @@ import pytest
 
 from gatewayd.config.loader import ConfigError, parse
 
-from .conftest import gateway_config, raw_request, status_of
+from ..conftest import gateway_config, raw_request, status_of
 
 pytestmark = pytest.mark.usefixtures("no_error_logged")
 

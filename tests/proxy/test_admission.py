@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 
-from .conftest import raw_request, status_of, wait_for
+from ..conftest import raw_request, status_of, wait_for
 
 ROUTE = """
     [upstreams.app]

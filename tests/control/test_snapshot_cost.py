@@ -31,7 +31,7 @@ from gatewayd.control.snapshot import (
 )
 from gatewayd.stats.metrics import LATENCY_BUCKETS, RouteStats, quantiles_ms
 
-from .conftest import wait_for
+from ..conftest import wait_for
 
 ROUTES = """
     [upstreams.app]

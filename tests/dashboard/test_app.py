@@ -19,7 +19,7 @@ from dashboard.app import DashboardApp
 from dashboard.routetable import RouteTable
 from dashboard.widgets import EventPane, HelpScreen, StatusBar, Summary, XRay
 
-from .conftest import wait_for
+from ..conftest import wait_for
 
 SIZE = (140, 40)
 

@@ -12,7 +12,7 @@ import sys
 
 import aiohttp
 
-from .conftest import ROOT, Upstream, free_port, raw_request, status_of, wait_for
+from ..conftest import ROOT, Upstream, free_port, raw_request, status_of, wait_for
 
 GET_CLOSE = b"GET /slow?ms={ms} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 

@@ -16,7 +16,7 @@ import pytest
 
 from gatewayd.process import notify
 
-from .conftest import wait_for_sync
+from ..conftest import wait_for_sync
 
 BODY = """
     [upstreams.demo]

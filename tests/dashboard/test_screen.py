@@ -4,7 +4,7 @@ The snapshots come from a fixed scenario (no socket, no clock: every time shown
 is a snapshot's, in UTC), so the picture is the same on every run. After a
 deliberate change of the screen, look at the new picture and store it:
 
-    GATEWAYD_DASHBOARD_SVG_UPDATE=1 python -m pytest tests/test_dashboard_screen.py
+    GATEWAYD_DASHBOARD_SVG_UPDATE=1 python -m pytest tests/dashboard/test_screen.py
 
 (pytest-textual-snapshot would do the same, but pins pytest < 9.)
 """
@@ -23,7 +23,7 @@ from textual.events import Key
 from dashboard.app import DashboardApp
 from dashboard.messages import Connected, QueueReceived, SnapshotReceived
 
-from .conftest import ROOT, wait_for
+from ..conftest import ROOT, wait_for
 
 REFERENCE = ROOT / "docs" / "dashboard.svg"
 T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC

@@ -1,8 +1,8 @@
 """The configuration contract (SPEC §1-2).
 
-- Every ``configs/invalid/NAME.toml`` gives exactly the lines of ``NAME.err``,
+- Every ``tests/configs/invalid/NAME.toml`` gives exactly the lines of ``NAME.err``,
   through the loader and through the real command line (exit 78); every
-  ``configs/valid/*.toml`` passes (``NAME.toml: ok``, exit 0).
+  ``tests/configs/valid/*.toml`` passes (``NAME.toml: ok``, exit 0).
 - Errors come in the file's line order, one line each:
   ``file:line: key.path: expected ..., got ...``.
 - ``--print-config`` writes every declared key and reads back as the same
@@ -34,8 +34,8 @@ from gatewayd.config.loader import ConfigError, dump, load, parse
 from gatewayd.config.positions import Locator, format_path
 from gatewayd.config.settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = Path(__file__).resolve().parent / "configs"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "tests" / "configs"
 INVALID = sorted((CONFIGS / "invalid").glob("*.toml"))
 VALID = sorted((CONFIGS / "valid").glob("*.toml"))
 EXAMPLE = ROOT / "config.toml"

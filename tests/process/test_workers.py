@@ -9,7 +9,7 @@ import socket
 
 import aiohttp
 
-from .conftest import raw_request, status_of, wait_for
+from ..conftest import raw_request, status_of, wait_for
 
 TWO = """
     [upstreams.app]
@@ -219,7 +219,7 @@ def test_boot_failure_stops_instead_of_crash_looping(gateway_process, tmp_path):
             name = "demo"
             upstream = "demo"
         """
-        from .conftest import GatewayProcess, gateway_config
+        from ..conftest import GatewayProcess, gateway_config
 
         cfg = gateway_config(tmp_path, body, port=port, workers=2)
         gp = GatewayProcess(cfg, tmp_path).start(wait_ready=False)

@@ -15,7 +15,7 @@ import time
 
 import aiohttp
 
-from .conftest import ROOT, gateway_config, raw_request, status_of, wait_for, wait_for_sync
+from ..conftest import ROOT, gateway_config, raw_request, status_of, wait_for, wait_for_sync
 
 
 def app_route(url: str, **route: object) -> str:

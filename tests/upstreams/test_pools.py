@@ -24,7 +24,7 @@ from gatewayd.upstreams.balance import Balancer
 from gatewayd.upstreams.http import UnresolvableServer
 from gatewayd.upstreams.servers import ServerState
 
-from .conftest import Upstream, free_port, wait_for
+from ..conftest import Upstream, free_port, wait_for
 
 
 def pool(servers: list[tuple[str, int]], extra: str = "", **keys: Any) -> str:

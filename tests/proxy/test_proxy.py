@@ -9,7 +9,7 @@ import socket
 import aiohttp
 from aiohttp import web
 
-from .conftest import free_port, raw_request, status_of, wait_for
+from ..conftest import free_port, raw_request, status_of, wait_for
 
 
 def one_route(url: str, **route: object) -> str:
@@ -51,7 +51,7 @@ async def test_request_headers_hop_by_hop_and_forwarded(start_gateway, upstream)
 async def test_header_names_go_upstream_as_the_client_wrote_them(start_gateway):
     """Names are passed on byte for byte, in the client's order and case (field names
     are case-insensitive; nginx does the same): only the gateway's own fields are added."""
-    from .faults import RawUpstream
+    from ..faults import RawUpstream
 
     relay = await RawUpstream().start()
     try:

@@ -12,10 +12,10 @@ import asyncio
 
 import pytest
 
-from . import faults
-from .conftest import status_of, wait_for
-from .faults import RawUpstream, Respond
-from .test_hardening_upstreams import READ_TIMEOUT, Baseline, _reason, route_to
+from .. import faults
+from ..conftest import status_of, wait_for
+from ..faults import RawUpstream, Respond
+from .test_failures import READ_TIMEOUT, Baseline, _reason, route_to
 
 
 def warm_then(fault: Respond) -> Respond:
