@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -28,13 +27,9 @@ from gatewayd.control.server import ControlServer
 from gatewayd.process.single import LocalController
 from gatewayd.runtime.state import Runtime
 
+from .builders import free_port, gateway_config
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
@@ -165,22 +160,6 @@ async def control_command(path: Path, obj: dict[str, Any]) -> dict[str, Any]:
         return json.loads(await reader.readline())
     finally:
         writer.close()
-
-
-def gateway_config(tmp_path: Path, body: str, port: int | None = None, **server: Any) -> Path:
-    """Write a config file: ``body`` holds upstreams and routes; [server], [control]
-    and [log] are filled in with a free port, a socket in ``tmp_path`` and no access log."""
-    port = port or free_port()
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in server.items())
-    text = (
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\n{extra}\n'
-        f'[control]\nsocket = "gw.sock"\n\n'
-        f'[log]\naccess_log = "off"\nlevel = "warning"\n\n'
-        + textwrap.dedent(body)
-    )
-    path = tmp_path / "gatewayd.toml"
-    path.write_text(text)
-    return path
 
 
 @pytest.fixture
@@ -330,21 +309,6 @@ def no_error_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
     errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
-
-
-def route_to(url: str, **route: object) -> str:
-    """One upstream ``app`` with ``url`` and one route ``app`` to it, with ``route``'s keys."""
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in route.items())
-    return f"""
-        [upstreams.app]
-        servers = ["{url}"]
-        read_timeout = 30.0
-
-        [[routes]]
-        name = "app"
-        upstream = "app"
-        {extra}
-    """
 
 
 async def settled(gw: Any) -> None:

@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from .builders import app_route
 from .conftest import GatewayProcess, wait_for_sync
 from .faults import RawUpstream, ThreadedUpstream
 from .http.test_requests import CASES, load
@@ -70,16 +71,9 @@ def live(gateway_process) -> Iterator[Live]:
     upstream = ThreadedUpstream()
     relay = upstream.start()
     try:
-        gp = gateway_process(f"""
-            [upstreams.app]
-            servers = ["{relay.url}"]
-            read_timeout = 5.0
-
-            [[routes]]
-            name = "app"
-            upstream = "app"
-        """, request_header_timeout=0.5, request_body_timeout=0.5, request_body_min_rate=1_000_000,
-            keepalive_timeout=0.5, max_body_size=100_000)
+        gp = gateway_process(app_route(relay.url, {"read_timeout": 5.0}), request_header_timeout=0.5,
+                             request_body_timeout=0.5, request_body_min_rate=1_000_000, keepalive_timeout=0.5,
+                             max_body_size=100_000)
         yield Live(gp, relay)
     finally:
         upstream.stop()

@@ -16,19 +16,12 @@ import time
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..conftest import ROOT, free_port, gateway_config, raw_request, wait_for, wait_for_sync
+from ..builders import app_route, free_port, gateway_config, handler_route
+from ..conftest import ROOT, raw_request, wait_for, wait_for_sync
 
-SLOW_ROUTE = """
-    [upstreams.app]
-    servers = ["{url}"]
 
-    [[routes]]
-    name = "app"
-    upstream = "app"
-    max_concurrency = 2
-    max_queue = 10
-    queue_timeout = 30
-"""
+def slow_route(url: str) -> str:
+    return app_route(url, max_concurrency=2, max_queue=10, queue_timeout=30)
 
 
 async def _hold(port: int, n: int, ms: int = 3000) -> list[asyncio.StreamWriter]:
@@ -44,7 +37,7 @@ async def _hold(port: int, n: int, ms: int = 3000) -> list[asyncio.StreamWriter]
 async def test_snapshot_fields_with_known_load(start_gateway, upstream):
     """Two requests in flight and three queued: the snapshot says exactly that, with
     every SPEC §5 field present and typed."""
-    gw = await start_gateway(SLOW_ROUTE.format(url=upstream.url))
+    gw = await start_gateway(slow_route(upstream.url))
     gate = gw.runtime.table.routes["app"].gate
     writers = await _hold(gw.port, 2)
     await wait_for(lambda: gate.in_flight == 2)
@@ -78,7 +71,7 @@ async def test_snapshot_fields_with_known_load(start_gateway, upstream):
 
 
 async def test_queue_xray_oldest_first_and_ages_grow(start_gateway, upstream):
-    gw = await start_gateway(SLOW_ROUTE.format(url=upstream.url))
+    gw = await start_gateway(slow_route(upstream.url))
     gate = gw.runtime.table.routes["app"].gate
     writers = await _hold(gw.port, 2)
     await wait_for(lambda: gate.in_flight == 2)
@@ -101,7 +94,7 @@ async def test_queue_xray_oldest_first_and_ages_grow(start_gateway, upstream):
 
 
 async def test_malformed_and_oversized_lines(start_gateway, upstream):
-    gw = await start_gateway(SLOW_ROUTE.format(url=upstream.url))
+    gw = await start_gateway(slow_route(upstream.url))
     reader, writer = await asyncio.open_unix_connection(str(gw.socket_path))
 
     async def ask(line: bytes) -> dict:
@@ -126,7 +119,7 @@ async def test_malformed_and_oversized_lines(start_gateway, upstream):
 
 
 async def test_subscribe_cadence_and_slow_subscriber(start_gateway, upstream):
-    gw = await start_gateway(SLOW_ROUTE.format(url=upstream.url))
+    gw = await start_gateway(slow_route(upstream.url))
     reader, writer = await asyncio.open_unix_connection(str(gw.socket_path))
     writer.write(b'{"cmd": "subscribe", "interval": 0.1}\n')
     await writer.drain()
@@ -151,7 +144,7 @@ async def test_subscribe_cadence_and_slow_subscriber(start_gateway, upstream):
 
 
 async def test_gc_pauses_are_recorded(start_gateway, upstream):
-    gw = await start_gateway(SLOW_ROUTE.format(url=upstream.url))
+    gw = await start_gateway(slow_route(upstream.url))
     before = gw.runtime.gc.count[2]
     gc.collect()
     after = gw.runtime.gc
@@ -164,7 +157,7 @@ async def test_gc_pauses_are_recorded(start_gateway, upstream):
 
 
 async def test_loop_lag_sees_a_blocked_loop(start_gateway, upstream):
-    gw = await start_gateway(SLOW_ROUTE.format(url=upstream.url))
+    gw = await start_gateway(slow_route(upstream.url))
     await asyncio.sleep(0.12)
     time.sleep(0.3)  # block the loop on purpose
     await wait_for(lambda: gw.runtime.lag.max > 0.2, timeout=1)
@@ -175,7 +168,7 @@ async def test_loop_lag_sees_a_blocked_loop(start_gateway, upstream):
 async def test_socket_mode_under_permissive_umask(tmp_path, start_gateway, upstream):
     old = os.umask(0)
     try:
-        gw = await start_gateway(SLOW_ROUTE.format(url=upstream.url))
+        gw = await start_gateway(slow_route(upstream.url))
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(gw.socket_path).st_mode) == 0o600
@@ -197,14 +190,7 @@ def _answers(path) -> bool:
 
 
 def test_stale_socket_replaced_live_socket_refused(tmp_path):
-    body = """
-        [upstreams.demo]
-        handler = "gatewayd.handlers:simulated_io"
-
-        [[routes]]
-        name = "demo"
-        upstream = "demo"
-    """
+    body = handler_route()
     cfg = gateway_config(tmp_path, body)
     sock_path = tmp_path / "gw.sock"
     stale = socket.socket(socket.AF_UNIX)
@@ -230,7 +216,7 @@ def test_stale_socket_replaced_live_socket_refused(tmp_path):
 
 async def test_prometheus_and_health(tmp_path, upstream):
     mport = free_port()
-    cfg = gateway_config(tmp_path, SLOW_ROUTE.format(url=upstream.url))
+    cfg = gateway_config(tmp_path, slow_route(upstream.url))
     cfg.write_text(cfg.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{mport}"\n')
     port = int(cfg.read_text().split('127.0.0.1:')[1].split('"')[0])
     proc = _run(cfg, tmp_path, "gw")
@@ -277,7 +263,7 @@ async def test_prometheus_and_health(tmp_path, upstream):
 
 
 async def test_gatewayctl(start_gateway, upstream):
-    gw = await start_gateway(SLOW_ROUTE.format(url=upstream.url))
+    gw = await start_gateway(slow_route(upstream.url))
     gate = gw.runtime.table.routes["app"].gate
     writers = await _hold(gw.port, 3, ms=20000)
     await wait_for(lambda: len(gate.waiters) == 1)

@@ -22,17 +22,11 @@ from gatewayd.config.loader import ConfigError, parse
 from gatewayd.control.server import ControlError, ControlServer
 from gatewayd.process.single import LocalController
 
-from ..conftest import GatewayProcess, free_port, gateway_config
+from ..builders import free_port, gateway_config, handler_route
+from ..conftest import GatewayProcess
 
 NOBODY = 65534
-ROUTE = """
-    [upstreams.demo]
-    handler = "gatewayd.handlers:simulated_io"
-
-    [[routes]]
-    name = "demo"
-    upstream = "demo"
-"""
+ROUTE = handler_route()
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from aiohttp import web
 from gatewayd.http.client import H1Pool, Response
 from gatewayd.proxy.exchange import UpstreamFailure
 
-from ..conftest import free_port, wait_for
+from ..builders import free_port
+from ..conftest import wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 
+from ..builders import app_route
 from ..conftest import wait_for
 from ..faults import RawUpstream
 
@@ -162,15 +163,7 @@ async def test_request_case(name: str, start_gateway) -> None:
     raw, expect = load(name)
     relay = await RawUpstream().start()
     try:
-        gw = await start_gateway(f"""
-            [upstreams.app]
-            servers = ["{relay.url}"]
-            read_timeout = 3.0
-
-            [[routes]]
-            name = "app"
-            upstream = "app"
-        """, **{**SERVER, **expect.get("server", {})})
+        gw = await start_gateway(app_route(relay.url, {"read_timeout": 3.0}), **{**SERVER, **expect.get("server", {})})
         allowed = statuses_allowed(expect)
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(raw)
@@ -231,18 +224,11 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
     from gatewayd.process.single import LocalController
     from gatewayd.runtime.state import Runtime
 
-    from ..conftest import control_command, free_port, gateway_config, raw_request
+    from ..builders import free_port, gateway_config
+    from ..conftest import control_command, raw_request
 
     log_path = tmp_path / "access.log"
-    cfg = gateway_config(tmp_path, f"""
-        [upstreams.app]
-        servers = ["{upstream.url}"]
-
-        [[routes]]
-        name = "app"
-        upstream = "app"
-        host = "app.example"
-    """, request_header_timeout=0.5)
+    cfg = gateway_config(tmp_path, app_route(upstream.url, host="app.example"), request_header_timeout=0.5)
     mport = free_port()
     cfg.write_text(cfg.read_text().replace(
         'access_log = "off"', f'access_log = "{log_path}"\naccess_format = "{fmt}"')

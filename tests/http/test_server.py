@@ -9,16 +9,8 @@ import json
 
 from gatewayd.http.server import PARSER_IDLE, READS_PER_TURN, SWEEP_INTERVAL
 
+from ..builders import app_route
 from ..conftest import raw_request, wait_for
-
-ROUTE = """
-    [upstreams.app]
-    servers = ["{url}"]
-
-    [[routes]]
-    name = "app"
-    upstream = "app"
-"""
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -38,7 +30,7 @@ def only_connection(gw):
 async def test_idle_connection_drops_its_parser_and_serves_again(start_gateway, upstream):
     """1. a keep-alive request is answered 2. idle for PARSER_IDLE, the connection's
     parser is dropped 3. the next request on it is parsed by a new one and answered."""
-    gw = await start_gateway(ROUTE.format(url=upstream.url), keepalive_timeout=60)
+    gw = await start_gateway(app_route(upstream.url), keepalive_timeout=60)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
         writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -59,7 +51,7 @@ async def test_partial_head_keeps_its_parser_while_idle(start_gateway, upstream)
     first is answered and the connection sits idle for longer than PARSER_IDLE 3. the
     parser holding the partial head is kept 4. the rest of the head completes the
     second request, which is answered and forwarded as sent."""
-    gw = await start_gateway(ROUTE.format(url=upstream.url), keepalive_timeout=60,
+    gw = await start_gateway(app_route(upstream.url), keepalive_timeout=60,
                              request_header_timeout=30)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
@@ -83,7 +75,7 @@ async def test_burst_of_clients_is_answered_across_turns(start_gateway, upstream
     """1. 8 x READS_PER_TURN clients send a request in the same loop turn 2. the
     reads beyond READS_PER_TURN are put off to later turns (counted) 3. every client
     gets its own answer: none lost, none mixed up."""
-    gw = await start_gateway(ROUTE.format(url=upstream.url), keepalive_timeout=60)
+    gw = await start_gateway(app_route(upstream.url), keepalive_timeout=60)
     clients = 8 * READS_PER_TURN
     conns = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(clients)]
     server = gw.runtime.server
@@ -108,7 +100,7 @@ async def test_refused_requests_are_counted_in_the_snapshot(start_gateway, upstr
     """1. a request the parser refuses (two Content-Lengths) gets 400 bad_request and
     its connection closes 2. the worker's bad_requests in the snapshot counts it 3. it
     never reached the upstream."""
-    gw = await start_gateway(ROUTE.format(url=upstream.url))
+    gw = await start_gateway(app_route(upstream.url))
     out = await raw_request(gw.port, b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
                                      b"Content-Length: 2\r\n\r\nab")
     assert out.startswith(b"HTTP/1.1 400 ") and b"X-Gatewayd-Reason: bad_request" in out
@@ -122,7 +114,7 @@ async def test_held_output_keeps_the_order_of_answers(start_gateway, upstream):
     write carries two proxied GETs, a HEAD and a request the gateway refuses at once
     (400) 2. the answers arrive in request order, the 400 last, whole 3. the
     connection closes after the 400 (nothing held is lost to the close)."""
-    gw = await start_gateway(ROUTE.format(url=upstream.url), keepalive_timeout=60)
+    gw = await start_gateway(app_route(upstream.url), keepalive_timeout=60)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
         writer.write(b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\n"

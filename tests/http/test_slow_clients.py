@@ -17,7 +17,8 @@ import time
 import pytest
 
 from .. import faults
-from ..conftest import raw_request, route_to, settled, status_of, wait_for
+from ..builders import route_to
+from ..conftest import raw_request, settled, status_of, wait_for
 from ..faults import RawUpstream
 
 pytestmark = pytest.mark.usefixtures("no_error_logged")

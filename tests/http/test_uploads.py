@@ -13,7 +13,8 @@ import time
 import pytest
 from aiohttp import web
 
-from ..conftest import raw_request, route_to, settled, status_of, wait_for
+from ..builders import route_to, route_toml, upstream_toml
+from ..conftest import raw_request, settled, status_of, wait_for
 from ..faults import RawUpstream
 
 pytestmark = pytest.mark.usefixtures("no_error_logged")
@@ -295,14 +296,8 @@ async def echo_handler(request: web.BaseRequest) -> web.StreamResponse:
 async def test_handler_reads_the_body(start_gateway, framing):
     """An inline aiohttp handler reads request.content whether the body was buffered
     before admission (Content-Length, chunked) or streams (over request_buffer_size)."""
-    gw = await start_gateway("""
-        [upstreams.h]
-        handler = "tests.http.test_uploads:echo_handler"
-
-        [[routes]]
-        name = "app"
-        upstream = "h"
-    """, request_buffer_size=1000)
+    gw = await start_gateway(upstream_toml("h", handler="tests.http.test_uploads:echo_handler")
+                             + route_toml("app", "h"), request_buffer_size=1000)
     size = 500 if framing == "buffered" else 5000
     body = b"abcdefgh" + b"z" * (size - 8)
     if framing == "chunked":
@@ -361,16 +356,8 @@ async def test_buffer_memory_is_divided_among_workers(start_gateway, upstream):
 async def test_process_handler_gets_the_body(start_gateway, framing):
     """A process-pool handler gets the whole body as bytes, whether it was buffered
     before admission (Content-Length, chunked) or streamed (over request_buffer_size)."""
-    gw = await start_gateway("""
-        [upstreams.h]
-        handler = "gatewayd.handlers:cpu_hash"
-        executor = "process"
-        processes = 1
-
-        [[routes]]
-        name = "app"
-        upstream = "h"
-    """, request_buffer_size=1000)
+    gw = await start_gateway(upstream_toml("h", handler="gatewayd.handlers:cpu_hash", executor="process", processes=1)
+                             + route_toml("app", "h"), request_buffer_size=1000)
     size = 500 if framing == "buffered" else 5000
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     if framing == "chunked":
@@ -447,14 +434,8 @@ async def outgrown_handler(request: web.BaseRequest) -> web.StreamResponse:
 async def test_handler_gets_a_chunked_body_that_outgrew_the_buffer(start_gateway):
     """An inline handler behind request_buffer_memory = 64 KiB gets a 300 kB chunked
     body whole: what was read before admission, then the rest."""
-    gw = await start_gateway("""
-        [upstreams.h]
-        handler = "tests.http.test_uploads:outgrown_handler"
-
-        [[routes]]
-        name = "app"
-        upstream = "h"
-    """, request_buffer_memory=65536)
+    gw = await start_gateway(upstream_toml("h", handler="tests.http.test_uploads:outgrown_handler")
+                             + route_toml("app", "h"), request_buffer_memory=65536)
     payload = bytes(range(256)) * 1200
     req = CHUNKED_HEAD + b"Connection: close\r\n\r\n" + b"".join(
         b"%x\r\n%s\r\n" % (len(payload[i:i + 30000]), payload[i:i + 30000])

@@ -15,20 +15,8 @@ import time
 
 import aiohttp
 
-from ..conftest import ROOT, gateway_config, raw_request, status_of, wait_for, wait_for_sync
-
-
-def app_route(url: str, **route: object) -> str:
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in route.items())
-    return f"""
-        [upstreams.app]
-        servers = ["{url}"]
-
-        [[routes]]
-        name = "app"
-        upstream = "app"
-        {extra}
-    """
+from ..builders import app_route, gateway_config, handler_route, route_toml, upstream_toml
+from ..conftest import ROOT, raw_request, status_of, wait_for, wait_for_sync
 
 
 async def test_request_header_timeout(start_gateway, upstream):
@@ -96,27 +84,11 @@ async def test_max_connections_pauses_accepting(start_gateway, upstream):
 
 async def test_process_executor_keeps_loop_free(start_gateway, upstream):
     """CPU-heavy jobs run in the process pool: another route's loop lag stays low."""
-    gw = await start_gateway(f"""
-        [upstreams.cpu]
-        handler = "gatewayd.handlers:cpu_hash"
-        executor = "process"
-        processes = 2
-
-        [upstreams.app]
-        servers = ["{upstream.url}"]
-
-        [[routes]]
-        name = "cpu"
-        path_prefix = "/cpu"
-        upstream = "cpu"
-        max_concurrency = 2
-        queue_timeout = 60
-
-        [[routes]]
-        name = "app"
-        path_prefix = "/"
-        upstream = "app"
-    """)
+    gw = await start_gateway(
+        upstream_toml("cpu", handler="gatewayd.handlers:cpu_hash", executor="process", processes=2)
+        + upstream_toml("app", servers=[upstream.url])
+        + route_toml("cpu", "cpu", path_prefix="/cpu", max_concurrency=2, queue_timeout=60)
+        + route_toml("app", "app", path_prefix="/"))
     async with aiohttp.ClientSession() as s:
         async with s.get(gw.url + "/cpu?n=10") as r:  # warm the pool
             assert r.status == 200
@@ -265,14 +237,7 @@ def test_exit_status_when_port_in_use(tmp_path):
     blocker.listen(1)
     port = blocker.getsockname()[1]
     try:
-        cfg = gateway_config(tmp_path, """
-            [upstreams.demo]
-            handler = "gatewayd.handlers:simulated_io"
-
-            [[routes]]
-            name = "demo"
-            upstream = "demo"
-        """, port=port)
+        cfg = gateway_config(tmp_path, handler_route(), port=port)
         proc = _start(cfg, tmp_path)
         assert proc.wait(15) == 1
         err = (tmp_path / "err").read_text()

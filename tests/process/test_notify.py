@@ -16,17 +16,10 @@ import pytest
 
 from gatewayd.process import notify
 
+from ..builders import handler_route
 from ..conftest import wait_for_sync
 
-BODY = """
-    [upstreams.demo]
-    handler = "gatewayd.handlers:simulated_io"
-
-    [[routes]]
-    name = "demo"
-    upstream = "demo"
-    max_concurrency = 10
-"""
+BODY = handler_route(max_concurrency=10)
 
 
 class NotifySocket:

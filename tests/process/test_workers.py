@@ -9,19 +9,13 @@ import socket
 
 import aiohttp
 
+from ..builders import app_route, gateway_config, handler_route
 from ..conftest import raw_request, status_of, wait_for
 
-TWO = """
-    [upstreams.app]
-    servers = ["{url}"]
 
-    [[routes]]
-    name = "app"
-    upstream = "app"
-    max_concurrency = {mc}
-    max_queue = 50
-    queue_timeout = 10
-"""
+def app(url: str, mc: int) -> str:
+    """Route ``app`` with ``max_concurrency = mc`` (shared among the workers)."""
+    return app_route(url, max_concurrency=mc, max_queue=50, queue_timeout=10)
 
 
 def port_of(gp) -> int:
@@ -44,7 +38,7 @@ async def fresh_get(port: int, path: str = "/ok") -> int:
 async def test_two_workers_serve_and_snapshot_sums(gateway_process, upstream):
     """1. workers = 2: the master has two worker children 2. new connections spread over
     both 3. the snapshot's totals are the sums of the workers' figures."""
-    gp = gateway_process(TWO.format(url=upstream.url, mc=400), workers=2)
+    gp = gateway_process(app(upstream.url, 400), workers=2)
     port = port_of(gp)
     s = await asyncio.to_thread(wait_for_workers, gp, 2)
     pids = {w["pid"] for w in s["workers"]}
@@ -85,7 +79,7 @@ def wait_for_workers(gp, n: int) -> dict:
 async def test_killed_worker_is_replaced_and_counters_kept(gateway_process, upstream):
     """kill -9 of a worker: replaced within 5 s, requests keep succeeding, and the
     totals keep what the dead worker had counted."""
-    gp = gateway_process(TWO.format(url=upstream.url, mc=400), workers=2)
+    gp = gateway_process(app(upstream.url, 400), workers=2)
     port = port_of(gp)
     await asyncio.to_thread(wait_for_workers, gp, 2)
     assert await asyncio.gather(*(fresh_get(port) for _ in range(100))) == [200] * 100
@@ -127,7 +121,7 @@ async def test_killed_worker_is_replaced_and_counters_kept(gateway_process, upst
 async def test_limits_are_gateway_wide(gateway_process, upstream):
     """max_concurrency = 3 over two workers: never more than 3 at the upstream; set_limit
     reaches both workers."""
-    gp = gateway_process(TWO.format(url=upstream.url, mc=3), workers=2)
+    gp = gateway_process(app(upstream.url, 3), workers=2)
     port = port_of(gp)
     await asyncio.to_thread(wait_for_workers, gp, 2)
     tasks = [asyncio.create_task(fresh_get(port, "/slow?ms=600")) for _ in range(12)]
@@ -149,7 +143,7 @@ async def test_limits_are_gateway_wide(gateway_process, upstream):
 
 
 async def test_reload_under_load_with_two_workers(gateway_process, upstream):
-    gp = gateway_process(TWO.format(url=upstream.url, mc=40), workers=2)
+    gp = gateway_process(app(upstream.url, 40), workers=2)
     port = port_of(gp)
     await asyncio.to_thread(wait_for_workers, gp, 2)
     head = gp.config_path.read_text().split("[upstreams.", 1)[0]
@@ -174,11 +168,11 @@ async def test_reload_under_load_with_two_workers(gateway_process, upstream):
         long = asyncio.create_task(fresh_get(port, "/slow?ms=1500"))
         await wait_for(lambda: done > 50, timeout=10)
         for i in range(5):
-            gp.config_path.write_text(head + TWO.format(url=upstream.url, mc=41 + i))
+            gp.config_path.write_text(head + app(upstream.url, 41 + i))
             answer = await asyncio.to_thread(gp.command, {"cmd": "reload"})
             assert answer["ok"], answer
             assert answer["changes"] == [f"route app: max_concurrency {40 + i} -> {41 + i}"]
-        gp.config_path.write_text(head + TWO.format(url=upstream.url, mc=0))
+        gp.config_path.write_text(head + app(upstream.url, 0))
         bad = await asyncio.to_thread(gp.command, {"cmd": "reload"})
         assert bad["ok"] is False and "max_concurrency" in bad["error"]
         stop.set()
@@ -191,7 +185,7 @@ async def test_reload_under_load_with_two_workers(gateway_process, upstream):
 
 
 async def test_sigterm_drains_both_workers(gateway_process, upstream):
-    gp = gateway_process(TWO.format(url=upstream.url, mc=40), workers=2, shutdown_timeout=10)  # 20 a worker: any split of 16 fits
+    gp = gateway_process(app(upstream.url, 40), workers=2, shutdown_timeout=10)  # 20 a worker: any split of 16 fits
     port = port_of(gp)
     await asyncio.to_thread(wait_for_workers, gp, 2)
     # enough slow requests on fresh connections that both workers hold some
@@ -211,15 +205,8 @@ def test_boot_failure_stops_instead_of_crash_looping(gateway_process, tmp_path):
     blocker.listen(1)
     port = blocker.getsockname()[1]
     try:
-        body = """
-            [upstreams.demo]
-            handler = "gatewayd.handlers:simulated_io"
-
-            [[routes]]
-            name = "demo"
-            upstream = "demo"
-        """
-        from ..conftest import GatewayProcess, gateway_config
+        body = handler_route()
+        from ..conftest import GatewayProcess
 
         cfg = gateway_config(tmp_path, body, port=port, workers=2)
         gp = GatewayProcess(cfg, tmp_path).start(wait_ready=False)
@@ -248,7 +235,7 @@ async def test_stuck_worker_is_killed_and_replaced(gateway_process, upstream):
     and the new worker takes its share 5. the snapshot drops the stuck worker and keeps
     the counters it had reported, once."""
     timeout = 3.0  # short, yet far above a healthy worker's 0.25 s push interval on a busy machine
-    gp = gateway_process(TWO.format(url=upstream.url, mc=400), workers=2, worker_timeout=timeout)
+    gp = gateway_process(app(upstream.url, 400), workers=2, worker_timeout=timeout)
     port = port_of(gp)
     s = await asyncio.to_thread(wait_for_workers, gp, 2)
     victim, healthy = (w["pid"] for w in s["workers"])
@@ -338,7 +325,7 @@ async def test_short_worker_timeout_spares_healthy_workers(gateway_process, upst
     """worker_timeout below the usual 0.25 s between a worker's figures: healthy workers
     report often enough (a quarter of worker_timeout) and are never killed."""
     timeout = 0.2
-    gp = gateway_process(TWO.format(url=upstream.url, mc=400), workers=2, worker_timeout=timeout)
+    gp = gateway_process(app(upstream.url, 400), workers=2, worker_timeout=timeout)
     port = port_of(gp)
     s = await asyncio.to_thread(wait_for_workers, gp, 2)
     pids = {w["pid"] for w in s["workers"]}

@@ -8,23 +8,12 @@ import time
 
 import aiohttp
 
+from ..builders import app_route
 from ..conftest import raw_request, status_of, wait_for
-
-ROUTE = """
-    [upstreams.app]
-    servers = ["{url}"]
-
-    [[routes]]
-    name = "app"
-    upstream = "app"
-    max_concurrency = {mc}
-    max_queue = {mq}
-    queue_timeout = {qt}
-"""
 
 
 def route(url: str, mc: int, mq: int, qt: float) -> str:
-    return ROUTE.format(url=url, mc=mc, mq=mq, qt=qt)
+    return app_route(url, max_concurrency=mc, max_queue=mq, queue_timeout=qt)
 
 
 async def test_two_served_two_timed_out_six_shed(start_gateway, upstream):

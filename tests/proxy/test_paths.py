@@ -13,7 +13,8 @@ import pytest
 
 from gatewayd.config.loader import ConfigError, parse
 
-from ..conftest import gateway_config, raw_request, status_of
+from ..builders import gateway_config
+from ..conftest import raw_request, status_of
 
 pytestmark = pytest.mark.usefixtures("no_error_logged")
 

@@ -9,22 +9,12 @@ import socket
 import aiohttp
 from aiohttp import web
 
-from ..conftest import free_port, raw_request, status_of, wait_for
+from ..builders import app_route, free_port, handler_route
+from ..conftest import raw_request, status_of, wait_for
 
 
 def one_route(url: str, **route: object) -> str:
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in route.items())
-    return f"""
-        [upstreams.app]
-        servers = ["{url}"]
-        read_timeout = 1.0
-        connect_timeout = 1.0
-
-        [[routes]]
-        name = "app"
-        upstream = "app"
-        {extra}
-    """
+    return app_route(url, {"read_timeout": 1.0, "connect_timeout": 1.0}, **route)
 
 
 async def test_request_headers_hop_by_hop_and_forwarded(start_gateway, upstream):
@@ -256,14 +246,7 @@ async def test_upstream_reset_before_head_is_502(start_gateway):
 
 
 async def test_handler_upstream_and_its_cancellation(start_gateway):
-    gw = await start_gateway("""
-        [upstreams.demo]
-        handler = "gatewayd.handlers:simulated_io"
-
-        [[routes]]
-        name = "demo"
-        upstream = "demo"
-    """)
+    gw = await start_gateway(handler_route())
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/") as r:
         assert r.status == 200
         assert await r.text() == "hello from gatewayd simulated_io\n"

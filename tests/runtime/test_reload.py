@@ -12,27 +12,15 @@ import sys
 
 import aiohttp
 
-from ..conftest import ROOT, Upstream, free_port, raw_request, status_of, wait_for
+from ..builders import free_port, handler_route, route_toml, upstream_toml
+from ..conftest import ROOT, Upstream, raw_request, status_of, wait_for
 
 GET_CLOSE = b"GET /slow?ms={ms} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
 def two_upstreams(a: str, b: str, use: str = "a", mc: int = 10, mq: int = 10, extra_route: str = "") -> str:
-    return f"""
-        [upstreams.a]
-        servers = ["{a}"]
-
-        [upstreams.b]
-        servers = ["{b}"]
-
-        [[routes]]
-        name = "app"
-        upstream = "{use}"
-        max_concurrency = {mc}
-        max_queue = {mq}
-        queue_timeout = 10
-        {extra_route}
-    """
+    return (upstream_toml("a", servers=[a]) + upstream_toml("b", servers=[b])
+            + route_toml("app", use, max_concurrency=mc, max_queue=mq, queue_timeout=10) + extra_route)
 
 
 def rewrite(gw, body: str) -> None:
@@ -124,12 +112,7 @@ async def test_limits_change_in_place_and_set_limit_lasts_until_reload(start_gat
 
 
 async def test_removed_route_drains(start_gateway, upstream):
-    extra = """
-        [[routes]]
-        name = "old"
-        path_prefix = "/slow"
-        upstream = "b"
-    """
+    extra = route_toml("old", "b", path_prefix="/slow")
     gw = await start_gateway(two_upstreams(upstream.url, upstream.url, extra_route=extra))
     inflight = asyncio.create_task(get(gw.port, 800))
     await wait_for(lambda: upstream.active == 1)
@@ -241,15 +224,7 @@ async def test_sighup_under_load_loses_nothing(gateway_process, upstream):
 
 
 def test_gatewayctl_reload_outcome(gateway_process, tmp_path):
-    body = """
-        [upstreams.demo]
-        handler = "gatewayd.handlers:simulated_io"
-
-        [[routes]]
-        name = "demo"
-        upstream = "demo"
-        max_concurrency = 10
-    """
+    body = handler_route(max_concurrency=10)
     gp = gateway_process(body)
 
     def ctl(*args: str) -> subprocess.CompletedProcess[str]:

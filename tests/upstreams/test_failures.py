@@ -15,7 +15,8 @@ import random
 import pytest
 
 from .. import faults
-from ..conftest import free_port, raw_request, status_of, wait_for
+from ..builders import app_route, free_port
+from ..conftest import raw_request, status_of, wait_for
 from ..faults import RawUpstream
 
 READ_TIMEOUT = 0.5
@@ -25,18 +26,9 @@ pytestmark = pytest.mark.usefixtures("no_error_logged")
 
 
 def route_to(url: str, max_fails: int = 0, retries: int = 0) -> str:
-    return f"""
-        [upstreams.app]
-        servers = ["{url}"]
-        read_timeout = {READ_TIMEOUT}
-        connect_timeout = 1.0
-        max_fails = {max_fails}  # 0: the failing server is never ejected, each failure is seen
-        retries = {retries}
-
-        [[routes]]
-        name = "app"
-        upstream = "app"
-    """
+    # max_fails 0: the failing server is never ejected, each failure is seen
+    return app_route(url, {"read_timeout": READ_TIMEOUT, "connect_timeout": 1.0,
+                           "max_fails": max_fails, "retries": retries})
 
 
 def open_fds() -> int:

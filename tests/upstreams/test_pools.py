@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import random
 import signal
@@ -24,15 +23,15 @@ from gatewayd.upstreams.balance import Balancer
 from gatewayd.upstreams.http import UnresolvableServer
 from gatewayd.upstreams.servers import ServerState
 
-from ..conftest import Upstream, free_port, wait_for
+from ..builders import free_port, route_toml, upstream_toml
+from ..conftest import Upstream, wait_for
 
 
-def pool(servers: list[tuple[str, int]], extra: str = "", **keys: Any) -> str:
+def pool(servers: list[tuple[str, int]], **keys: Any) -> str:
     """A config body: upstream "app" over ``servers`` (url, weight), route "app" to it."""
-    items = ", ".join(f'{{url = "{url}", weight = {w}}}' for url, w in servers)
-    lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
-    return (f"[upstreams.app]\nservers = [{items}]\nconnect_timeout = 0.5\nread_timeout = 2.0\n"
-            f"{lines}{extra}\n\n[[routes]]\nname = \"app\"\nupstream = \"app\"\nmax_concurrency = 200\n")
+    items = [{"url": url, "weight": w} for url, w in servers]
+    return (upstream_toml("app", servers=items, connect_timeout=0.5, read_timeout=2.0, **keys)
+            + route_toml("app", "app", max_concurrency=200))
 
 
 async def started(n: int, cls: type[Upstream] = Upstream) -> list[Upstream]:
@@ -276,8 +275,8 @@ async def test_active_check_marks_a_server_down_and_up(start_gateway):
     gets no requests 2. it answers 200 again: after two probes it is up and serves."""
     ups = await started(2, Checked)
     try:
-        check = '\nhealth_check = {path = "/health", interval = 0.05, timeout = 1, healthy = 2, unhealthy = 2}'
-        gw = await start_gateway(pool([(u.url, 1) for u in ups], extra=check))
+        check = {"path": "/health", "interval": 0.05, "timeout": 1, "healthy": 2, "unhealthy": 2}
+        gw = await start_gateway(pool([(u.url, 1) for u in ups], health_check=check))
         await wait_for(lambda: all(u.probes >= 2 for u in ups))
         assert [s["state"] for s in await servers_of(gw)] == ["up", "up"]
 
@@ -467,7 +466,7 @@ async def test_hand_set_state_lasts_until_the_upstream_changes(start_gateway, th
     gw = await start_gateway(pool([(u.url, 1) for u in three]))
     await gw.command({"cmd": "server_state", "upstream": "app", "server": three[0].url, "state": "down"})
     text = gw.config_path.read_text()
-    gw.config_path.write_text(text + "\n[[routes]]\nname = \"other\"\npath_prefix = \"/other\"\nupstream = \"app\"\n")
+    gw.config_path.write_text(text + route_toml("other", "app", path_prefix="/other"))
     assert (await gw.command({"cmd": "reload"}))["ok"]
     assert (await servers_of(gw))[0]["state"] == "down"  # the upstream did not change
     gw.config_path.write_text(text.replace("read_timeout = 2.0", "read_timeout = 3.0"))

@@ -28,7 +28,8 @@ import pytest
 
 from gatewayd.control.prometheus import SnapshotCollector
 
-from ..conftest import Upstream, free_port, raw_request, status_of
+from ..builders import free_port, route_toml, upstream_toml
+from ..conftest import Upstream, raw_request, status_of
 from ..faults import OK_HEAD, OK_RESPONSE, RawUpstream, UpstreamRequest, reset
 
 LONG = "/old/" + "a" * 8160  # with Host: example.com, a Location line of 8,197 bytes
@@ -62,11 +63,9 @@ async def app_like(req: UpstreamRequest, reader: asyncio.StreamReader, writer: a
 
 
 def config(urls: list[str], **keys: Any) -> str:
-    servers = ", ".join(f'"{u}"' for u in urls)
-    lines = "".join(f"{k} = {v}\n" for k, v in keys.items())
-    return (f'[upstreams.app]\nservers = [{servers}]\nread_timeout = 0.5\nconnect_timeout = 1.0\n'
-            f'{lines}\n[[routes]]\nname = "app"\nupstream = "app"\n\n'
-            f'[[routes]]\nname = "other"\npath_prefix = "/api/"\nupstream = "app"\n')
+    """Upstream ``app`` over ``urls`` (with ``keys``), and two routes to it: ``app`` and ``other``."""
+    return (upstream_toml("app", servers=urls, read_timeout=0.5, connect_timeout=1.0, **keys)
+            + route_toml("app", "app") + route_toml("other", "app", path_prefix="/api/"))
 
 
 async def get(gw, path: str) -> tuple[int, str | None]:
@@ -135,7 +134,7 @@ async def test_fail_on_makes_invalid_responses_count_again(start_gateway, apps, 
     """fail_on = ["connect", "invalid"], max_fails = 3, two servers: the attack ejects
     the first server to reach three; the other, now the last in rotation, is kept
     (logged once, counted, state "kept"), so the routes keep answering."""
-    gw = await start_gateway(config([u.url for u in apps], fail_on='["connect", "invalid"]'))
+    gw = await start_gateway(config([u.url for u in apps], fail_on=["connect", "invalid"]))
     for _ in range(8):
         assert await get(gw, LONG) == (502, "upstream_invalid")
     states = sorted(s["state"] for s in await servers_of(gw))
@@ -150,7 +149,7 @@ async def test_fail_on_makes_invalid_responses_count_again(start_gateway, apps, 
 
 
 async def test_fail_on_invalid_never_ejects_the_only_server(start_gateway, apps) -> None:
-    gw = await start_gateway(config([apps[0].url], fail_on='["invalid"]', max_fails=1))
+    gw = await start_gateway(config([apps[0].url], fail_on=["invalid"], max_fails=1))
     for _ in range(5):
         assert await get(gw, LONG) == (502, "upstream_invalid")
     [s] = await servers_of(gw)
@@ -205,7 +204,7 @@ async def test_dead_server_of_two_is_still_ejected(start_gateway, apps) -> None:
 async def test_active_check_still_empties_an_upstream(start_gateway, apps) -> None:
     """Only passive health is bounded: a failing health check takes even the only
     server out (502 no_healthy_server)."""
-    probe = '{path = "/stuck", interval = 0.05, timeout = 0.1, healthy = 1, unhealthy = 1}'
+    probe = {"path": "/stuck", "interval": 0.05, "timeout": 0.1, "healthy": 1, "unhealthy": 1}
     gw = await start_gateway(config([apps[0].url], health_check=probe))
     deadline = time.monotonic() + 5
     while (await servers_of(gw))[0]["state"] != "unhealthy":
