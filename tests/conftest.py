@@ -271,6 +271,23 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
         gp.stop()
 
 
+def run_gatewayd(config: Path, tmp_path: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """``gatewayd --config CONFIG`` started and not waited for; its output in ``tmp_path``'s
+    ``out`` and ``err``. For tests that need the bare process (its rlimits, its signals)."""
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "gatewayd", "--config", str(config)],
+                                stdout=out, stderr=err, cwd=str(ROOT), **popen)
+
+
+def refused(port: int) -> bool:
+    """Whether a connection to 127.0.0.1:``port`` is refused now."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return False
+    except OSError:
+        return True
+
+
 # ----------------------------------------------------------------------------- raw clients
 async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     """Send raw bytes, read until the server closes or ``timeout``; the bytes received."""

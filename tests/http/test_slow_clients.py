@@ -3,7 +3,7 @@ never drain a large response, and deep pipelines. Each ends where SPEC §3 says,
 leaves nothing behind, and never costs another client its service.
 
 (Header timeout, keep-alive, a stalled body, max_connections and EMFILE have
-their own tests in process/test_lifecycle.py.)
+their own tests in http/test_connections.py.)
 """
 
 from __future__ import annotations
