@@ -173,7 +173,9 @@ class Gate:
 
     def evict(self, waiter: Waiter, reason: str) -> bool:
         """Shed a queued waiter: out of the queue, then ``wake(reason)``; whether it was
-        still in it. The seam for rules that give up on a waiter (preempted, deadline)."""
+        still in it. The seam for rules that give up on a waiter (preempted, deadline):
+        the gateway's waiter answers the reasons it knows (``QUEUE_TIMEOUT`` today), so
+        a rule's new reason comes with its status and counter there."""
         if not self.leave(waiter):
             return False
         waiter.wake(reason)
