@@ -120,7 +120,8 @@ async def test_an_opener_wraps_connections_before_http(start_gateway, upstream, 
     2. a client connects and sends nothing: it holds a connection, not the accept loop
     3. a client that sends the preamble and a request gets 200
     4. a client that sends a request without the preamble is closed without an answer
-    5. the silent client leaves: no connection is left counted."""
+    5. the silent client leaves: no connection is left counted
+    6. another silent client is closed when the listeners stop, and not counted."""
     from gatewayd.http import listener
 
     monkeypatch.setattr(listener, "opener_for", lambda address: _Preamble())
@@ -139,6 +140,12 @@ async def test_an_opener_wraps_connections_before_http(start_gateway, upstream, 
     await wait_for(lambda: gw.runtime.connections == 1)
     silent.close()
     await wait_for(lambda: gw.runtime.connections == 0)
+    late_reader, late = await asyncio.open_connection("127.0.0.1", gw.port)
+    await wait_for(lambda: gw.runtime.connections == 1)
+    await gw.runtime.acceptor.stop_all()
+    assert gw.runtime.connections == 0
+    assert await asyncio.wait_for(late_reader.read(), 2) == b""
+    late.close()
 
 
 async def test_process_executor_keeps_loop_free(start_gateway, upstream):
