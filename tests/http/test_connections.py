@@ -107,3 +107,57 @@ async def test_emfile_does_not_kill_accept_loop(tmp_path, upstream):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+class _Preamble:
+    """An opener defined here, to plug in through the listener seam: every connection
+    must start with ``HELLO\\r\\n`` (as a PROXY protocol header would), read before
+    HTTP sees the connection; anything else closes it."""
+
+    waits_for_peer = True
+    PREAMBLE = b"HELLO\r\n"
+
+    async def open(self, loop, conn, factory):
+        got = b""
+        while len(got) < len(self.PREAMBLE):
+            chunk = await loop.sock_recv(conn, len(self.PREAMBLE) - len(got))
+            if not chunk:
+                raise ConnectionError("closed before its preamble")
+            got += chunk
+        if got != self.PREAMBLE:
+            raise ValueError(f"bad preamble {got!r}")
+        return await loop.connect_accepted_socket(factory, conn)
+
+
+async def test_an_opener_wraps_connections_before_http(start_gateway, upstream, monkeypatch):
+    """The listener seam: the opener chosen for a listen address runs before HTTP.
+    1. opener_for gives every address the preamble opener; the gateway starts
+    2. a client connects and sends nothing: it holds a connection, not the accept loop
+    3. a client that sends the preamble and a request gets 200
+    4. a client that sends a request without the preamble is closed without an answer
+    5. the silent client leaves: no connection is left counted
+    6. another silent client is closed when the listeners stop, and not counted."""
+    from gatewayd.http import listener
+
+    monkeypatch.setattr(listener, "opener_for", lambda address: _Preamble())
+    gw = await start_gateway(app_route(upstream.url))
+    silent_reader, silent = await asyncio.open_connection("127.0.0.1", gw.port)
+    await wait_for(lambda: gw.runtime.connections == 1)
+    request = b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    served = await asyncio.wait_for(raw_request(gw.port, _Preamble.PREAMBLE + request, 3), 4)
+    assert status_of(served) == 200 and served.endswith(b"ok\n"), served
+    try:  # closed with the request unread: a reset, or an end with nothing before it
+        refused = await asyncio.wait_for(raw_request(gw.port, request, 3), 4)
+    except ConnectionResetError:
+        refused = b""
+    assert refused == b""
+    assert [r["target"] for r in upstream.requests] == ["/ok"]
+    await wait_for(lambda: gw.runtime.connections == 1)
+    silent.close()
+    await wait_for(lambda: gw.runtime.connections == 0)
+    late_reader, late = await asyncio.open_connection("127.0.0.1", gw.port)
+    await wait_for(lambda: gw.runtime.connections == 1)
+    await gw.runtime.acceptor.stop_all()
+    assert gw.runtime.connections == 0
+    assert await asyncio.wait_for(late_reader.read(), 2) == b""
+    late.close()

@@ -196,3 +196,86 @@ async def test_a_freed_slot_passes_over_waiters_that_decline_it():
     gate.release()
     assert woken == [*range(3000), -1]
     assert gate.in_flight == 1 and not gate.waiters
+
+
+class _NewestFirst:
+    """A queue discipline defined here, to plug in through the admission seam: the
+    newest waiter gets the next slot (the opposite of FIFO, so the order shows)."""
+
+    def __init__(self) -> None:
+        self._waiters: list = []
+
+    def push(self, waiter) -> None:
+        self._waiters.append(waiter)
+
+    def pop(self):
+        return self._waiters.pop()
+
+    def remove(self, waiter) -> bool:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def __iter__(self):
+        return reversed(self._waiters)
+
+    def oldest(self):
+        return self._waiters[0] if self._waiters else None
+
+
+async def test_a_queue_discipline_plugged_in_orders_the_queue(start_gateway, upstream, monkeypatch):
+    """The queue order is the gate's Discipline, picked by name from ORDERS:
+    1. "fifo" is replaced by a newest-first discipline before the gateway starts
+    2. max_concurrency=1: request 0 holds the slot, requests 1..4 queue in turn
+    3. the queue X-ray lists them newest first, its oldest wait is request 1's
+    4. the upstream receives 0, then 4, 3, 2, 1; nothing is left queued."""
+    from gatewayd.proxy import admission
+
+    monkeypatch.setitem(admission.ORDERS, "fifo", _NewestFirst)
+    gw = await start_gateway(route(upstream.url, 1, 100, 10))
+    gate = gw.runtime.table.routes["app"].gate
+    assert isinstance(gate.waiters, _NewestFirst)
+    async with aiohttp.ClientSession() as s:
+        async def get(i: int) -> int:
+            async with s.get(f"{gw.url}/slow?ms={300 if i == 0 else 20}&i={i}") as r:
+                return r.status
+
+        tasks = [asyncio.create_task(get(0))]
+        await wait_for(lambda: gate.in_flight == 1)
+        for i in range(1, 5):
+            tasks.append(asyncio.create_task(get(i)))
+            await wait_for(lambda i=i: len(gate.waiters) == i)
+        xray = await gw.command({"cmd": "queue", "route": "app"})
+        assert [w["path"].rsplit("=", 1)[1] for w in xray["waiters"]] == ["4", "3", "2", "1"], xray
+        assert gate.oldest_wait(asyncio.get_running_loop().time()) >= xray["waiters"][0]["wait_ms"] / 1000
+        assert await asyncio.gather(*tasks) == [200] * 5
+    order = [int(r["target"].rsplit("=", 1)[1]) for r in upstream.requests]
+    assert order == [0, 4, 3, 2, 1]
+    assert gate.in_flight == 0 and not gate.waiters and gate.queued == 0
+
+
+async def test_evict_answers_a_waiter_with_its_reason(start_gateway, upstream):
+    """``Gate.evict`` is how a shedding rule gives up on a waiter: 1. one request holds
+    the only slot, a second waits (queue_timeout 30 s) 2. the gate evicts the waiter
+    with QUEUE_TIMEOUT 3. its client has 503 queue_timeout at once, counted as such
+    4. the holder ends 200; the upstream never saw the evicted request."""
+    from gatewayd.proxy.admission import QUEUE_TIMEOUT
+
+    gw = await start_gateway(route(upstream.url, 1, 10, 30))
+    r = gw.runtime.table.routes["app"]
+    holder = asyncio.create_task(raw_request(gw.port, b"GET /slow?ms=500 HTTP/1.1\r\nHost: x\r\n\r\n", 5))
+    await wait_for(lambda: upstream.active == 1)
+    queued = asyncio.create_task(raw_request(gw.port, b"GET /slow?ms=1&q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 5))
+    await wait_for(lambda: len(r.gate.waiters) == 1)
+    t0 = time.monotonic()
+    assert r.gate.evict(next(iter(r.gate.waiters)), QUEUE_TIMEOUT)
+    answer = await queued
+    assert time.monotonic() - t0 < 0.2
+    assert status_of(answer) == 503 and b"X-Gatewayd-Reason: queue_timeout" in answer
+    assert r.stats.queue_timeout == 1 and not r.gate.waiters
+    assert status_of(await holder) == 200
+    assert [q["target"] for q in upstream.requests] == ["/slow?ms=500"]

@@ -9,6 +9,9 @@ import socket
 import aiohttp
 from aiohttp import web
 
+from gatewayd.proxy.exchange import UpstreamFailure
+from gatewayd.upstreams.application import Application, respond
+
 from ..builders import app_route, free_port, handler_route
 from ..conftest import raw_request, status_of, wait_for
 
@@ -258,3 +261,93 @@ async def test_handler_upstream_and_its_cancellation(start_gateway):
     writer.close()
     await wait_for(lambda: r.gate.in_flight == 0, timeout=0.5)
     assert r.stats.cancelled_in_flight == 1
+
+
+class _EchoKind(Application):
+    """An upstream kind defined here, to plug in through the factory's KINDS table: it
+    answers with what the exchange carried, fails on /fail and waits on /wait."""
+
+    built: list[_EchoKind] = []
+
+    def __init__(self, config, turn) -> None:
+        super().__init__(config, turn)
+        self.started = self.closed = False
+        self.cancelled = 0
+        self.slots_held: list[int] = []
+        _EchoKind.built.append(self)
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def serve(self, ex) -> None:
+        self.slots_held.append(ex.route.gate.in_flight)
+        if ex.path.startswith("/fail"):
+            raise UpstreamFailure(502, "handler_crashed")
+        if ex.path.startswith("/wait"):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        body = await ex.body.read_all() if ex.body is not None else b""
+        text = f"{ex.request.method} {ex.path} {ex.client_ip} started={self.started} "
+        respond(ex, 201, [("X-Kind", "echo"), ("Keep-Alive", "timeout=1")], text.encode() + body)
+
+    async def _close(self) -> None:
+        self.closed = True
+
+
+async def test_an_upstream_kind_plugged_in_serves_through_the_contract(start_gateway, monkeypatch):
+    """The upstream-kind seam: a kind is an import string in KINDS, used only through
+    the Upstream contract.
+    1. the "handler" kind is replaced by one defined here; the gateway starts it
+    2. a GET and a POST reach it admitted (slot held), with the forwarded path, the
+       client address and the body; its answer goes out (hop-by-hop fields dropped)
+    3. its UpstreamFailure is the client's 502 with its reason, counted
+    4. a client that leaves cancels it and frees the slot
+    5. a reload that changes the upstream builds a new one and closes the old."""
+    from gatewayd.upstreams import factory
+
+    _EchoKind.built.clear()
+    monkeypatch.setitem(factory.KINDS, "handler", f"{__name__}:_EchoKind")
+    body = """
+        [upstreams.demo]
+        handler = "gatewayd.handlers:simulated_io"
+        {extra}
+
+        [[routes]]
+        name = "demo"
+        upstream = "demo"
+        path_prefix = "/k"
+        strip_prefix = true
+        max_concurrency = 1
+    """
+    gw = await start_gateway(body.format(extra=""))
+    kind = _EchoKind.built[0]
+    r = gw.runtime.table.routes["demo"]
+    assert r.upstream is kind
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.url + "/k/hello?x=1") as resp:
+            assert resp.status == 201 and resp.headers["X-Kind"] == "echo"
+            assert "Keep-Alive" not in resp.headers
+            assert await resp.text() == "GET /hello?x=1 127.0.0.1 started=True "
+        async with s.post(gw.url + "/k/echo", data=b"abc") as resp:
+            assert resp.status == 201 and await resp.text() == "POST /echo 127.0.0.1 started=True abc"
+        async with s.get(gw.url + "/k/fail") as resp:
+            assert resp.status == 502 and resp.headers["X-Gatewayd-Reason"] == "handler_crashed"
+    assert r.stats.upstream_errors == {"handler_crashed": 1}
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /k/wait HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await wait_for(lambda: r.gate.in_flight == 1)
+    writer.close()
+    await wait_for(lambda: r.gate.in_flight == 0 and kind.cancelled == 1, timeout=0.5)
+    assert kind.slots_held == [1, 1, 1, 1]
+    text = gw.config_path.read_text()
+    gw.config_path.write_text(text.replace('handler = "gatewayd.handlers:simulated_io"',
+                                           'handler = "gatewayd.handlers:simulated_io"\nprocesses = 3'))
+    answer = await gw.command({"cmd": "reload"})
+    assert answer["ok"], answer
+    assert len(_EchoKind.built) == 2 and gw.runtime.table.routes["demo"].upstream is _EchoKind.built[1]
+    await wait_for(lambda: kind.closed, timeout=2)
+    assert _EchoKind.built[1].started and not _EchoKind.built[1].closed
