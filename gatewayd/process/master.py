@@ -1,16 +1,17 @@
 """The master of ``workers = N``: supervises worker processes and is the
 gateway's one face (control socket, metrics listener, signals).
 
+Workers bind the listen addresses themselves with SO_REUSEPORT (the kernel
+spreads connections evenly); the master never touches client traffic. A worker
+that dies is replaced with backoff; one that fails at boot stops the gateway
+(no crash loop); one whose figures stop arriving for ``worker_timeout`` is
+killed and replaced. Route limits and max_connections are gateway-wide and
+divided among the live workers, re-divided whenever that set changes.
+
 The control commands, the reload policy and the signal loop are the ones one
-process uses (controller.py, runtime/reload.py, lifecycle.py); the master is
-their backend and role: it does over IPC, to every worker, what one process
-does to its own runtime. Workers
-bind the listen addresses themselves with SO_REUSEPORT (the kernel spreads
-connections evenly); the master never touches client traffic. A worker that
-dies is replaced with backoff; one that fails at boot stops the gateway (no
-crash loop); one whose figures stop arriving for ``worker_timeout`` is killed
-and replaced. Route limits and max_connections are gateway-wide and divided
-among the live workers, re-divided whenever that set changes.
+process uses (controller.py, runtime/reload.py, lifecycle.py): the master is
+their backend and role, doing over IPC to every worker what one process does to
+its own runtime.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ class Master:
 
     @staticmethod
     def errors(answers: list[Answer]) -> list[str]:
-        """The workers' errors, each said once, in order."""
+        """The workers' errors, each said once, sorted."""
         return sorted({a.get("error", "") for a in answers if not a["ok"]})
 
     async def _watch(self) -> None:
