@@ -34,11 +34,12 @@ class Backend(Reloadable, Protocol):
     async def waiters(self, route: str) -> list[dict[str, Any]]:
         """The route's waiters, longest waiting first."""
 
-    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]: ...
+    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
+        """Set a server up or down by hand; the control answer."""
 
 
-class Controller:
-    """The control socket's commands (control.server.Controller) over a backend."""
+class GatewayController:
+    """The control socket's commands (it satisfies control.server.Controller) over a backend."""
 
     def __init__(self, backend: Backend, lock: asyncio.Lock | None = None) -> None:
         self.backend = backend

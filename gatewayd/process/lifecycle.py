@@ -16,10 +16,9 @@ from typing import Protocol
 
 from ..config.settings import Config
 from ..control.prometheus import MetricsListener
-from ..control.server import ControlError, ControlServer
+from ..control.server import ControlError, Controller, ControlServer
 from ..exits import EXIT_FAILURE, EXIT_OK
 from . import notify
-from .controller import Controller
 from .startup import ignore_late_signals
 
 log = logging.getLogger("gatewayd")

@@ -38,7 +38,7 @@ from ..runtime.reload import LastReload
 from ..stats.process import raise_fd_limit, rss_bytes
 from ..upstreams.state import COMMAND_STATES, check_state
 from . import lifecycle
-from .controller import Controller
+from .controller import GatewayController
 from .ipc import Answer, Channel, Command, ServerState, ToMaster
 from .startup import setup_logging
 
@@ -92,7 +92,7 @@ class Master:
         self._next: tuple[Config, str] | None = None  # a reload prepared in every worker
         # server_state set by hand: (upstream, server) -> (command, upstream config then)
         self.server_states: dict[tuple[str, str], tuple[ServerState, Any]] = {}
-        self.controller = Controller(self, self._lock)
+        self.controller = GatewayController(self, self._lock)
 
     # -- workers -------------------------------------------------------------------
     async def spawn(self, slot: int) -> WorkerHandle:

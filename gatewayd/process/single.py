@@ -23,7 +23,7 @@ from ..stats.process import raise_fd_limit
 from ..upstreams.http import UnresolvableServer
 from ..upstreams.state import set_server_state
 from . import lifecycle
-from .controller import Controller
+from .controller import GatewayController
 from .startup import new_loop, setup_logging
 
 log = logging.getLogger("gatewayd")
@@ -88,7 +88,7 @@ class RuntimeBackend:
         return set_server_state(self.runtime.table.upstreams, upstream, server, state)
 
 
-class LocalController(Controller):
+class LocalController(GatewayController):
     """Control commands for a single-process gateway."""
 
     def __init__(self, runtime: Runtime) -> None:
