@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.loader import DEFAULT_CONFIG
-
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
+from ..exits import EXIT_CONNECT, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 
 
 class Unreachable(ConnectionError):

@@ -77,6 +77,17 @@ _NO_BODY_STATUS = frozenset((204, 304))
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}) (\S{1,8190}) HTTP/(\d)\.(\d)\r\n")
 
 
+class ServerSettings(Protocol):
+    """The ``[server]`` settings a connection reads (config.settings.ServerConfig)."""
+
+    @property
+    def keepalive_timeout(self) -> float: ...
+    @property
+    def request_header_timeout(self) -> float: ...
+    @property
+    def send_timeout(self) -> float: ...
+
+
 class Cancellable(Protocol):
     """What a connection cancels when its client leaves: a task, or an inline exchange."""
 
@@ -271,18 +282,17 @@ class Request:
 
 class H1Server:
     """The protocol factory for the accept loop; holds the settings every connection
-    reads (changed in place on reload) and the open connections (for shutdown)."""
+    reads (changed in place on reload: ``configure``) and the open connections (for
+    shutdown)."""
 
-    def __init__(self, handler: Callable[[Request], None], *, head_timeout: float,
-                 send_timeout: float, keepalive_timeout: float,
+    def __init__(self, handler: Callable[[Request], None], settings: ServerSettings, *,
                  on_close: Callable[[], None], turn: Turn | None = None,
                  log_refusal: Callable[[str, str, str, str, int, str, float], None] | None = None) -> None:
         self.handler = handler
         # shared with the upstream pools, whose request heads go out first at each turn's end
         self.turn = turn if turn is not None else Turn()
-        self.head_timeout = head_timeout
-        self.send_timeout = send_timeout
-        self.keepalive_timeout = keepalive_timeout
+        self.head_timeout = self.send_timeout = self.keepalive_timeout = 0.0
+        self.configure(settings)
         self._on_close = on_close
         self.connections: set[H1Protocol] = set()
         self.closing = False
@@ -302,6 +312,14 @@ class H1Server:
         self._sweeper: asyncio.TimerHandle | None = None
         self.sweeps = 0
         self._corked: list[H1Protocol] = []  # connections with output held for this turn's flush
+
+    def configure(self, settings: ServerSettings) -> None:
+        """Take the settings in force (at start and at every reload). They are copied
+        into this object's own attributes because connections read them per request,
+        and one attribute load is what the request path can afford."""
+        self.head_timeout = settings.request_header_timeout
+        self.send_timeout = settings.send_timeout
+        self.keepalive_timeout = settings.keepalive_timeout
 
     def __call__(self) -> H1Protocol:
         if self._sweeper is None:

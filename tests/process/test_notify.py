@@ -177,3 +177,24 @@ def test_workers_only_the_master_notifies(gateway_process, notify_socket):
     assert msg.get("STOPPING") == "1" and msg["_PID"] == master, msg
     assert gp.wait() == 0
     assert notify_socket.nothing_within(0.1)
+
+
+def test_workers_failed_reload_still_ends_with_ready(gateway_process, notify_socket):
+    """With workers = 2, as with one process (the reload policy is the same): 1. the
+    master is READY 2. the file becomes invalid 3. SIGHUP: RELOADING=1, then READY=1,
+    both from the master 4. last_reload holds the error."""
+    gp = gateway_process(BODY, wait_ready=False, env={"NOTIFY_SOCKET": notify_socket.env}, workers=2)
+    master = str(gp.proc.pid)
+    assert notify_socket.next().get("READY") == "1"
+    gp.config_path.write_text(gp.config_path.read_text() + "\n[bogus]\n")
+    before = monotonic_usec()
+    gp.signal(signal.SIGHUP)
+    msg = notify_socket.next()
+    assert msg.get("RELOADING") == "1" and msg["_PID"] == master, msg
+    assert before <= int(msg["MONOTONIC_USEC"]) <= monotonic_usec()
+    msg = notify_socket.next()
+    assert msg.get("READY") == "1" and msg["_PID"] == master, msg
+    snap = gp.command({"cmd": "snapshot"})["snapshot"]
+    assert snap["generation"] == 1
+    assert snap["last_reload"]["ok"] is False
+    assert "bogus" in snap["last_reload"]["error"]

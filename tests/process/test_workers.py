@@ -341,3 +341,38 @@ async def test_short_worker_timeout_spares_healthy_workers(gateway_process, upst
         assert await asyncio.gather(*(fresh_get(port) for _ in range(20))) == [200] * 20
     await asyncio.to_thread(poll, lambda: steady_for(10 * timeout))
     assert "silent for" not in gp.stderr()
+
+
+async def test_control_commands_answer_as_one_process_does(gateway_process, upstream):
+    """With workers = 2, every command goes to both workers and comes back as one
+    answer: 1. queue lists the waiters of both, longest waiting first 2. server_state
+    down, then up, answers what one process answers 3. an unknown route is refused
+    by set_limit and queue 4. a reload to workers = 1 is refused: that takes a restart."""
+    gp = gateway_process(app(upstream.url, 2), workers=2)
+    port = port_of(gp)
+    await asyncio.to_thread(wait_for_workers, gp, 2)
+    tasks = [asyncio.create_task(fresh_get(port, "/slow?ms=1500")) for _ in range(8)]
+
+    def queued() -> dict | None:
+        answer = gp.command({"cmd": "queue", "route": "app"})
+        # one slot per worker: 6 wait (7 when the kernel gave all 8 to one worker)
+        return answer if len(answer["waiters"]) >= 6 else None
+
+    answer = await asyncio.to_thread(poll, queued)
+    assert answer["ok"] and answer["route"] == "app"
+    waits = [w["wait_ms"] for w in answer["waiters"]]
+    assert waits == sorted(waits, reverse=True)
+    assert {w["pid"] for w in answer["waiters"]} <= {w["pid"] for w in snap(gp)["workers"]}
+    assert await asyncio.gather(*tasks) == [200] * 8
+
+    for state in ("down", "up"):
+        answer = await asyncio.to_thread(gp.command, {"cmd": "server_state", "upstream": "app",
+                                                      "server": upstream.url, "state": state})
+        assert answer == {"ok": True, "upstream": "app", "servers": [upstream.url], "state": state}
+    for cmd in ({"cmd": "set_limit", "route": "nope", "max_queue": 1}, {"cmd": "queue", "route": "nope"}):
+        assert await asyncio.to_thread(gp.command, cmd) == {"ok": False, "error": "no route 'nope'"}
+
+    gp.config_path.write_text(gp.config_path.read_text().replace("workers = 2", "workers = 1"))
+    answer = await asyncio.to_thread(gp.command, {"cmd": "reload", "dry_run": True})
+    assert answer["ok"] is False
+    assert "server.workers (to 1: the single-process mode) cannot change on reload" in answer["error"]

@@ -4,15 +4,23 @@ and no request lost — in-process for the internals, as a subprocess for SIGHUP
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import aiohttp
+import pytest
 
-from ..builders import free_port, handler_route, route_toml, upstream_toml
+from gatewayd.config.loader import parse
+from gatewayd.config.settings import SECTIONS, Config, ServerConfig, restart_only, settings_of
+from gatewayd.runtime.reload import refused_changes
+from gatewayd.runtime.state import Runtime
+
+from ..builders import free_port, gateway_config, handler_route, route_toml, upstream_toml
 from ..conftest import ROOT, Upstream, raw_request, status_of, wait_for
 
 GET_CLOSE = b"GET /slow?ms={ms} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -170,6 +178,97 @@ async def test_dry_run_and_restart_only_keys(start_gateway, upstream):
     gw.config_path.write_text(text.replace('socket = "gw.sock"', 'socket = "other.sock"'))
     answer = await gw.command({"cmd": "reload"})
     assert answer["ok"] is False and "control.socket" in answer["error"]
+
+
+def _other(value: Any) -> Any:
+    """A value unlike ``value`` (of its type, not necessarily valid: the policy only compares)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return (*value, "127.0.0.1:1")
+    return "x"  # None: an unset optional key
+
+
+def test_reload_refuses_exactly_the_settings_declared_restart_only():
+    """Statically, for every key of every section: changed alone, a reload refuses it
+    if and only if its declaration says reload=RELOAD_RESTART; ``workers`` alone is
+    refused for what it is, a change between one process and several."""
+    old = Config(path="gatewayd.toml")
+    for section, cls in SECTIONS.items():
+        for f in settings_of(cls):
+            before = getattr(old, section)
+            changed = dataclasses.replace(before, **{f.name: _other(getattr(before, f.name))})
+            new = dataclasses.replace(old, **{section: changed})
+            refused = refused_changes(old, new, several=False)
+            if (section, f.name) == ("server", "workers"):
+                assert refused == ["server.workers (from one process to several)"]
+            elif restart_only(f):
+                assert refused == [f"{section}.{f.name}"], (section, f.name)
+            else:
+                assert refused == [], (section, f.name)
+
+
+def _in_force(runtime: Runtime) -> dict[str, Any]:
+    """What the running gateway holds of its [server] settings: what the request path
+    reads, the server's own copies (its public figures), the limits it divided."""
+    server = {k: v for k, v in vars(runtime.server).items()
+              if not k.startswith("_") and type(v) in (int, float)}
+    return {"serving": dataclasses.replace(runtime.serving.server, listen=()), "server": server,
+            "max_connections": runtime.acceptor.limit, "buffer_memory": runtime.body_memory.limit}
+
+
+@pytest.mark.parametrize("name", [f.name for f in settings_of(ServerConfig) if f.name != "workers"])
+async def test_every_server_setting_is_applied_by_a_reload(start_gateway, upstream, tmp_path, name):
+    """Each [server] key (``workers`` aside: test_workers) changed alone in the file:
+    1. the reload is refused, naming it, if it is declared restart-only 2. else it is
+    taken, and what runs holds exactly what a gateway started from the new file holds:
+    a new key copied anywhere the reload does not reach fails here."""
+    gw = await start_gateway(two_upstreams(upstream.url, upstream.url))
+    f = next(f for f in settings_of(ServerConfig) if f.name == name)
+    port = gw.port
+    if name == "listen":
+        port = free_port()
+        changed: dict[str, Any] = {}
+    else:
+        changed = {name: _other(getattr(gw.runtime.config.server, name))}
+    path = gateway_config(tmp_path, two_upstreams(upstream.url, upstream.url), port=port, **changed)
+    assert path == gw.config_path
+    answer = await gw.command({"cmd": "reload"})
+    if restart_only(f):
+        assert answer["ok"] is False and f"server.{name} cannot change" in answer["error"]
+        return
+    assert answer["ok"], answer
+    assert [c for c in answer["changes"] if c.startswith(f"server: {name} ")], answer["changes"]
+    new = parse(path.read_text(), str(path))
+    fresh = Runtime(dataclasses.replace(new, server=dataclasses.replace(
+        new.server, listen=(f"127.0.0.1:{free_port()}",))))
+    await fresh.start()
+    try:
+        assert _in_force(gw.runtime) == _in_force(fresh)
+    finally:
+        await fresh.shutdown(0)
+
+
+async def test_reload_applies_keepalive_timeout_to_idle_connections(start_gateway, upstream):
+    """1. a keep-alive request is answered; the connection sits idle (keepalive_timeout
+    30 s) 2. a reload sets keepalive_timeout = 1 3. the gateway closes that connection
+    within the new second (plus the once-a-second sweep), not after 30 s."""
+    gw = await start_gateway(two_upstreams(upstream.url, upstream.url), keepalive_timeout=30)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"ok\n")).startswith(b"HTTP/1.1 200")
+        text = gw.config_path.read_text()
+        gw.config_path.write_text(text.replace("keepalive_timeout = 30\n", "keepalive_timeout = 1\n"))
+        answer = await gw.command({"cmd": "reload"})
+        assert answer["ok"] and "server: keepalive_timeout 30.0 -> 1.0" in answer["changes"], answer
+        assert await asyncio.wait_for(reader.read(), 4) == b""  # closed by the gateway
+    finally:
+        writer.close()
 
 
 async def test_reload_switches_access_log(start_gateway, upstream, tmp_path):
