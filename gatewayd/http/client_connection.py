@@ -55,7 +55,6 @@ class Listener(Protocol):
         """The exchange moved on: its head is in, or it failed (see ``send_idle``)."""
 
 
-
 class PoolStats:
     """Counters of one pool; ``failures`` maps a reason to a count."""
 
@@ -70,7 +69,6 @@ class PoolStats:
 
     def fail(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
-
 
 
 class Pool(Protocol):

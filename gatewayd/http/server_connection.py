@@ -26,6 +26,14 @@ What the protocol owns (the gateway never sees it):
   the connection are ignored); refusals and 408s are logged and counted as
   answers without a route (H1Server.refused);
 - graceful shutdown: idle connections close, busy ones after their response.
+
+Why one class of some 550 lines, past the size the rest of the package keeps: it
+is one state machine. Reading, pipelining, the head timer, refusals and writing
+share a dozen fields, and most transitions touch several of them; split into
+mixins or helper objects, each step of a request would pay a call or an attribute
+hop more, and a reader would follow one transition through several files. What a
+request and the server see of a connection (who the client is, its output held
+for the turn's flush) is the request module's ``Connection``, which this extends.
 """
 
 from __future__ import annotations
