@@ -11,7 +11,7 @@ from aiohttp.streams import StreamReader
 
 if TYPE_CHECKING:
     from .bodymemory import BodyMemory
-    from .request import Request
+    from .server import Request
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

@@ -24,7 +24,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .headers import request_fields, response_headers, split_fields
 from .turn import CLIENT_WRITES, Turn
-from .wire import NO_BODY_STATUS
+from .wire import MAX_LINE, MAX_REQUEST_HEADERS, NO_BODY_STATUS
 
 HEADS_KEPT = 256  # response heads remembered (Request.head_for), forgotten all at once when full
 HEAD_KEPT_SIZE = 4096  # bytes of upstream header lines beyond which a head is not remembered
@@ -92,6 +92,11 @@ class Connection(BaseProtocol):
 
     __slots__ = ("_fields_memo", "_last_raw", "_out", "_peer", "_peer_host", "checked_headers",
                  "current", "server")
+
+    # what aiohttp's request needs of its protocol (Request.as_aiohttp)
+    ssl_context = None
+    max_field_size = MAX_LINE
+    max_headers = MAX_REQUEST_HEADERS
 
     def __init__(self, server: Server) -> None:
         super().__init__(asyncio.get_running_loop())

@@ -1,10 +1,20 @@
-"""The server side's shared state: the protocol factory the accept loop calls, the
-settings every client connection reads (changed in place on reload), the open
-connections (the keep-alive sweep, shutdown), the books of answers given without a
-route, and the fairness between clients within a loop turn.
+"""The client side: HTTP/1.1 on aiohttp's C parser, without aiohttp's server.
 
-A connection is server_connection.H1Protocol; what a request and its connection
-see of this server is request.Server.
+aiohttp's ``RequestHandler`` keeps a task, a future and the last request alive
+on every idle keep-alive connection, and builds a request object, a response
+object and a task for every request, shed or not. Here an idle connection is a
+transport, an H1Protocol (server_connection.py) and its parser, and no timer of
+its own (one sweep serves them all); a request is a small ``Request`` around the
+parser's message (request.py), and the gateway answers what it can (shed, 404,
+refusals) synchronously, inside ``data_received``: a shed costs no task, no
+coroutine and no response object. Only a request that goes upstream gets a task,
+which the connection cancels when its client leaves.
+
+This module is the state the connections share: the protocol factory the accept
+loop calls, the settings every connection reads (changed in place on reload), the
+open connections (the keep-alive sweep, shutdown), the books of answers given
+without a route, and the fairness between clients within a loop turn. What a
+request and its connection see of it is ``request.Server``.
 """
 
 from __future__ import annotations

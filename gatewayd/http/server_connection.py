@@ -1,13 +1,5 @@
-"""A client connection: HTTP/1.1 on aiohttp's C parser, without aiohttp's server.
-
-aiohttp's ``RequestHandler`` keeps a task, a future and the last request alive
-on every idle keep-alive connection, and builds a request object, a response
-object and a task for every request, shed or not. Here an idle connection is a
-transport, this protocol, its parser and one timer; a request is a small
-``Request`` around the parser's message, and the gateway answers what it can
-(shed, 404, refusals) synchronously, inside ``data_received``: a shed costs no
-task, no coroutine and no response object. Only a request that goes upstream
-gets a task, which the connection cancels when its client leaves.
+"""One client connection (H1Protocol): HTTP/1.1 on aiohttp's C parser, without
+aiohttp's server (server.py says why).
 
 What the protocol owns (the gateway never sees it):
 - pipelining: a read is parsed one head at a time while fewer than
@@ -26,14 +18,6 @@ What the protocol owns (the gateway never sees it):
   the connection are ignored); refusals and 408s are logged and counted as
   answers without a route (H1Server.refused);
 - graceful shutdown: idle connections close, busy ones after their response.
-
-Why one class of some 550 lines, past the size the rest of the package keeps: it
-is one state machine. Reading, pipelining, the head timer, refusals and writing
-share a dozen fields, and most transitions touch several of them; split into
-mixins or helper objects, each step of a request would pay a call or an attribute
-hop more, and a reader would follow one transition through several files. What a
-request and the server see of a connection (who the client is, its output held
-for the turn's flush) is the request module's ``Connection``, which this extends.
 """
 
 from __future__ import annotations
@@ -72,21 +56,8 @@ _REQUEST_LINE = re.compile(rb"([!#$%%&'*+.^_`|~0-9A-Za-z-]{1,64}) (\S{1,%d}) HTT
 class H1Protocol(Connection):
     """One client connection. See the module docstring."""
 
-    __slots__ = (
-        "_clean",
-        "_close_after",
-        "_final",
-        "_head_timer",
-        "_idle_at",
-        "_pending",
-        "_put_off",
-        "_send_timer",
-        "_stepping",
-        "_tail",
-        "_unparsed",
-        "_unparsed_at",
-        "_write_held",
-    )
+    __slots__ = ("_clean", "_close_after", "_final", "_head_timer", "_idle_at", "_pending", "_put_off",
+                 "_send_timer", "_stepping", "_tail", "_unparsed", "_unparsed_at", "_write_held")
 
     def __init__(self, server: Server) -> None:
         super().__init__(server)
@@ -106,11 +77,6 @@ class H1Protocol(Connection):
         # (never 101: upgrades are not proxied, and the next request is HTTP again)
         self._tail: bytes | None = None
         self._put_off: bytes | None = None  # bytes read while other clients had the turn
-
-    # -- what aiohttp's request needs of its protocol -----------------------------------
-    ssl_context = None
-    max_field_size = MAX_LINE
-    max_headers = MAX_REQUEST_HEADERS
 
     # -- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
