@@ -68,13 +68,8 @@ async def run(role: Role, controller: Controller) -> int:
     if not await role.start(lambda: signals.put_nowait(signal.SIGTERM)):
         return EXIT_FAILURE
     config = role.config
-    control = ControlServer(controller, config.socket_path, config.control.mode)
-    try:
-        await control.start()
-    except (ControlError, OSError) as exc:
-        log.error("%s", exc)
-        await role.undo()
-        return EXIT_FAILURE
+    # /metrics before the control socket: a gateway whose control socket answers is
+    # listening on everything its configuration names (scripts and tests wait on it)
     metrics = None
     if config.metrics.listen:
         metrics = MetricsListener(config.metrics.listen, controller.snapshot, role.ready,
@@ -83,9 +78,17 @@ async def run(role: Role, controller: Controller) -> int:
             await metrics.start()
         except OSError as exc:
             log.error("cannot listen on %s (metrics): %s", config.metrics.listen, exc.strerror)
-            await control.close()
             await role.undo()
             return EXIT_FAILURE
+    control = ControlServer(controller, config.socket_path, config.control.mode)
+    try:
+        await control.start()
+    except (ControlError, OSError) as exc:
+        log.error("%s", exc)
+        if metrics is not None:
+            await metrics.close()
+        await role.undo()
+        return EXIT_FAILURE
 
     for sig in SIGNALS:
         loop.add_signal_handler(sig, signals.put_nowait, sig)
