@@ -22,7 +22,7 @@ not forward as they are:
 - a target that is neither origin-form (``/path``) nor absolute-form naming the
   same authority as Host (``*``, ``host:port``, ``http://other/``; the default
   port and a trailing dot of the host name do not count): 400;
-- a path that has no normal form (gatewayd.paths: dot-segments, also encoded or
+- a path that has no normal form (gatewayd.http.paths: dot-segments, also encoded or
   across ``%2F``, ``%00``, malformed escapes): 400 ``bad_target``; a path whose
   normal form differs is routed and forwarded in that form, so what matched is
   what the upstream serves;
@@ -78,7 +78,7 @@ def origin_target(request: Request) -> str:
     raw = request.raw_headers
     protocol = request.protocol
     checked = protocol.checked_headers
-    seen = checked is not None and checked[0] is raw  # equal fields are one object (h1server.Request)
+    seen = checked is not None and checked[0] is raw  # equal fields are one object (http.request.Request)
     if seen:
         # the same fields as an earlier request of the connection, which passed the
         # checks on fields alone (and had no Transfer-Encoding, so whatever its version)

@@ -384,7 +384,7 @@ class HttpUpstream(Upstream):
 
     # -- state, for the snapshot and the control socket ----------------------------
     def pool_export(self) -> dict[str, Any]:
-        """This process's view of the servers (see upstream_state)."""
+        """This process's view of the servers (see upstreams.state)."""
         now = self._now()
         return {
             "balance": self.config.balance,
@@ -465,7 +465,7 @@ class _Inline(Exchange):
 
 
 def _length(headers: list[tuple[str, str]]) -> int | None:
-    """The upstream's Content-Length, when it framed its body by one (h1client has
+    """The upstream's Content-Length, when it framed its body by one (the client has
     checked it); None for chunked or until-close bodies, re-framed for the client."""
     for name, value in headers:
         if len(name) == 14 and name.lower() == "content-length":
