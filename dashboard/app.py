@@ -21,6 +21,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Footer
 
+from gatewayd.exits import EXIT_CONFIG
+
 from . import fmt
 from .client import Feed
 from .messages import CommandReply, Connected, Disconnected, QueueReceived, SnapshotReceived
@@ -46,7 +48,6 @@ from .socketpath import ConfigProblem, socket_from_config
 from .trends import Trends
 from .widgets import COLUMNS, EventPane, HelpScreen, StatusBar, Summary, XRay, row_cells
 
-EXIT_CONFIG = 78
 TRENDS_EVERY = 1.0  # seconds between redraws of the sparklines
 
 

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -28,13 +27,9 @@ from gatewayd.control.server import ControlServer
 from gatewayd.process.single import LocalController
 from gatewayd.runtime.state import Runtime
 
+from .builders import free_port, gateway_config
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
@@ -167,22 +162,6 @@ async def control_command(path: Path, obj: dict[str, Any]) -> dict[str, Any]:
         writer.close()
 
 
-def gateway_config(tmp_path: Path, body: str, port: int | None = None, **server: Any) -> Path:
-    """Write a config file: ``body`` holds upstreams and routes; [server], [control]
-    and [log] are filled in with a free port, a socket in ``tmp_path`` and no access log."""
-    port = port or free_port()
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in server.items())
-    text = (
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\n{extra}\n'
-        f'[control]\nsocket = "gw.sock"\n\n'
-        f'[log]\naccess_log = "off"\nlevel = "warning"\n\n'
-        + textwrap.dedent(body)
-    )
-    path = tmp_path / "gatewayd.toml"
-    path.write_text(text)
-    return path
-
-
 @pytest.fixture
 async def start_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """``await start_gateway(body, **server_keys)`` -> InProcessGateway."""
@@ -292,6 +271,23 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
         gp.stop()
 
 
+def run_gatewayd(config: Path, tmp_path: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """``gatewayd --config CONFIG`` started and not waited for; its output in ``tmp_path``'s
+    ``out`` and ``err``. For tests that need the bare process (its rlimits, its signals)."""
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "gatewayd", "--config", str(config)],
+                                stdout=out, stderr=err, cwd=str(ROOT), **popen)
+
+
+def refused(port: int) -> bool:
+    """Whether a connection to 127.0.0.1:``port`` is refused now."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return False
+    except OSError:
+        return True
+
+
 # ----------------------------------------------------------------------------- raw clients
 async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     """Send raw bytes, read until the server closes or ``timeout``; the bytes received."""
@@ -330,21 +326,6 @@ def no_error_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
     errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
-
-
-def route_to(url: str, **route: object) -> str:
-    """One upstream ``app`` with ``url`` and one route ``app`` to it, with ``route``'s keys."""
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in route.items())
-    return f"""
-        [upstreams.app]
-        servers = ["{url}"]
-        read_timeout = 30.0
-
-        [[routes]]
-        name = "app"
-        upstream = "app"
-        {extra}
-    """
 
 
 async def settled(gw: Any) -> None:

@@ -12,7 +12,7 @@
 
 Runs are derandomized (the same examples every time) and keep no database;
 ``GATEWAYD_FUZZ_EXAMPLES`` sets the number of examples per property (300).
-The configuration files have their own hypothesis test in test_config.py.
+The configuration files have their own hypothesis test in config/test_config.py.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from .builders import app_route
 from .conftest import GatewayProcess, wait_for_sync
 from .faults import RawUpstream, ThreadedUpstream
-from .test_hardening_requests import CASES, load
+from .http.test_requests import CASES, load
 
 # GATEWAYD_FUZZ_EXAMPLES=5000 for a longer run (docs/RELIABILITY.md)
 FUZZ = settings(max_examples=int(os.environ.get("GATEWAYD_FUZZ_EXAMPLES", "300")), deadline=None, derandomize=True, database=None,
@@ -70,16 +71,9 @@ def live(gateway_process) -> Iterator[Live]:
     upstream = ThreadedUpstream()
     relay = upstream.start()
     try:
-        gp = gateway_process(f"""
-            [upstreams.app]
-            servers = ["{relay.url}"]
-            read_timeout = 5.0
-
-            [[routes]]
-            name = "app"
-            upstream = "app"
-        """, request_header_timeout=0.5, request_body_timeout=0.5, request_body_min_rate=1_000_000,
-            keepalive_timeout=0.5, max_body_size=100_000)
+        gp = gateway_process(app_route(relay.url, {"read_timeout": 5.0}), request_header_timeout=0.5,
+                             request_body_timeout=0.5, request_body_min_rate=1_000_000, keepalive_timeout=0.5,
+                             max_body_size=100_000)
         yield Live(gp, relay)
     finally:
         upstream.stop()

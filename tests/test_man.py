@@ -24,6 +24,8 @@ from gatewayd.config.settings import RELOAD_RESTART, SECTIONS, RouteConfig, Upst
 from gatewayd.control.prometheus import SnapshotCollector
 from gatewayd.stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS
 
+from .builders import app_route, handler_route
+
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
 MINE = ("gatewayd.8", "gatewayd.toml.5", "gatewayctl.1")
@@ -171,15 +173,7 @@ def test_restart_only_keys_agree():
 
 
 # ----------------------------------------------------------------------------- gatewayd(8)
-BODY = """
-    [upstreams.demo]
-    handler = "gatewayd.handlers:simulated_io"
-
-    [[routes]]
-    name = "demo"
-    upstream = "demo"
-    max_concurrency = 4
-"""
+BODY = handler_route(max_concurrency=4)
 
 
 def keys_of(value: Any, into: set[str]) -> set[str]:
@@ -199,18 +193,7 @@ async def test_every_snapshot_and_answer_field_is_documented(start_gateway, upst
     """1. a gateway with a handler and an HTTP upstream serves a request on each 2. its
     snapshot and the answers to every control command are collected 3. each field name
     appears in gatewayd(8)."""
-    gw = await start_gateway(
-        BODY
-        + f"""
-        [upstreams.app]
-        servers = ["{upstream.url}"]
-
-        [[routes]]
-        name = "app"
-        path_prefix = "/app/"
-        upstream = "app"
-    """
-    )
+    gw = await start_gateway(BODY + app_route(upstream.url, path_prefix="/app/"))
     async with aiohttp.ClientSession() as s:
         for path in ("/x", "/app/x"):
             async with s.get(gw.url + path) as r:

@@ -2,16 +2,11 @@
 
 import aiohttp
 
+from .builders import app_route
+
 
 async def test_proxies_to_http_upstream(start_gateway, upstream):
-    gw = await start_gateway(f"""
-        [upstreams.app]
-        servers = ["{upstream.url}"]
-
-        [[routes]]
-        name = "app"
-        upstream = "app"
-    """)
+    gw = await start_gateway(app_route(upstream.url))
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/echo?x=1") as r:
         assert r.status == 200
         got = await r.json()

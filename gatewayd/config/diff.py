@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .settings import SECTIONS, Config, settings_of
+from .settings import SECTIONS, Config, restart_only, settings_of
 
-# Settings that only a restart can change (the man page says so for each).
-RESTART_ONLY = (("control", "socket"), ("control", "mode"), ("metrics", "listen"), ("metrics", "allow"))
+# (section, key) of the settings that only a restart can change: those declared
+# ``reload=RELOAD_RESTART`` (the man page says so for each).
+RESTART_ONLY: tuple[tuple[str, str], ...] = tuple(
+    (section, f.name) for section, cls in SECTIONS.items() for f in settings_of(cls) if restart_only(f)
+)
 
 
 def _fields(obj: Any) -> dict[str, Any]:

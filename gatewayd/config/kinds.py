@@ -292,7 +292,7 @@ class PathPrefix(Kind):
     def parse(self, value: Any) -> str:
         if not isinstance(value, str) or not value.startswith("/") or not _visible(value) or "#" in value:
             raise _expected(self.describe, value)
-        # requests are matched in normal form (gatewayd.paths): another prefix never matches
+        # requests are matched in normal form (gatewayd.http.paths): another prefix never matches
         try:
             normal, _ = normalize(value.partition("?")[0])
         except BadPath as exc:

@@ -236,6 +236,12 @@ def parse(text: str, filename: str) -> Config:
 
 def load(path: str) -> Config:
     """Read and validate the file at ``path``."""
+    return parse(read_text(path), path)
+
+
+def read_text(path: str) -> str:
+    """The text of the file at ``path``, as ``load`` reads it (what a master hands its
+    workers to parse, byte for byte); ConfigError when it cannot be read."""
     try:
         with open(path, "rb") as fh:  # as tomllib.load: line breaks are TOML's to read
             data = fh.read()
@@ -246,7 +252,7 @@ def load(path: str) -> Config:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{path}:{line}: toml: not UTF-8 ({exc.reason} at byte {exc.start})"]) from None
-    return parse(text, path)
+    return text
 
 
 def _dump_section(obj: Any) -> dict[str, Any]:

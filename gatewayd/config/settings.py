@@ -40,6 +40,11 @@ def settings_of(cls: type) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if "kind" in f.metadata]
 
 
+def restart_only(f: dataclasses.Field[Any]) -> bool:
+    """Whether a reload that changes this setting is refused (declared ``RELOAD_RESTART``)."""
+    return bool(f.metadata["reload"] == RELOAD_RESTART)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     listen: tuple[str, ...] = setting(

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config.loader import DEFAULT_CONFIG
+from ..exits import EXIT_CONNECT, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from .protocol import Request, SetLimitRequest, Snapshot
-
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
 
 class Unreachable(ConnectionError):

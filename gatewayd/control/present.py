@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypedDict, cast
+from typing import TYPE_CHECKING, TypedDict
 
 from ..stats.metrics import LATENCY_BUCKETS, Counts, HistogramExport, Quantiles, quantiles_ms
 from .encode import route_object
 from .export import ProcessExport, ProcessFigures
 from .merge import Retired, merge_gc, merge_route, merge_unrouted, merge_upstreams, worker_totals
-from .protocol import LastReload, RouteSnapshot, RuntimeInfo, Snapshot, Waiter, WorkerSnapshot
+from .protocol import RouteSnapshot, RuntimeInfo, Snapshot, Waiter, WorkerSnapshot
 
 if TYPE_CHECKING:
     from ..config.settings import Config
@@ -58,8 +58,7 @@ def runtime_info(runtime: Runtime) -> RuntimeInfo:
         "uptime_s": round(time.time() - runtime.started, 3),
         "config_path": os.path.abspath(runtime.config.path),
         "generation": runtime.generation,
-        # Runtime keeps it untyped (runtime/ cannot import this layer's types): a LastReload
-        "last_reload": cast("LastReload | None", runtime.last_reload),
+        "last_reload": runtime.last_reload,
         "draining": runtime.draining,
         "listen": list(runtime.config.server.listen),
     }

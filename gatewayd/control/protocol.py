@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Literal, NotRequired, TypedDict
 
+from ..runtime.reload import LastReload
 from ..stats.metrics import Counts, HistogramExport, Quantiles
 from ..stats.process import GcExport, PauseMs
 from ..upstreams.state import ServerExport, ServerStateSet
@@ -35,15 +36,6 @@ class Waiter(TypedDict):
 class LoopLag(TypedDict):
     last: float  # milliseconds
     max: float
-
-
-class LastReload(TypedDict):
-    """The latest reload's outcome; null in a snapshot until the first reload."""
-
-    ok: bool
-    time: float
-    error: str | None
-    changes: list[str]
 
 
 class RouteSnapshot(TypedDict):
@@ -121,7 +113,7 @@ class RuntimeInfo(TypedDict):
     uptime_s: float
     config_path: str
     generation: int
-    last_reload: LastReload | None
+    last_reload: LastReload | None  # null until the first reload
     draining: bool
     listen: list[str]
     master_rss_bytes: NotRequired[int]  # with workers: the master's own

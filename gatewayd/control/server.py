@@ -41,7 +41,7 @@ from .protocol import (
 
 log = logging.getLogger("gatewayd")
 
-MAX_LINE = 64 * 1024
+MAX_MESSAGE = 64 * 1024  # bytes of one request line on the control socket; a longer one closes it
 # A subscriber with this much unsent data gets no new snapshot until it reads.
 SUBSCRIBER_BACKLOG = 1024 * 1024
 
@@ -131,7 +131,7 @@ class ControlServer:
         old = os.umask(0o777 & ~self.mode)
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=MAX_LINE + 1
+                self._serve, path=str(self.path), limit=MAX_MESSAGE + 1
             )
         finally:
             os.umask(old)
@@ -197,7 +197,7 @@ class ControlServer:
                     return
                 if not line:
                     return
-                if len(line) > MAX_LINE:
+                if len(line) > MAX_MESSAGE:
                     await self._send(writer, {"ok": False,
                                               "error": "line longer than 64 KiB; closing"})
                     return

@@ -1,16 +1,17 @@
 """Request heads refused before routing (SPEC §3: a malformed or ambiguous request
 gets a 4xx and never reaches an upstream).
 
-aiohttp's C parser (llhttp, which gatewayd.h1server drives) already refuses most smuggling shapes with 400 (CL+TE,
-repeated Content-Length, bad chunk sizes, bare LF, obs-fold, ...). These are the
-ones it lets through that a gateway must not forward as they are:
+aiohttp's C parser (llhttp, which http/server_connection.py drives) already refuses
+most smuggling shapes with 400 (CL+TE, repeated Content-Length, bad chunk sizes,
+bare LF, obs-fold, ...). These are the ones it lets through that a gateway must
+not forward as they are:
 
 - HTTP/0.9 and HTTP/2.0+ request lines on an HTTP/1.1 port: 400;
 - Transfer-Encoding other than exactly ``chunked`` (``gzip, chunked``): 400 (nginx
   answers 501, which RFC 9112 §6.1 suggests; SPEC §3 keeps the client's errors in
   4xx); any Transfer-Encoding on HTTP/1.0: 400 (§6.1: "MUST treat the message as
   if the framing is faulty");
-- a head over ``MAX_HEAD_SIZE`` in all (aiohttp bounds each line and the number
+- a head over ``MAX_HEAD`` in all (aiohttp bounds each line and the number
   of lines, not their sum): 431;
 - header values that are not UTF-8: aiohttp's client would drop the odd bytes
   when forwarding, silently changing the value: 400;
@@ -21,7 +22,7 @@ ones it lets through that a gateway must not forward as they are:
 - a target that is neither origin-form (``/path``) nor absolute-form naming the
   same authority as Host (``*``, ``host:port``, ``http://other/``; the default
   port and a trailing dot of the host name do not count): 400;
-- a path that has no normal form (gatewayd.paths: dot-segments, also encoded or
+- a path that has no normal form (gatewayd.http.paths: dot-segments, also encoded or
   across ``%2F``, ``%00``, malformed escapes): 400 ``bad_target``; a path whose
   normal form differs is routed and forwarded in that form, so what matched is
   what the upstream serves;
@@ -38,12 +39,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp.http import HttpVersion10, HttpVersion11
 
 from .paths import BadPath, normalize
+from .wire import MAX_HEAD
 
 if TYPE_CHECKING:
-    from .server import Request
+    from .request import Request
 
-# All of a request head's bytes together (Envoy's default is 60 KiB; nginx's 4 x 8 KiB).
-MAX_HEAD_SIZE = 64 * 1024
 
 # RFC 3986 host (reg-name or IP literal) with an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?\Z")
@@ -78,7 +78,7 @@ def origin_target(request: Request) -> str:
     raw = request.raw_headers
     protocol = request.protocol
     checked = protocol.checked_headers
-    seen = checked is not None and checked[0] is raw  # equal fields are one object (h1server.Request)
+    seen = checked is not None and checked[0] is raw  # equal fields are one object (http.request.Request)
     if seen:
         # the same fields as an earlier request of the connection, which passed the
         # checks on fields alone (and had no Transfer-Encoding, so whatever its version)
@@ -86,7 +86,7 @@ def origin_target(request: Request) -> str:
     else:
         fields_size = _check_fields(headers, raw, version)
     target = request.raw_path
-    if len(request.method) + len(target) + 12 + fields_size > MAX_HEAD_SIZE:
+    if len(request.method) + len(target) + 12 + fields_size > MAX_HEAD:
         raise Refused(431, "header_too_large")
     if not seen:
         host = headers.get("Host")

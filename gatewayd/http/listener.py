@@ -1,9 +1,18 @@
-"""Listen sockets and our own accept loop (the connections are gatewayd.h1server's).
+"""Listen sockets and our own accept loop (the connections are gatewayd.http.server's).
 
 Owning the accept loop lets the gateway stop accepting at ``max_connections``
 (new connections wait in the kernel's backlog, as with nginx's
 ``worker_connections``), survive EMFILE, and bind or close listen addresses
 one by one on reload.
+
+The transport seam: each listen address has an ``Opener``, which turns an
+accepted socket into a connection the HTTP protocol reads. ``PLAIN`` (TCP as
+it is) is the only one today. TLS (SPEC §9) and the PROXY protocol (SPEC §10)
+are openers of their own that do their work before HTTP sees a byte (read the
+PROXY header, then hand on to an inner opener, TLS or plain), chosen by
+``opener_for`` from a listen entry's options once the table form of ``listen``
+(``{address, tls, proxy_protocol}``) exists. The acceptor keeps the connection
+count whatever the opener does.
 """
 
 from __future__ import annotations
@@ -12,7 +21,8 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from .addresses import parse_hostport
 
@@ -42,10 +52,50 @@ def bind(address: str, backlog: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+class Opener(Protocol):
+    """How one listener's accepted sockets become connections served by the HTTP
+    protocol: plain TCP, or wrapped (TLS, the PROXY protocol) before HTTP sees them."""
+
+    # True: ``open`` waits on the peer (a handshake, a header), so the acceptor runs
+    # it in a task of its own and goes on accepting meanwhile
+    waits_for_peer: bool
+
+    def open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+             factory: ProtocolFactory) -> Awaitable[object]:
+        """Serve ``conn`` (accepted, non-blocking, TCP_NODELAY on) with a protocol
+        from ``factory``. Once it is done, that protocol has the connection and
+        reports its close (the server's ``on_close``); if it raises, no protocol
+        has it: the acceptor closes ``conn`` and gives its place back."""
+        ...
+
+
+class Plain:
+    """TCP as accepted: the protocol reads the socket itself."""
+
+    waits_for_peer = False
+
+    def open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+             factory: ProtocolFactory) -> Awaitable[object]:
+        # the loop's own coroutine, returned rather than awaited: no frame of ours
+        return loop.connect_accepted_socket(factory, conn)
+
+
+PLAIN = Plain()
+
+
+def opener_for(address: str) -> Opener:
+    """The opener for a listen entry. Every entry is a plain ``"host:port"`` today;
+    the table form's ``tls`` and ``proxy_protocol`` options will choose here."""
+    return PLAIN
+
+
 class Acceptor:
     """Accept loops for the listen sockets, sharing one connection budget."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int) -> None:
+    def __init__(self, factory: ProtocolFactory, limit: int) -> None:
         self._factory = factory
         self.limit = limit
         self.open = 0
@@ -54,6 +104,7 @@ class Acceptor:
         self._room.set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._sockets: dict[str, socket.socket] = {}
+        self._opening: set[asyncio.Task[None]] = set()  # openers waiting on their peers
         self._last_resource_log = 0.0
 
     @property
@@ -71,10 +122,14 @@ class Acceptor:
         if self.open < limit:
             self._room.set()
 
-    def serve(self, address: str, sock: socket.socket) -> None:
+    def serve(self, address: str, sock: socket.socket, opener: Opener | None = None) -> None:
+        """Accept on ``sock``; its connections are opened by ``opener`` (by default the
+        one ``opener_for`` chooses for ``address``)."""
+        if opener is None:
+            opener = opener_for(address)
         self._sockets[address] = sock
         self._tasks[address] = asyncio.get_running_loop().create_task(
-            self._accept_loop(sock), name=f"accept {address}"
+            self._accept_loop(sock, opener), name=f"accept {address}"
         )
 
     async def stop(self, address: str) -> None:
@@ -93,8 +148,12 @@ class Acceptor:
     async def stop_all(self) -> None:
         for address in list(self._tasks):
             await self.stop(address)
+        for task in list(self._opening):  # connections not yet HTTP's: closed, not drained
+            task.cancel()
+        if self._opening:
+            await asyncio.gather(*self._opening, return_exceptions=True)
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
+    async def _accept_loop(self, sock: socket.socket, opener: Opener) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if self.open >= self.limit:
@@ -110,7 +169,7 @@ class Acceptor:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
-            await self._start(loop, conn)
+            await self._start(loop, conn, opener)
             # drain what else is waiting without a round trip through the loop
             for _ in range(64):
                 if self.open >= self.limit:
@@ -124,17 +183,35 @@ class Acceptor:
                         await self._out_of_resources(exc)
                     break
                 conn.setblocking(False)
-                await self._start(loop, conn)
+                await self._start(loop, conn, opener)
 
-    async def _start(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    async def _start(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, opener: Opener) -> None:
         self.open += 1
         self.accepted += 1
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.connect_accepted_socket(self._factory, conn)
+            if opener.waits_for_peer:
+                task = loop.create_task(self._open_waiting(loop, conn, opener))
+                self._opening.add(task)
+                task.add_done_callback(self._opening.discard)
+                return
+            await opener.open(loop, conn, self._factory)
         except OSError:
             self.open -= 1
             conn.close()
+
+    async def _open_waiting(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                            opener: Opener) -> None:
+        """An opener that waits on its peer; whatever it fails with (a bad handshake or
+        header, a timeout, a stop), the connection is closed and its place given back."""
+        try:
+            await opener.open(loop, conn, self._factory)
+        except BaseException as exc:
+            conn.close()
+            self.closed_one()
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("listener: connection not opened: %r", exc)
 
     async def _out_of_resources(self, exc: OSError) -> None:
         # Like nginx: log (rate-limited), wait for a connection to close or a

@@ -2,7 +2,7 @@
 SO_REUSEPORT, pushes its figures to the master several times a second, and
 applies what the master decides (reload, limits, its share of the limits).
 
-Started by the master as ``python -m gatewayd.worker --fd N``. It exits when
+Started by the master as ``python -m gatewayd.process.worker --fd N``. It exits when
 the master goes away (its end of the socketpair closes).
 """
 
@@ -16,27 +16,26 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import cast
 
 from ..config.loader import ConfigError, parse
 from ..control.snapshot import export, waiters
-from ..runtime.state import Pending, ReloadFailed, Runtime
+from ..exits import EXIT_BOOT, EXIT_OK
+from ..runtime.state import Runtime
 from ..stats.process import raise_fd_limit
 from ..upstreams.state import set_server_state
-from .ipc import Channel
+from .ipc import Answer, Channel, Command, Start, ToWorker
 from .startup import new_loop, setup_logging
 
 log = logging.getLogger("gatewayd")
 
 PUSH_INTERVAL = 0.25  # seconds between figures pushed to the master (at most)
-EXIT_BOOT = 3  # could not start: the master must not restart us in a loop
 
 
 class Worker:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.runtime: Runtime | None = None
-        self.pending: Pending | None = None
         self.stopping = asyncio.Event()
 
     def _terminate(self) -> None:
@@ -46,8 +45,8 @@ class Worker:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     async def boot(self) -> bool:
-        start = await self.channel.receive()
-        if start is None or start.get("t") != "start":
+        start: Start | None = await self.channel.receive()
+        if start is None or start["t"] != "start":
             return False
         try:
             config = parse(start["text"], start["path"])
@@ -59,7 +58,7 @@ class Worker:
         runtime = Runtime(config, worker_index=start["index"], worker_count=start["count"],
                           reuse_port=True)
         runtime.generation = start["generation"]
-        runtime.overrides.update(start.get("overrides", {}))
+        runtime.overrides.update(start["overrides"])
         share = runtime._share(config.server.max_connections, 1)
         if soft < share + 64:
             log.warning("worker %d: open-file limit %d is below its share of max_connections "
@@ -101,7 +100,7 @@ class Worker:
         stop.cancel()
         await runtime.shutdown(runtime.config.server.shutdown_timeout)
         self.channel.close()
-        return 0
+        return EXIT_OK
 
     async def _push(self) -> None:
         runtime = self.runtime
@@ -114,57 +113,51 @@ class Worker:
 
     async def _commands(self) -> None:
         while True:
-            msg = await self.channel.receive()
+            msg: ToWorker | None = await self.channel.receive()
             if msg is None:
                 log.warning("worker %d: master gone; shutting down", os.getpid())
                 return
-            if msg.get("t") == "call":
+            if msg["t"] == "call":
+                command = msg["command"]
                 try:
-                    answer = await self._call(msg)
+                    answer = await self._call(command)
                 except Exception as exc:  # the master gets an answer whatever happens
-                    log.exception("worker command %r failed", msg.get("cmd"))
+                    log.exception("worker command %r failed", command["cmd"])
                     answer = {"ok": False, "error": f"worker {os.getpid()}: {exc}"}
-                self.channel.send({"t": "reply", "id": msg["id"], **answer})
+                self.channel.send({"t": "reply", "id": msg["id"], "answer": answer})
 
-    async def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, command: Command) -> Answer:
         runtime = self.runtime
         assert runtime is not None
-        cmd = msg["cmd"]
-        if cmd == "prepare":
-            if self.pending is not None:
-                await runtime.abort(self.pending)
-                self.pending = None
+        if command["cmd"] == "prepare":
             try:
-                self.pending = await runtime.prepare(parse(msg["text"], msg["path"]))
-            except (ConfigError, ReloadFailed) as exc:
+                error = await runtime.prepare(parse(command["text"], command["path"]))
+            except ConfigError as exc:
                 return {"ok": False, "error": str(exc)}
-            return {"ok": True}
-        if cmd == "commit":
-            if self.pending is None:
+            return {"ok": True} if error is None else {"ok": False, "error": error}
+        if command["cmd"] == "commit":
+            if runtime.pending is None:
                 return {"ok": False, "error": "nothing prepared"}
-            pending, self.pending = self.pending, None
-            await runtime.commit(pending)
-            runtime.generation = msg["generation"]
+            await runtime.commit(command["generation"])
             return {"ok": True}
-        if cmd == "abort":
-            if self.pending is not None:
-                pending, self.pending = self.pending, None
-                await runtime.abort(pending)
+        if command["cmd"] == "abort":
+            await runtime.abort()
             return {"ok": True}
-        if cmd == "set_limit":
+        if command["cmd"] == "set_limit":
             try:
-                runtime.set_limit(msg["route"], msg.get("max_concurrency"), msg.get("max_queue"))
+                runtime.set_limit(command["route"], command["max_concurrency"], command["max_queue"])
             except KeyError:
-                return {"ok": False, "error": f"no route {msg['route']!r}"}
+                return {"ok": False, "error": f"no route {command['route']!r}"}
             return {"ok": True}
-        if cmd == "share":
-            runtime.set_share(msg["index"], msg["count"])
+        if command["cmd"] == "share":
+            runtime.set_share(command["index"], command["count"])
             return {"ok": True}
-        if cmd == "queue":
-            return {"ok": True, "waiters": waiters(runtime, msg["route"])}
-        if cmd == "server_state":
-            return set_server_state(runtime.table.upstreams, msg["upstream"], msg["server"], msg["state"])
-        return {"ok": False, "error": f"unknown worker command {cmd!r}"}
+        if command["cmd"] == "queue":
+            return {"ok": True, "waiters": waiters(runtime, command["route"])}
+        if command["cmd"] == "server_state":
+            return cast(Answer, set_server_state(runtime.table.upstreams, command["upstream"],
+                                                 command["server"], command["state"]))
+        return {"ok": False, "error": f"unknown worker command {command['cmd']!r}"}
 
 
 async def _main(fd: int) -> int:

@@ -96,7 +96,43 @@ async def raising(exc: BaseException) -> None:
 
 
 class Upstream:
-    """Base of the upstream kinds. ``serve`` writes the whole response to the client."""
+    """Base of the upstream kinds: what serves an admitted request. A kind is a
+    subclass in ``gatewayd.upstreams`` listed in ``gatewayd.upstreams.factory.KINDS``;
+    the proxy calls it only through the methods below.
+
+    Lifecycle. ``Kind(config, turn)`` builds it from a validated configuration
+    (no I/O; an error here, as in ``start``, fails the start or refuses the reload,
+    and the old generation keeps serving). ``start`` runs once, on the loop, before
+    the first request. A reload that changes the upstream's configuration builds a
+    new one; the old one gets ``close`` once the last request it is serving ends.
+
+    What a kind may assume. Every call to ``serve`` or ``serve_inline`` is for a
+    request the route admitted: its slot is held (the route's ``max_concurrency``
+    bounds the calls in progress) and is released by the gateway after the call
+    ends, whichever way; a kind never takes or releases slots, nor calls
+    ``enter``/``leave``. The request's head is checked and routed; its body
+    (``Exchange.body``) may be buffered already or stream from the client.
+
+    What a kind must do. Write the whole response to the client through
+    ``ex.request`` and record it in the exchange: ``status``, ``head_sent`` (from
+    the first byte on), ``sent`` (body bytes), ``truncated`` (a reason, when it
+    cut a response short after its head). A failure is reported by raising
+    ``UpstreamFailure(status, reason)``: before the head, the client gets
+    ``status`` with ``X-Gatewayd-Reason: reason``; after it, the connection is cut.
+    Either way the reason is counted as the upstream's error. Any other exception
+    is a bug: ``500 internal_error``, logged. A ``ConnectionError`` from a write
+    means the client left.
+
+    Cancellation. A client that leaves cancels whatever serves its request: the
+    task running ``serve`` (a ``CancelledError`` at its next await), or the
+    ``Cancellable`` that ``serve_inline`` returned. A kind stops its work and
+    re-raises; work that cannot be stopped safely (a started process job) may be
+    awaited first, keeping the slot until it ends.
+
+    Optional, for kinds with servers (HTTP pools): ``pool_export()`` (the
+    snapshot's upstream figures) and ``set_server_state(server, up)`` (the
+    control command), found by ``gatewayd.upstreams.state``.
+    """
 
     def __init__(self, config: UpstreamConfig, turn: Turn) -> None:
         self.config = config
@@ -105,20 +141,24 @@ class Upstream:
         self._idle: asyncio.Event | None = None
 
     async def start(self) -> None:
-        """Open what the upstream needs (pools, sessions); called once, on the loop."""
+        """Open what the upstream needs (pools, sessions, an application's startup);
+        called once, on the loop; raising fails the start or the reload."""
 
     def serve_inline(self, request: Request, route: Route, path: str, start: float,
                      sink: Sink) -> Cancellable | None:
-        """Serve an admitted request without a body (``path`` as ``Exchange.path``), as
-        an exchange without a task that ends in ``sink``, if this upstream can (see
-        HttpUpstream); None, with nothing done, to have ``serve`` do it."""
+        """Optional fast path: serve an admitted request without a body (``path`` as
+        ``Exchange.path``) as an exchange without a task that ends in exactly one of
+        ``sink``'s calls, and return what the client's leaving cancels (see
+        HttpUpstream). None, with nothing done, to have ``serve`` do it: the default."""
         return None
 
     async def serve(self, ex: Exchange) -> None:
         """Send the response for ``ex`` to its client in full (``ex.request.keep_alive``
-        says afterwards whether the connection may carry another request)."""
+        says afterwards whether the connection may carry another request); failures
+        as ``UpstreamFailure``."""
         raise NotImplementedError
 
+    # the gateway's count of the requests that chose this upstream, queued or served
     def enter(self) -> None:
         self.active += 1
 
@@ -128,7 +168,8 @@ class Upstream:
             self._idle.set()
 
     async def close(self, timeout: float | None = None) -> None:
-        """Close after the requests being served finished (or ``timeout`` passed)."""
+        """Close after the requests being served finished (or ``timeout`` passed);
+        a kind releases its resources in ``_close``, not here."""
         if self.active:
             self._idle = asyncio.Event()
             try:
@@ -138,4 +179,4 @@ class Upstream:
         await self._close()
 
     async def _close(self) -> None:
-        pass
+        """Release what ``start`` opened (pools, processes, an application's shutdown)."""

@@ -39,7 +39,7 @@ class Router(Generic[T]):
     """Routes with a ``host`` are tried first for that host, then the host-less ones.
 
     Prefixes are plain string prefixes of the request target in normal form
-    (gatewayd.paths), which is what is forwarded, so what matches is what the
+    (gatewayd.http.paths), which is what is forwarded, so what matches is what the
     upstream serves. A route that strips its prefix matches only at a segment
     boundary when the prefix does not end in ``/``: prefix ``/api`` takes ``/api``,
     ``/api/x`` and ``/api?q`` but not ``/apix`` or ``/api..``, whose remainder

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from ..config.diff import diff, restart_only_changes
-from ..config.loader import ConfigError, load
-from ..config.settings import Config, RouteConfig, worker_count
+from ..config.settings import Config, RouteConfig, ServerConfig
 from ..http.bodymemory import BodyMemory
 from ..http.listener import Acceptor, bind
 from ..http.server import H1Server
@@ -31,6 +29,8 @@ from ..proxy.serving import Serving
 from ..stats.metrics import Registry
 from ..stats.process import GcMonitor, LoopLag, TaskCounter
 from ..upstreams.factory import build
+from .limits import Overrides
+from .reload import LastReload
 
 log = logging.getLogger("gatewayd")
 
@@ -51,7 +51,11 @@ class Pending:
 
 
 class Runtime:
-    """Everything a running gateway (one worker process) holds."""
+    """Everything a running gateway (one worker process) holds. As one process it is
+    also what a reload changes (runtime.reload.Reloadable); a worker's is changed by
+    its master through ``prepare``, ``commit`` and ``abort``."""
+
+    several = False  # never the master of workers
 
     def __init__(self, config: Config, *, worker_index: int = 0, worker_count: int = 1,
                  reuse_port: bool = False) -> None:
@@ -60,7 +64,7 @@ class Runtime:
         self.worker_count = worker_count
         self.reuse_port = reuse_port
         self.generation = 1
-        self.last_reload: dict[str, Any] | None = None
+        self.last_reload: LastReload | None = None
         self.started = time.time()
         self.registry = Registry()
         self.tasks = TaskCounter()
@@ -69,7 +73,8 @@ class Runtime:
         self.turn = Turn()  # shared by the client side and the upstream pools (turn.py)
         self.draining = False
         self.ready = False
-        self.overrides: dict[str, dict[str, int]] = {}
+        self.overrides = Overrides()
+        self.pending: Pending | None = None  # a reload prepared, not yet committed
         self.serving = Serving(
             config.server,
             AccessLog(config.access_log_path(), config.log.access_format),
@@ -96,9 +101,7 @@ class Runtime:
         return share(total, self.worker_index, self.worker_count, minimum)
 
     def _route_limits(self, rc: RouteConfig) -> tuple[int, int]:
-        o = self.overrides.get(rc.name, {})
-        mc = o.get("max_concurrency", rc.max_concurrency)
-        mq = o.get("max_queue", rc.max_queue)
+        mc, mq = self.overrides.limits(rc)
         return self._share(mc, 1), self._share(mq, 0)
 
     # -- building ------------------------------------------------------------------
@@ -133,12 +136,9 @@ class Runtime:
         return Table(router, routes, upstreams), started
 
     def _server(self, config: Config) -> H1Server:
-        s = config.server
         return H1Server(
             Gateway(self.serving),
-            head_timeout=s.request_header_timeout,
-            send_timeout=s.send_timeout,
-            keepalive_timeout=s.keepalive_timeout,
+            config.server,
             on_close=self._connection_closed,
             turn=self.turn,
             log_refusal=self._log_refusal,
@@ -168,7 +168,8 @@ class Runtime:
         self.access_log.open()
         self.serving.table, _ = await self._build_table(self.config, None)
         self.server = self._server(self.config)
-        self.acceptor = Acceptor(self.server, self._share(self.config.server.max_connections, 1))
+        self.acceptor = Acceptor(self.server, 1)
+        self._use(self.config.server)  # as a reload would: the acceptor's limit, the gates'
         bound = dict(sockets or {})
         try:
             for address in self.config.server.listen:
@@ -197,44 +198,18 @@ class Runtime:
         self.gc.uninstall()
         self.access_log.close()
 
-    # -- reload --------------------------------------------------------------------
-    async def reload(self, *, dry_run: bool = False, config: Config | None = None) -> dict[str, Any]:
-        """Re-read the file (or take ``config``), build, swap. The outcome as a control answer."""
+    # -- reload (runtime.reload) -----------------------------------------------------
+    async def prepare(self, new: Config, text: str = "") -> str | None:
+        """Build what ``new`` needs beside the running generation and keep it for
+        ``commit``; why it cannot be built (everything undone), or None."""
+        await self.abort()  # a reload prepared before and never committed
         try:
-            new = config if config is not None else load(self.config.path)
-        except ConfigError as exc:
-            return self._reload_failed("\n".join(exc.errors), dry_run)
-        changes = diff(self.config, new)
-        refused = restart_only_changes(self.config, new)
-        if new.server.workers != self.config.server.workers and worker_count(new) > 1:
-            refused.append("server.workers (from one process to several)")
-        if refused:
-            return self._reload_failed(
-                f"{new.path}: " + "; ".join(f"{k} cannot change on reload (restart needed)" for k in refused),
-                dry_run,
-            )
-        if dry_run:
-            return {"ok": True, "dry_run": True, "generation": self.generation, "changes": changes}
-        try:
-            await self._apply(new)
+            self.pending = await self._prepare(new)
         except ReloadFailed as exc:
-            return self._reload_failed(f"{new.path}: {exc}", False)
-        self.generation += 1
-        self.last_reload = {"ok": True, "time": time.time(), "error": None, "changes": changes}
-        log.info("reloaded %s: generation %d; %s", new.path, self.generation,
-                 "; ".join(changes) or "no changes")
-        return {"ok": True, "generation": self.generation, "changes": changes}
+            return str(exc)
+        return None
 
-    def _reload_failed(self, error: str, dry_run: bool) -> dict[str, Any]:
-        if not dry_run:
-            self.last_reload = {"ok": False, "time": time.time(), "error": error, "changes": []}
-            log.error("reload failed, configuration unchanged: %s", error)
-        return {"ok": False, "error": error}
-
-    async def _apply(self, new: Config) -> None:
-        await self.commit(await self.prepare(new))
-
-    async def prepare(self, new: Config) -> Pending:
+    async def _prepare(self, new: Config) -> Pending:
         """Build everything ``new`` needs beside the running generation; raise
         ReloadFailed (having undone its own work) if any part cannot be built."""
         old_config = self.config
@@ -261,12 +236,17 @@ class Runtime:
             try:
                 pending.bound[address] = bind(address, new.server.backlog, reuse_port=self.reuse_port)
             except OSError as exc:
-                await self.abort(pending)
+                await self._undo(pending)
                 raise ReloadFailed(f"server.listen: cannot bind {address}: {exc.strerror}") from None
         return pending
 
-    async def abort(self, pending: Pending) -> None:
-        """Undo a prepared reload that will not be committed."""
+    async def abort(self) -> None:
+        """Undo the prepared reload, which will not be committed (if there is one)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            await self._undo(pending)
+
+    async def _undo(self, pending: Pending) -> None:
         for sock in pending.bound.values():
             sock.close()
         for u in pending.started:
@@ -274,20 +254,19 @@ class Runtime:
         if pending.access is not None:
             pending.access.close()
 
-    async def commit(self, pending: Pending) -> None:
-        """Swap the prepared generation in; retire what it no longer uses."""
+    async def commit(self, generation: int) -> None:
+        """Swap the prepared generation in as ``generation``; retire what it no longer uses."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            raise ReloadFailed("nothing prepared")
         old_config, old_table = self.config, self.table
         new, table = pending.config, pending.table
         # the swap, in one step as far as requests can see
         self.overrides.clear()  # set_limit lasts until the next reload
         self.config = new
+        self.generation = generation
         self.serving.table = table
-        self.serving.server = new.server
-        self._apply_limits()
-        s = new.server
-        self.server.keepalive_timeout = s.keepalive_timeout
-        self.server.head_timeout = s.request_header_timeout
-        self.server.send_timeout = s.send_timeout
+        self._use(new.server)
         logging.getLogger("gatewayd").setLevel(new.log.level.upper())
         if pending.access is not None:
             old_access, self.serving.access_log = self.access_log, pending.access
@@ -303,6 +282,17 @@ class Runtime:
                 task = asyncio.get_running_loop().create_task(u.close(None))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
+
+    def _use(self, settings: ServerConfig) -> None:
+        """Put ``[server]`` settings in force, at start and on reload: the one place
+        they reach what runs. The request path reads them from ``Serving.server``;
+        H1Server takes the ones its connections read (``configure``); the limits
+        divided among workers are divided again. The rest are read where they are
+        used, from the configuration in force (``backlog`` when binding,
+        ``shutdown_timeout`` when draining, ``worker_timeout`` by the master)."""
+        self.serving.server = settings
+        self.server.configure(settings)
+        self._apply_limits()
 
     def _apply_limits(self) -> None:
         for route in self.table.routes.values():
@@ -321,18 +311,12 @@ class Runtime:
         r = self.table.routes.get(route)
         if r is None:
             raise KeyError(route)
-        o = self.overrides.setdefault(route, {})
-        if max_concurrency is not None:
-            o["max_concurrency"] = max_concurrency
-        if max_queue is not None:
-            o["max_queue"] = max_queue
+        self.overrides.set(route, max_concurrency, max_queue)
         r.gate.set_limits(*self._route_limits(r.config))
 
     def limits(self, route: str) -> tuple[int, int]:
         """The gateway-wide limits in force for a route (overrides included)."""
-        rc = self.table.routes[route].config
-        o = self.overrides.get(route, {})
-        return o.get("max_concurrency", rc.max_concurrency), o.get("max_queue", rc.max_queue)
+        return self.overrides.limits(self.table.routes[route].config)
 
     @property
     def pid(self) -> int:

@@ -2,9 +2,14 @@
 
 Each kind is an import string, imported the first time a configuration uses it
 (as uvicorn picks its protocol classes): the proxy's contract
-(``gatewayd.proxy.exchange.Upstream``) never names its implementations, and a
-new kind (ASGI, WSGI) is one entry here and one module beside the others.
-Every kind is built as ``Kind(config, turn)``.
+(``gatewayd.proxy.exchange.Upstream``, whose docstring is the interface a kind
+implements) never names its implementations. Every kind is built as
+``Kind(config, turn)``.
+
+A new kind (ASGI, WSGI: SPEC §16) is a module beside the others, one entry in
+``KINDS`` and one line in ``kind_of`` saying which configurations it serves
+(for them, the ``interface`` key); a kind that runs a Python application
+subclasses ``gatewayd.upstreams.application.Application``.
 """
 
 from __future__ import annotations
@@ -32,5 +37,8 @@ def kind_of(config: UpstreamConfig) -> str:
 
 def build(config: UpstreamConfig, turn: Turn) -> Upstream:
     """The upstream object for a validated configuration; ``turn``: the gateway's."""
-    kind: type[Upstream] = resolve(KINDS[kind_of(config)])
+    name = kind_of(config)
+    kind = resolve(KINDS[name])
+    if not (isinstance(kind, type) and issubclass(kind, Upstream)):
+        raise TypeError(f"upstream kind {name!r}: {KINDS[name]} is not an Upstream")
     return kind(config, turn)

@@ -6,15 +6,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..config.importing import resolve
 from ..config.settings import UpstreamConfig
 from ..http.turn import Turn
-from ..proxy.exchange import Exchange, Upstream
+from ..proxy.exchange import Exchange
+from .application import Application
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-class HandlerUpstream(Upstream):
+class HandlerUpstream(Application):
     """``handler = "module:callable"``: ``async def handler(request) -> StreamResponse``.
 
     The handler's response is sent inside the route's slot, so the slot is held
@@ -23,8 +23,7 @@ class HandlerUpstream(Upstream):
 
     def __init__(self, config: UpstreamConfig, turn: Turn) -> None:
         super().__init__(config, turn)
-        assert config.handler
-        self._handler: Handler = resolve(config.handler)
+        self._handler: Handler = self.app
 
     async def serve(self, ex: Exchange) -> None:
         ours = ex.request

@@ -33,9 +33,10 @@ from aiohttp.resolver import AsyncResolver
 from ..config.positions import Locator, Path, format_path
 from ..config.settings import UpstreamConfig
 from ..http.body import RequestBody
-from ..http.client import H1Pool, Response
+from ..http.client import SMALL_BODY, H1Pool, Response
 from ..http.headers import response_headers
 from ..http.turn import Turn
+from ..http.wire import IDEMPOTENT, NO_BODY_STATUS
 from ..proxy.exchange import Cancellable, Exchange, Sink, Upstream, UpstreamFailure, raising
 from .balance import Balancer
 from .health import HealthChecker
@@ -46,11 +47,8 @@ if TYPE_CHECKING:
     from ..proxy.exchange import Route
     from .state import UpstreamExport
 
-IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 RESOLVE_TIMEOUT = 5.0  # seconds for each server name resolved at start-up
-SMALL = 65536  # a response body up to this size, already received, goes out with its head in one write
 _NOTHING_SENT = frozenset(("upstream_connect", "upstream_connect_timeout", "upstream_dns"))
-_NO_BODY_STATUS = frozenset((204, 304))
 _NONE: tuple[ServerState, ...] = ()
 
 
@@ -300,12 +298,12 @@ class HttpUpstream(Upstream):
         elif server.fails or server.ejected_until:
             server.succeeded()
         request = ex.request
-        if request.method == "HEAD" or status < 200 or status in _NO_BODY_STATUS:
+        if request.method == "HEAD" or status < 200 or status in NO_BODY_STATUS:
             request.write(request.head(status, up.reason, response_headers(up.headers), None))
             ex.status = status
             ex.head_sent = True
             return True
-        data = up.read_small(SMALL)  # the whole body, when it is already here
+        data = up.read_small(SMALL_BODY)  # the whole body, when it is already here: out with its head
         if data is None:
             return False
         # head and body in one write, framed by their length whatever the upstream's
@@ -468,7 +466,7 @@ class _Inline(Exchange):
 
 
 def _length(headers: list[tuple[str, str]]) -> int | None:
-    """The upstream's Content-Length, when it framed its body by one (h1client has
+    """The upstream's Content-Length, when it framed its body by one (the client has
     checked it); None for chunked or until-close bodies, re-framed for the client."""
     for name, value in headers:
         if len(name) == 14 and name.lower() == "content-length":

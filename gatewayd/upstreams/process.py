@@ -14,14 +14,13 @@ import concurrent.futures
 import functools
 import multiprocessing
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
 from ..config.importing import resolve
 from ..config.settings import UpstreamConfig
-from ..http.headers import response_headers
 from ..http.turn import Turn
-from ..proxy.exchange import Exchange, Upstream, UpstreamFailure
+from ..proxy.exchange import Exchange, UpstreamFailure
+from .application import Application, respond
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,7 @@ def _run(path: str, request: ProcessRequest) -> tuple[int, list[tuple[str, str]]
     return int(status), [(str(k), str(v)) for k, v in pairs], bytes(body)
 
 
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-class ProcessUpstream(Upstream):
+class ProcessUpstream(Application):
     """``executor = "process"``: jobs in a pool of ``processes`` processes.
 
     A job that has started cannot be interrupted safely: when its client leaves,
@@ -66,10 +58,7 @@ class ProcessUpstream(Upstream):
     """
 
     def __init__(self, config: UpstreamConfig, turn: Turn) -> None:
-        super().__init__(config, turn)
-        assert config.handler
-        resolve(config.handler)  # fail at start, not on the first request
-        self._path = config.handler
+        super().__init__(config, turn)  # imports it here too: a bad name fails the start
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     async def start(self) -> None:
@@ -92,7 +81,7 @@ class ProcessUpstream(Upstream):
         path, _, query = ex.path.partition("?")
         job = ProcessRequest(request.method, path, query, tuple(request.headers.items()),
                              body, ex.client_ip)
-        cfuture = self._pool.submit(_run, self._path, job)
+        cfuture = self._pool.submit(_run, self.target, job)
         future = asyncio.wrap_future(cfuture)
         try:
             status, headers, payload = await asyncio.shield(future)
@@ -107,10 +96,4 @@ class ProcessUpstream(Upstream):
             raise UpstreamFailure(502, "handler_crashed") from None
         except Exception as exc:
             raise UpstreamFailure(500, "handler_error") from exc
-        ex.status = status
-        out = response_headers(headers)
-        if not any(n.lower() == "content-type" for n, _ in out):
-            out.append(("Content-Type", "application/octet-stream"))
-        request.write(request.head(status, _reason(status), out, len(payload)) + payload)
-        ex.head_sent = True
-        ex.sent = len(payload)
+        respond(ex, status, headers, payload)

@@ -38,7 +38,7 @@ log = logging.getLogger("gatewayd")
 
 INF = math.inf
 
-# fail_on's words and the failure reasons (h1client's) each one counts
+# fail_on's words and the failure reasons (http.client's) each one counts
 FAILURE_KINDS: dict[str, tuple[str, ...]] = {
     "connect": ("upstream_connect", "upstream_connect_timeout", "upstream_dns"),
     "reset": ("upstream_reset",),

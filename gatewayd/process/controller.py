@@ -1,0 +1,84 @@
+"""The control commands, once: what the control socket calls into.
+
+One process and the master of workers answer every command the same way; a
+``Backend`` does only what differs (its own runtime, or every worker over IPC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from ..runtime.limits import Overrides
+from ..runtime.reload import Reloadable, reload
+from . import notify
+
+log = logging.getLogger("gatewayd")
+
+
+class Backend(Reloadable, Protocol):
+    """What one process and a master do differently behind the same commands."""
+
+    @property
+    def overrides(self) -> Overrides:
+        """The limits set by hand, gateway-wide."""
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    async def set_limit(self, route: str, max_concurrency: int | None,
+                        max_queue: int | None) -> str | None:
+        """Change a known route's limits (None: that one unchanged), recorded in
+        ``overrides``; what went wrong, or None."""
+
+    async def waiters(self, route: str) -> list[dict[str, Any]]:
+        """The route's waiters, longest waiting first."""
+
+    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
+        """Set a server up or down by hand; the control answer."""
+
+
+class GatewayController:
+    """The control socket's commands (it satisfies control.server.Controller) over a backend."""
+
+    def __init__(self, backend: Backend, lock: asyncio.Lock | None = None) -> None:
+        self.backend = backend
+        # one reload at a time; a master also holds it while it starts a worker, so a
+        # worker never boots from a configuration being replaced
+        self.lock = lock if lock is not None else asyncio.Lock()
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.backend.snapshot()
+
+    async def reload(self, dry_run: bool) -> dict[str, Any]:
+        """A SIGHUP and the ``reload`` command both land here."""
+        async with self.lock:
+            if not dry_run:
+                notify.reloading()
+            try:
+                return await reload(self.backend, dry_run)
+            finally:
+                if not dry_run:
+                    notify.ready()  # also after a failure: the old configuration serves on
+
+    def _known(self, route: str) -> bool:
+        return any(r.name == route for r in self.backend.config.routes)
+
+    async def set_limit(self, route: str, max_concurrency: int | None,
+                        max_queue: int | None) -> dict[str, Any]:
+        if not self._known(route):
+            return {"ok": False, "error": f"no route {route!r}"}
+        error = await self.backend.set_limit(route, max_concurrency, max_queue)
+        if error is not None:
+            return {"ok": False, "error": error}
+        mc, mq = self.backend.overrides.limits(self.backend.config.route(route))
+        log.info("set_limit %s: max_concurrency=%d max_queue=%d (until the next reload)", route, mc, mq)
+        return {"ok": True, "route": route, "max_concurrency": mc, "max_queue": mq}
+
+    async def queue(self, route: str) -> dict[str, Any]:
+        if not self._known(route):
+            return {"ok": False, "error": f"no route {route!r}"}
+        return {"ok": True, "route": route, "waiters": await self.backend.waiters(route)}
+
+    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
+        return await self.backend.server_state(upstream, server, state)
