@@ -130,8 +130,9 @@ class Upstream:
     awaited first, keeping the slot until it ends.
 
     Optional, for kinds with servers (HTTP pools): ``pool_export()`` (the
-    snapshot's upstream figures) and ``set_server_state(server, up)`` (the
-    control command), found by ``gatewayd.upstreams.state``.
+    snapshot's upstream figures, an ``upstreams.state.UpstreamExport``, found by
+    ``gatewayd.control.export``) and ``set_server_state(server, up)`` (the control
+    command, found by ``gatewayd.upstreams.state``).
     """
 
     def __init__(self, config: UpstreamConfig, turn: Turn) -> None:
