@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Literal, NotRequired, TypedDict
 
-from ..runtime.reload import LastReload
+from ..runtime.reload import LastReload, ReloadDone
 from ..stats.metrics import Counts, HistogramExport, Quantiles
 from ..stats.process import GcExport, PauseMs
 from ..upstreams.state import ServerExport, ServerStateSet
@@ -214,13 +214,6 @@ class HelloAnswer(TypedDict):
 class SnapshotAnswer(TypedDict):
     ok: Literal[True]
     snapshot: ServedSnapshot
-
-
-class ReloadDone(TypedDict):
-    ok: Literal[True]
-    generation: int
-    changes: list[str]
-    dry_run: NotRequired[bool]  # true: validated and compared, nothing changed
 
 
 class LimitSet(TypedDict):

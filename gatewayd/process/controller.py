@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
+from ..control.protocol import QueueAnswer, ReloadAnswer, ServerStateAnswer, SetLimitAnswer, Snapshot, Waiter
 from ..runtime.limits import Overrides
 from ..runtime.reload import Reloadable, reload
 from . import notify
@@ -24,17 +25,17 @@ class Backend(Reloadable, Protocol):
     def overrides(self) -> Overrides:
         """The limits set by hand, gateway-wide."""
 
-    def snapshot(self) -> dict[str, Any]: ...
+    def snapshot(self) -> Snapshot: ...
 
     async def set_limit(self, route: str, max_concurrency: int | None,
                         max_queue: int | None) -> str | None:
         """Change a known route's limits (None: that one unchanged), recorded in
         ``overrides``; what went wrong, or None."""
 
-    async def waiters(self, route: str) -> list[dict[str, Any]]:
+    async def waiters(self, route: str) -> list[Waiter]:
         """The route's waiters, longest waiting first."""
 
-    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
+    async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer:
         """Set a server up or down by hand; the control answer."""
 
 
@@ -47,10 +48,10 @@ class GatewayController:
         # worker never boots from a configuration being replaced
         self.lock = lock if lock is not None else asyncio.Lock()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         return self.backend.snapshot()
 
-    async def reload(self, dry_run: bool) -> dict[str, Any]:
+    async def reload(self, dry_run: bool) -> ReloadAnswer:
         """A SIGHUP and the ``reload`` command both land here."""
         async with self.lock:
             if not dry_run:
@@ -65,7 +66,7 @@ class GatewayController:
         return any(r.name == route for r in self.backend.config.routes)
 
     async def set_limit(self, route: str, max_concurrency: int | None,
-                        max_queue: int | None) -> dict[str, Any]:
+                        max_queue: int | None) -> SetLimitAnswer:
         if not self._known(route):
             return {"ok": False, "error": f"no route {route!r}"}
         error = await self.backend.set_limit(route, max_concurrency, max_queue)
@@ -75,10 +76,10 @@ class GatewayController:
         log.info("set_limit %s: max_concurrency=%d max_queue=%d (until the next reload)", route, mc, mq)
         return {"ok": True, "route": route, "max_concurrency": mc, "max_queue": mq}
 
-    async def queue(self, route: str) -> dict[str, Any]:
+    async def queue(self, route: str) -> QueueAnswer:
         if not self._known(route):
             return {"ok": False, "error": f"no route {route!r}"}
         return {"ok": True, "route": route, "waiters": await self.backend.waiters(route)}
 
-    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
+    async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer:
         return await self.backend.server_state(upstream, server, state)

@@ -13,6 +13,9 @@ import json
 import socket
 from typing import Any, Literal, NotRequired, TypedDict
 
+from ..control.export import ProcessExport
+from ..control.protocol import Waiter
+
 # Snapshots of many routes are large; one line may be several MiB.
 LINE_LIMIT = 64 * 1024 * 1024
 
@@ -99,7 +102,7 @@ class Answer(TypedDict):
 
     ok: bool
     error: NotRequired[str]
-    waiters: NotRequired[list[dict[str, Any]]]  # queue
+    waiters: NotRequired[list[Waiter]]  # queue
     upstream: NotRequired[str]  # server_state
     servers: NotRequired[list[str]]
     state: NotRequired[str]
@@ -127,7 +130,7 @@ class Stats(TypedDict):
     """The worker's figures (control.snapshot.export), pushed; also its heartbeat."""
 
     t: Literal["stats"]
-    export: dict[str, Any]
+    export: ProcessExport
 
 
 ToWorker = Start | Call

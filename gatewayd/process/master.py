@@ -31,6 +31,9 @@ from typing import Any
 from .. import __version__
 from ..config.loader import ConfigError, parse, read_text
 from ..config.settings import Config, worker_count
+from ..control.export import ProcessExport
+from ..control.merge import Retired
+from ..control.protocol import RuntimeInfo, ServerStateAnswer, Snapshot, Waiter
 from ..control.snapshot import present, retire, route_order_from
 from ..exits import EXIT_BOOT, EXIT_CONFIG
 from ..runtime.limits import Overrides
@@ -58,7 +61,7 @@ class WorkerHandle:
         self.channel = channel
         self.ready = asyncio.get_running_loop().create_future()
         self.boot_error: str | None = None
-        self.export: dict[str, Any] | None = None
+        self.export: ProcessExport | None = None
         self.last_seen = time.monotonic()
         self.started = time.monotonic()
         self.calls: dict[int, asyncio.Future[Answer]] = {}
@@ -80,7 +83,7 @@ class Master:
         self.started = time.time()
         self.overrides = Overrides()
         self.workers: dict[int, WorkerHandle] = {}  # slot -> handle
-        self.retired: dict[str, Any] = {}
+        self.retired: Retired = {}
         self.draining = False
         self.fatal: str | None = None
         self._ids = itertools.count(1)
@@ -225,10 +228,10 @@ class Master:
         return task
 
     # -- the control commands' backend (controller.Backend) --------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         exports = [h.export for h in sorted(self.workers.values(), key=lambda h: h.slot)
                    if h.export is not None and h.proc.returncode is None]
-        info = {
+        info: RuntimeInfo = {
             "version": __version__, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "config_path": os.path.abspath(self.config.path),
@@ -279,13 +282,13 @@ class Master:
         errors = [a.get("error", "") for a in answers if not a["ok"]]
         return "; ".join(errors) if errors else None
 
-    async def waiters(self, route: str) -> list[dict[str, Any]]:
+    async def waiters(self, route: str) -> list[Waiter]:
         answers = await self.call_all({"cmd": "queue", "route": route})
         waiters = [w for a in answers if a["ok"] for w in a.get("waiters", [])]
         waiters.sort(key=lambda w: -w["wait_ms"])
         return waiters
 
-    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
+    async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer:
         """Every worker sets the server; a worker started later (a replacement) gets
         the same state while the upstream's configuration is the one it was set under."""
         error = check_state(state)
@@ -301,7 +304,9 @@ class Master:
             self.server_states.pop((upstream, server), None)  # a new worker starts with it up
         else:
             self.server_states[(upstream, server)] = (command, self.config.upstream(upstream))
-        return dict(answers[0])
+        done = answers[0]  # every worker set the same servers: the first one's answer
+        return {"ok": True, "upstream": upstream, "servers": done.get("servers", []),
+                "state": done.get("state", state)}
 
     async def _restore_server_states(self, h: WorkerHandle) -> None:
         for command, config in list(self.server_states.values()):

@@ -12,9 +12,9 @@ import asyncio
 import gc
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from ..config.settings import Config
+from ..control.protocol import ServerStateAnswer, Snapshot, Waiter
 from ..control.snapshot import snapshot, waiters
 from ..runtime.limits import Overrides
 from ..runtime.reload import LastReload
@@ -70,7 +70,7 @@ class RuntimeBackend:
     async def abort(self) -> None:
         await self.runtime.abort()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         return snapshot(self.runtime)
 
     async def set_limit(self, route: str, max_concurrency: int | None,
@@ -81,10 +81,10 @@ class RuntimeBackend:
             return f"no route {route!r}"
         return None
 
-    async def waiters(self, route: str) -> list[dict[str, Any]]:
+    async def waiters(self, route: str) -> list[Waiter]:
         return waiters(self.runtime, route)
 
-    async def server_state(self, upstream: str, server: str, state: str) -> dict[str, Any]:
+    async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer:
         return set_server_state(self.runtime.table.upstreams, upstream, server, state)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol, TypedDict
+from typing import Literal, NotRequired, Protocol, TypedDict
 
 from ..config.diff import diff, restart_only_changes
 from ..config.loader import ConfigError, parse, read_text
@@ -27,6 +27,20 @@ class LastReload(TypedDict):
     time: float
     error: str | None
     changes: list[str]
+
+
+class ReloadDone(TypedDict):
+    """The reload command's answer when the reload went through (or would, dry run)."""
+
+    ok: Literal[True]
+    generation: int
+    changes: list[str]
+    dry_run: NotRequired[bool]  # true: validated and compared, nothing changed
+
+
+class ReloadRefused(TypedDict):
+    ok: Literal[False]
+    error: str
 
 
 class Reloadable(Protocol):
@@ -61,7 +75,7 @@ def refused_changes(old: Config, new: Config, several: bool) -> list[str]:
     return refused
 
 
-async def reload(target: Reloadable, dry_run: bool) -> dict[str, Any]:
+async def reload(target: Reloadable, dry_run: bool) -> ReloadDone | ReloadRefused:
     """Re-read ``target``'s file, check, build, swap. The outcome as a control answer."""
     path = target.config.path
     try:
@@ -87,7 +101,7 @@ async def reload(target: Reloadable, dry_run: bool) -> dict[str, Any]:
     return {"ok": True, "generation": target.generation, "changes": changes}
 
 
-def _failed(target: Reloadable, error: str, dry_run: bool) -> dict[str, Any]:
+def _failed(target: Reloadable, error: str, dry_run: bool) -> ReloadRefused:
     if not dry_run:
         target.last_reload = {"ok": False, "time": time.time(), "error": error, "changes": []}
         log.error("reload failed, configuration unchanged: %s", error)
