@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from .. import __version__
 from ..config.settings import Config, RouteConfig, ServerConfig
@@ -46,7 +46,7 @@ class Pending:
     config: Config
     table: Table
     started: list[Upstream]
-    bound: dict[str, Any]
+    bound: dict[str, socket.socket]
     access: AccessLog | None
 
 
@@ -159,7 +159,7 @@ class Runtime:
         return self.acceptor.open
 
     # -- lifecycle -----------------------------------------------------------------
-    async def start(self, sockets: dict[str, Any] | None = None) -> None:
+    async def start(self, sockets: dict[str, socket.socket] | None = None) -> None:
         """Build everything and start accepting. ``sockets`` are pre-bound listeners."""
         loop = asyncio.get_running_loop()
         self.tasks.install(loop)
