@@ -20,11 +20,20 @@ With gatewayd, the same is counted for gatewayd with a no-op admission gate
 (bench/gatewayd_nogate.py): the difference is admission's cost per request,
 end to end, as steady as the instruction counts themselves (the admission
 scenario's CPU-time comparison of the two is within a shared machine's noise).
+
+To compare two commits in one invocation, point GATEWAYD_BASE at a checkout of
+the other one with its own ``.venv`` (``git worktree add /tmp/base REV``, then
+the README's set-up command there): "gatewayd (base)" is counted too, run from
+that checkout, and the two are measured in turns, ``--repeats`` rounds, each
+figure the median of its rounds, so that a drift of the machine during the run
+falls on both alike.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -45,6 +54,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 NOGATE = "gatewayd, no-op gate"
+BASE = "gatewayd (base)"
+
+
+def _base_checkout() -> Path | None:
+    """The checkout GATEWAYD_BASE names (another commit of gatewayd, with its own .venv)."""
+    path = os.environ.get("GATEWAYD_BASE")
+    if not path:
+        return None
+    base = Path(path).resolve()
+    if not (base / ".venv" / "bin" / "python").exists():
+        raise RuntimeError(f"GATEWAYD_BASE={path}: no .venv/bin/python there (run the README's set-up in it)")
+    return base
 
 
 def _gatewayd(env: Env, s: Server, module: str = "gatewayd") -> list[str]:
@@ -54,6 +75,12 @@ def _gatewayd(env: Env, s: Server, module: str = "gatewayd") -> list[str]:
 
 def _gatewayd_nogate(env: Env, s: Server) -> list[str]:
     return _gatewayd(env, s, "bench.gatewayd_nogate")
+
+
+def _gatewayd_base(env: Env, s: Server) -> list[str]:
+    base = _base_checkout()
+    assert base is not None
+    return [str(base / ".venv" / "bin" / "python"), *_gatewayd(env, s)[1:]]
 
 
 def _nginx(env: Env, s: Server) -> list[str]:
@@ -76,18 +103,26 @@ def _edit(config: Path | None, old: str, new: str) -> None:
 
 
 RELAUNCH: dict[str, Callable[[Env, Server], list[str]]] = {
-    "gatewayd": _gatewayd, NOGATE: _gatewayd_nogate, "nginx": _nginx, "haproxy": _haproxy}
+    "gatewayd": _gatewayd, NOGATE: _gatewayd_nogate, BASE: _gatewayd_base, "nginx": _nginx,
+    "haproxy": _haproxy}
 
 
 def run(ctx: Context) -> list[Table]:
     upstream = ctx.upstream()
     kinds = [k for k in ctx.options.proxies if k in RELAUNCH]
+    base = _base_checkout()
     if "gatewayd" in kinds:
         kinds.insert(kinds.index("gatewayd") + 1, NOGATE)
-    per: dict[str, float] = {}
-    for kind in kinds:
-        ctx.say(f"instructions: {kind} under callgrind, hey -n {REQUESTS} -c {CONNECTIONS}")
-        per[kind] = _instructions(ctx, kind, upstream.port) / REQUESTS
+        if base is not None:
+            kinds.insert(kinds.index("gatewayd"), BASE)
+    rounds = ctx.options.repeats if base is not None else 1
+    runs: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for r in range(rounds):
+        for kind in kinds:
+            ctx.say(f"instructions: {kind} under callgrind, hey -n {REQUESTS} -c {CONNECTIONS}"
+                    + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
+            runs[kind].append(_instructions(ctx, kind, upstream.port) / REQUESTS)
+    per = {kind: statistics.median(figures) for kind, figures in runs.items()}
     table = Table(f"Instructions per request (callgrind; hey -n {REQUESTS} -c {CONNECTIONS}, after "
                   f"{WARMUP} warm-up requests)", ["proxy", "instructions/req", "vs nginx", "requests"])
     for kind in kinds:
@@ -97,6 +132,16 @@ def run(ctx: Context) -> list[Table]:
         "the client's), counted under valgrind: identical run to run within about 1 %, which is why "
         "it is the figure to compare code changes with. It does not include the cost of system "
         "calls, which the throughput table's CPU µs/req does.")
+    if BASE in per:
+        assert base is not None
+        rev = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip() or "?"
+        change = per["gatewayd"] - per[BASE]
+        table.notes.append(
+            f"gatewayd (base) is commit {rev} from {base}; gatewayd is this checkout. Median of {rounds} "
+            f"rounds measured in turns: {change:+,.0f} instructions per request, "
+            f"{100 * change / per[BASE]:+.2f} % against the base. Each round, base then this checkout: "
+            + "; ".join(f"{b:,.0f} / {g:,.0f}" for b, g in zip(runs[BASE], runs["gatewayd"], strict=True)) + ".")
     if NOGATE in per:
         cost = per["gatewayd"] - per[NOGATE]
         table.notes.append(
@@ -111,12 +156,15 @@ def run(ctx: Context) -> list[Table]:
 
 def _instructions(ctx: Context, kind: str, upstream_port: int) -> int:
     """Instructions (Ir) ``kind`` executed over REQUESTS requests on a warm proxy."""
-    plain = start_proxy(ctx.env, "gatewayd" if kind == NOGATE else kind, upstream_port, nogate=kind == NOGATE)
+    plain = start_proxy(ctx.env, "gatewayd" if kind in (NOGATE, BASE) else kind, upstream_port,
+                        nogate=kind == NOGATE)
     ctx.env.procs.stop(plain.proc)
     out = plain.workdir / "cg.out"
     argv = [tool("valgrind"), "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no",
             *RELAUNCH[kind](ctx.env, plain)]
-    proc = ctx.env.procs.start(f"{kind}-callgrind", argv, ctx.env.proxy_cpu, cwd=ROOT)
+    # `python -m gatewayd` imports from its working directory first: the base runs from its own
+    base = _base_checkout() if kind == BASE else None
+    proc = ctx.env.procs.start(f"{kind}-callgrind", argv, ctx.env.proxy_cpu, cwd=base or ROOT)
     try:
         proc.wait_port(plain.port, START_TIMEOUT)
         _hey(ctx, plain.port, WARMUP)
