@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .settings import SECTIONS, Config, restart_only, settings_of
@@ -17,9 +18,13 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in settings_of(type(obj))}
 
 
-def _changed(old: Any, new: Any) -> list[str]:
+def _changed(old: Any, new: Any, live: Mapping[str, int] | None = None) -> list[str]:
+    """``key old -> new`` for each setting that changes; a value in ``live`` (a limit
+    set by hand, which the reload ends) is the one in force, said whatever the file."""
     a, b = _fields(old), _fields(new)
-    return [f"{k} {_show(a[k])} -> {_show(b[k])}" for k in a if a[k] != b[k]]
+    live = live or {}
+    return [f"{k} {live[k]} (set_limit) -> {_show(b[k])}" if k in live else f"{k} {_show(a[k])} -> {_show(b[k])}"
+            for k in a if k in live or a[k] != b[k]]
 
 
 def _show(value: Any) -> str:
@@ -28,8 +33,13 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def diff(old: Config, new: Config) -> list[str]:
-    """One line per change: routes added/removed/changed, upstreams, sections."""
+def diff(old: Config, new: Config, overrides: Mapping[str, Mapping[str, int]] | None = None) -> list[str]:
+    """One line per change: routes added/removed/changed, upstreams, sections.
+
+    ``overrides`` are the limits set by hand in force (route name -> key -> value,
+    gateway-wide): a reload ends them, so each is a change from its live value
+    (``max_concurrency 300 (set_limit) -> 150``), even where the file did not change."""
+    overrides = overrides or {}
     out: list[str] = []
     for name in SECTIONS:
         for change in _changed(getattr(old, name), getattr(new, name)):
@@ -54,7 +64,7 @@ def diff(old: Config, new: Config) -> list[str]:
             out.append(f"route {r.name}: removed")
     for r in new.routes:
         if r.name in old_r:
-            changes = _changed(old_r[r.name], r)
+            changes = _changed(old_r[r.name], r, overrides.get(r.name))
             if changes:
                 out.append(f"route {r.name}: " + ", ".join(changes))
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Literal, NotRequired, Protocol, TypedDict
 
 from ..config.diff import diff, restart_only_changes
@@ -50,6 +51,10 @@ class Reloadable(Protocol):
     def config(self) -> Config:
         """The configuration in force."""
 
+    @property
+    def overrides(self) -> Mapping[str, Mapping[str, int]]:
+        """The limits set by hand in force (runtime.limits), which a reload ends."""
+
     generation: int  # 1 at start, one more for each reload committed
     last_reload: LastReload | None
     @property
@@ -83,7 +88,8 @@ async def reload(target: Reloadable, dry_run: bool) -> ReloadDone | ReloadRefuse
         new = parse(text, path)
     except ConfigError as exc:
         return _failed(target, "\n".join(exc.errors), dry_run)
-    changes = diff(target.config, new)
+    # what changes is what is in force -> what the file says: limits set by hand included
+    changes = diff(target.config, new, target.overrides)
     refused = refused_changes(target.config, new, target.several)
     if refused:
         return _failed(target, f"{path}: " + "; ".join(

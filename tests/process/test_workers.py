@@ -376,3 +376,22 @@ async def test_control_commands_answer_as_one_process_does(gateway_process, upst
     answer = await asyncio.to_thread(gp.command, {"cmd": "reload", "dry_run": True})
     assert answer["ok"] is False
     assert "server.workers (to 1: the single-process mode) cannot change on reload" in answer["error"]
+
+
+async def test_reload_says_which_limits_set_by_hand_it_ends(gateway_process, upstream):
+    """With workers = 2, as one process: set_limit app 30, then the file's
+    max_concurrency 10 -> 15 and a reload: the dry run, the answer and the log say
+    30 (set_limit) -> 15, and every worker's limit is back to the file's."""
+    gp = gateway_process(app(upstream.url, 10), workers=2)
+    await asyncio.to_thread(wait_for_workers, gp, 2)
+    assert (await asyncio.to_thread(gp.command, {"cmd": "set_limit", "route": "app",
+                                                 "max_concurrency": 30}))["ok"]
+    gp.config_path.write_text(gp.config_path.read_text().replace("max_concurrency = 10", "max_concurrency = 15")
+                              .replace('level = "warning"', 'level = "info"'))  # the reload's log line
+    said = ["log: level warning -> info", "route app: max_concurrency 30 (set_limit) -> 15"]
+    answer = await asyncio.to_thread(gp.command, {"cmd": "reload", "dry_run": True})
+    assert answer["ok"] and answer["changes"] == said, answer
+    answer = await asyncio.to_thread(gp.command, {"cmd": "reload"})
+    assert answer["ok"] and answer["changes"] == said, answer
+    assert snap(gp)["routes"][0]["max_concurrency"] == 15
+    await asyncio.to_thread(poll, lambda: "generation 2; " + "; ".join(said) in gp.stderr())

@@ -339,3 +339,25 @@ def test_gatewayctl_reload_outcome(gateway_process, tmp_path):
     bad = ctl("reload")
     assert bad.returncode == 1 and "routes[0].max_concurrency" in bad.stderr
     assert json.loads(ctl("--json", "snapshot").stdout)["generation"] == 2
+
+
+async def test_reload_says_which_limits_set_by_hand_it_ends(start_gateway, upstream, caplog):
+    """set_limit app 30, then the file's max_concurrency 10 -> 15: the dry run, the
+    answer and the log say 30 (set_limit) -> 15, the change the live limit makes; with
+    the file unchanged, the override ending is still said (not "no changes")."""
+    gw = await start_gateway(two_upstreams(upstream.url, upstream.url, mc=10, mq=10))
+    await gw.command({"cmd": "set_limit", "route": "app", "max_concurrency": 30})
+    rewrite(gw, two_upstreams(upstream.url, upstream.url, mc=15, mq=10))
+    gw.config_path.write_text(gw.config_path.read_text().replace('level = "warning"', 'level = "info"'))
+    said = ["log: level warning -> info", "route app: max_concurrency 30 (set_limit) -> 15"]
+    answer = await gw.command({"cmd": "reload", "dry_run": True})
+    assert answer["ok"] and answer["changes"] == said
+    caplog.set_level("INFO", logger="gatewayd")
+    answer = await gw.command({"cmd": "reload"})
+    assert answer["ok"] and answer["changes"] == said and gw.runtime.limits("app") == (15, 10)
+    assert "generation 2; " + "; ".join(said) in caplog.text
+    assert (await gw.command({"cmd": "reload"}))["changes"] == []  # nothing by hand left
+    await gw.command({"cmd": "set_limit", "route": "app", "max_queue": 3})
+    answer = await gw.command({"cmd": "reload"})
+    assert answer["changes"] == ["route app: max_queue 3 (set_limit) -> 10"]
+    assert "no changes" not in caplog.records[-1].getMessage()
