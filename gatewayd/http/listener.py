@@ -52,6 +52,31 @@ def bind(address: str, backlog: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def cannot_bind(address: str) -> str | None:
+    """Why ``address`` can never be listened on here, or None: binding is tried (with
+    SO_REUSEADDR, without listening, at once undone). A port in use (EADDRINUSE) is
+    not a reason: it may be the running gatewayd's, which a reload keeps. Anything
+    else is (EADDRNOTAVAIL: the address is not one of this host's; EACCES: a port
+    this user may not bind; a host name with no address)."""
+    host, port = parse_hostport(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f'cannot resolve "{host}" ({exc.strerror})'
+    family, type_, proto, _, sockaddr = infos[0]
+    with socket.socket(family, type_, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return None
+            return f"cannot bind {address} ({exc.strerror})"
+    return None
+
+
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
 

@@ -99,7 +99,8 @@ async def reload(target: Reloadable, dry_run: bool) -> ReloadDone | ReloadRefuse
     error = await target.prepare(new, text)
     if error is not None:
         await target.abort()
-        return _failed(target, f"{path}: {error}", False)
+        # in the file's words: a located error (file:line:, a server name) is kept as is
+        return _failed(target, error if error.startswith(f"{path}:") else f"{path}: {error}", False)
     target.generation += 1
     await target.commit(target.generation)
     target.last_reload = {"ok": True, "time": time.time(), "error": None, "changes": changes}

@@ -29,6 +29,7 @@ from ..proxy.serving import Serving
 from ..stats.metrics import Registry
 from ..stats.process import GcMonitor, LoopLag, TaskCounter
 from ..upstreams.factory import build
+from ..upstreams.http import UnresolvableServer
 from .limits import Overrides
 from .reload import LastReload
 
@@ -227,6 +228,8 @@ class Runtime:
         except Exception as exc:
             if access is not None:
                 access.close()
+            if isinstance(exc, UnresolvableServer):  # as start-up says it: file:line: key
+                raise ReloadFailed(exc.located(new.path)) from None
             raise ReloadFailed(f"upstreams: {exc}") from None
         pending = Pending(new, table, started, {}, access)
         old_addresses = set(old_config.server.listen)

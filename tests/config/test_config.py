@@ -210,7 +210,7 @@ def test_all_keys_file_values() -> None:
     assert [(s.host, s.port, s.weight) for s in servers] == [
         ("127.0.0.1", 9000, 1),
         ("::1", 9001, 3),
-        ("backend.internal", 80, 1),
+        ("localhost", 80, 1),
     ]
     assert c.route("demo").host == "example.com"
     assert c.upstream("thumbnails").executor == "process"

@@ -395,3 +395,17 @@ async def test_reload_says_which_limits_set_by_hand_it_ends(gateway_process, ups
     assert answer["ok"] and answer["changes"] == said, answer
     assert snap(gp)["routes"][0]["max_concurrency"] == 15
     await asyncio.to_thread(poll, lambda: "generation 2; " + "; ".join(said) in gp.stderr())
+
+
+async def test_reload_says_where_a_server_name_that_does_not_resolve_is(gateway_process, upstream):
+    """With workers = 2, a reload to a server name with no address is refused with
+    file:line: key, said once, as one process says it."""
+    gp = gateway_process(app(upstream.url, 10), workers=2)
+    await asyncio.to_thread(wait_for_workers, gp, 2)
+    gp.config_path.write_text(gp.config_path.read_text().replace(upstream.url, "http://nonexistent.invalid:8080"))
+    line = next(i for i, x in enumerate(gp.config_path.read_text().splitlines(), 1) if "nonexistent" in x)
+    answer = await asyncio.to_thread(gp.command, {"cmd": "reload"})
+    assert answer["ok"] is False
+    assert answer["error"].startswith(
+        f'{gp.config_path}:{line}: upstreams.app.servers[0]: cannot resolve "nonexistent.invalid" ('), answer
+    assert ";" not in answer["error"] and snap(gp)["generation"] == 1

@@ -361,3 +361,16 @@ async def test_reload_says_which_limits_set_by_hand_it_ends(start_gateway, upstr
     answer = await gw.command({"cmd": "reload"})
     assert answer["changes"] == ["route app: max_queue 3 (set_limit) -> 10"]
     assert "no changes" not in caplog.records[-1].getMessage()
+
+
+async def test_reload_says_where_a_server_name_that_does_not_resolve_is(start_gateway, upstream):
+    """A reload to a server name with no address is refused with file:line: key, as
+    start-up and every other configuration error say it (not "file: upstreams: ...")."""
+    gw = await start_gateway(two_upstreams(upstream.url, upstream.url))
+    rewrite(gw, two_upstreams(upstream.url, "http://nonexistent.invalid:8080"))
+    line = next(i for i, x in enumerate(gw.config_path.read_text().splitlines(), 1) if "nonexistent" in x)
+    answer = await gw.command({"cmd": "reload"})
+    assert answer["ok"] is False
+    assert answer["error"].startswith(
+        f'{gw.config_path}:{line}: upstreams.b.servers[0]: cannot resolve "nonexistent.invalid" ('), answer
+    assert gw.runtime.generation == 1 and await get(gw.port) == 200
