@@ -127,7 +127,8 @@ async def test_live_figures_and_keys_act_on_the_daemon(start_gateway, upstream, 
         gw.config_path.write_text(gw.config_path.read_text().replace("max_queue = 20", "max_queue = 30"))
         press(app, "r")
         await wait_for(lambda: gw.runtime.generation == 2, timeout=5)
-        await wait_for(lambda: "reload ok, generation 2: route slow: max_queue 20 -> 30" in events(app), timeout=5)
+        await wait_for(lambda: "reload ok, generation 2: route api: max_concurrency 3 (set_limit) -> 4; "
+                               "route slow: max_queue 20 -> 30" in events(app), timeout=5)
         assert "generation 2" in app.query_one(Summary).text.plain
 
         gw.config_path.write_text(gw.config_path.read_text() + "\n[[routes]]\nname = 42\n")
