@@ -19,7 +19,7 @@ from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.notifications import SeverityLevel
+from textual.notifications import Notify, SeverityLevel
 from textual.widgets import Footer
 
 from gatewayd.exits import EXIT_CONFIG
@@ -148,9 +148,15 @@ class DashboardApp(App[int]):
 
     def toast(self, message: str, title: str = "", severity: SeverityLevel = "information",
               timeout: float = 3) -> None:
-        """A notice in place of the one shown: one at a time, never a pile over the events."""
-        self.clear_notifications()
+        """A notice, in place of the one shown (see _on_notify)."""
         self.notify(message, title=title, severity=severity, timeout=timeout)
+
+    def _on_notify(self, event: Notify) -> None:
+        # One toast at a time, never a pile over the events pane: a new one replaces
+        # the one shown. Here rather than in toast(): notify() only posts a message,
+        # so a toast asked for before the previous one arrived would still pile up.
+        self.clear_notifications()
+        super()._on_notify(event)
 
     @work(exclusive=True, group="socket")
     async def read_socket(self) -> None:

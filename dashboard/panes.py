@@ -99,6 +99,7 @@ class LimitScreen(ModalScreen[dict[str, int] | None]):
     """Type a route's max_concurrency and max_queue; Enter sends, Esc cancels."""
 
     BINDINGS = [("escape", "cancel", "Cancel")]
+    AUTO_FOCUS = "#max_concurrency"
 
     def __init__(self, route: str, concurrency: int | None, queue: int | None) -> None:
         super().__init__()
@@ -115,9 +116,6 @@ class LimitScreen(ModalScreen[dict[str, int] | None]):
                         id="max_queue")
             yield Label("", id="limits-error")
             yield Label("[dim]Tab: next field · Enter: set · Esc: cancel[/dim]")
-
-    def on_mount(self) -> None:
-        self.query_one("#max_concurrency", Input).focus()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
