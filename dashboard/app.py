@@ -131,7 +131,7 @@ class DashboardApp(App[int]):
     def on_mount(self) -> None:
         self.trends.border_title = f"Trends, last {fmt.duration(self.history.length * self.interval)}"
         self.event_pane.border_title = "Events"
-        self.upstream_pane.border_title = "Upstreams (u: trends)"
+        self.upstream_pane.border_title = "Upstreams"
         self.upstream_pane.display = False
         self.table.focus()
         self._show_sort()
