@@ -15,10 +15,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.notifications import Notify, SeverityLevel
 from textual.widgets import Footer
 
 from gatewayd.exits import EXIT_CONFIG
@@ -37,16 +38,30 @@ from .model import (
     dig,
     events_between,
     find_route,
+    most_pressed,
     num_at,
     ordered,
     route_views,
+    server_views,
     totals,
     waiters,
 )
+from .panes import LimitScreen, UpstreamPane
 from .routetable import RouteTable
 from .socketpath import ConfigProblem, socket_from_config
 from .trends import Trends
-from .widgets import COLUMNS, EventPane, HelpScreen, StatusBar, Summary, XRay, row_cells
+from .widgets import (
+    COLUMNS,
+    NARROW,
+    WIDE_WIDTH,
+    EventPane,
+    HelpScreen,
+    StatusBar,
+    Summary,
+    XRay,
+    narrow_cells,
+    row_cells,
+)
 
 TRENDS_EVERY = 1.0  # seconds between redraws of the sparklines
 
@@ -60,6 +75,9 @@ class DashboardApp(App[int]):
         Binding("plus", "limit(1)", "+limit"),
         Binding("equals_sign", "limit(1)", "+limit", show=False),
         Binding("minus", "limit(-1)", "-limit"),
+        Binding("l", "limits", "Limits"),
+        Binding("u", "upstreams", "Upstreams"),
+        Binding("a", "follow", "X-ray auto", show=False),
         Binding("s", "sort", "Sort"),
         Binding("S", "reverse", "Reverse", show=False),
         Binding("p", "pause", "Pause"),
@@ -87,6 +105,8 @@ class DashboardApp(App[int]):
         self.full_queue: tuple[str, list[Any]] | None = None  # the queue command's answer
         self._pending_limits: dict[str, tuple[int, bool]] = {}  # route -> (target, answered)
         self._trends_drawn = 0.0
+        self.xray_pinned = False  # the operator picked the X-ray's route (moved the cursor)
+        self.xray_route: str | None = None
 
     # -- layout --------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -95,6 +115,7 @@ class DashboardApp(App[int]):
         self.summary = Summary(id="summary")
         self.table = RouteTable(COLUMNS, row_cells, id="routes")
         self.trends = Trends(id="trends")
+        self.upstream_pane = UpstreamPane(id="upstreams")
         self.xray = XRay(id="xray")
         self.event_pane = EventPane(id="events")
         yield self.status_bar
@@ -102,6 +123,7 @@ class DashboardApp(App[int]):
         yield self.table
         with Horizontal(id="bottom"):
             yield self.trends
+            yield self.upstream_pane
             yield self.xray
             yield self.event_pane
         yield Footer()
@@ -109,12 +131,32 @@ class DashboardApp(App[int]):
     def on_mount(self) -> None:
         self.trends.border_title = f"Trends, last {fmt.duration(self.history.length * self.interval)}"
         self.event_pane.border_title = "Events"
+        self.upstream_pane.border_title = "Upstreams"
+        self.upstream_pane.display = False
         self.table.focus()
         self._show_sort()
         self._show_status()
         self._show_xray()
         if self.connect:
             self.read_socket()
+
+    def on_resize(self, event: events.Resize) -> None:
+        # the routes table's border takes 2 cells, its scroll bar 1
+        wide = event.size.width >= WIDE_WIDTH + 3
+        self.table.set_columns(COLUMNS if wide else NARROW, row_cells if wide else narrow_cells)
+        self._show_sort()
+
+    def toast(self, message: str, title: str = "", severity: SeverityLevel = "information",
+              timeout: float = 3) -> None:
+        """A notice, in place of the one shown (see _on_notify)."""
+        self.notify(message, title=title, severity=severity, timeout=timeout)
+
+    def _on_notify(self, event: Notify) -> None:
+        # One toast at a time, never a pile over the events pane: a new one replaces
+        # the one shown. Here rather than in toast(): notify() only posts a message,
+        # so a toast asked for before the previous one arrived would still pile up.
+        self.clear_notifications()
+        super()._on_notify(event)
 
     @work(exclusive=True, group="socket")
     async def read_socket(self) -> None:
@@ -166,24 +208,24 @@ class DashboardApp(App[int]):
             if ok:
                 changes = rep.get("changes")
                 n = len(changes) if isinstance(changes, list) else 0
-                self.notify(f"generation {rep.get('generation', '?')}, {n} change{'s' * (n != 1)}",
+                self.toast(f"generation {rep.get('generation', '?')}, {n} change{'s' * (n != 1)}",
                             title="Reload ok")
             else:
-                self.notify(str(rep.get("error")), title="Reload FAILED", severity="error", timeout=10)
+                self.toast(str(rep.get("error")), title="Reload FAILED", severity="error", timeout=10)
                 if not self.feed.connected:
                     self.add_event(Event(time.time(), "error", f"reload not sent: {rep.get('error')}"))
         elif req.get("cmd") == "set_limit":
             route = str(req.get("route"))
             if ok:
-                value = rep.get("max_concurrency", req.get("max_concurrency"))
                 target = req.get("max_concurrency")
-                if self._pending_limits.get(route, (None, False))[0] == target:
+                if target is not None and self._pending_limits.get(route, (None, False))[0] == target:
                     # the last one asked for is in force: the next snapshot shows it
                     self._pending_limits[route] = (int(target), True)
-                self.notify(f"{route}: max_concurrency {value}", title="Limit set")
+                said = [f"{k} {rep.get(k, req[k])}" for k in ("max_concurrency", "max_queue") if k in req]
+                self.toast(f"{route}: {', '.join(said)}", title="Limit set")
             else:
                 self._pending_limits.pop(route, None)
-                self.notify(str(rep.get("error")), title="set_limit failed", severity="error")
+                self.toast(str(rep.get("error")), title="set_limit failed", severity="error")
                 self.add_event(Event(time.time(), "error", f"set_limit {route}: {rep.get('error')}"))
 
     # -- drawing ---------------------------------------------------------------------
@@ -196,10 +238,12 @@ class DashboardApp(App[int]):
             self._trends_drawn = now
             self.trends.show(self.history, self.now)
         self._show_xray()
+        self.upstream_pane.show(server_views(self.last))
         self._show_status()
 
     def _show_xray(self) -> None:
-        route = self.table.selected
+        auto = None if self.xray_pinned else most_pressed(self.views, self.xray_route)
+        route = self.xray_route = auto or self.table.selected
         self.feed.xray_route = route
         r = find_route(self.last, route)
         queued = num_at(r, "queued")
@@ -207,7 +251,7 @@ class DashboardApp(App[int]):
         listed = summary
         if self.full_queue and self.full_queue[0] == route and queued and queued > len(summary):
             listed = waiters(self.full_queue[1])
-        self.xray.show(route, listed, queued)
+        self.xray.show(route, listed, queued, following=auto is not None)
 
     def _show_status(self) -> None:
         icon = {"ok": "●", "down": "✖", "waiting": "…"}[self.state]
@@ -232,22 +276,22 @@ class DashboardApp(App[int]):
 
     # -- actions ---------------------------------------------------------------------
     def action_reload(self) -> None:
-        self.notify("reloading…", timeout=2)
+        self.toast("reloading…", timeout=2)
         self.feed.send({"cmd": "reload"})
 
     def action_limit(self, delta: int) -> None:
         route = self.table.selected
         view = next((v for v in self.views if v.name == route), None)
         if route is None or view is None:
-            self.notify("no route selected", severity="warning")
+            self.toast("no route selected", severity="warning")
             return
         current = self._pending_limits[route][0] if route in self._pending_limits else view.max_concurrency
         if current is None:
-            self.notify(f"{route}: max_concurrency unknown", severity="warning")
+            self.toast(f"{route}: max_concurrency unknown", severity="warning")
             return
         target = int(current) + delta
         if target < 1:
-            self.notify(f"{route}: max_concurrency cannot go below 1", severity="warning")
+            self.toast(f"{route}: max_concurrency cannot go below 1", severity="warning")
             return
         self._pending_limits[route] = (target, False)
         self.feed.send({"cmd": "set_limit", "route": route, "max_concurrency": target})
@@ -278,8 +322,40 @@ class DashboardApp(App[int]):
         self.table.show(rows, ordered(self.views, self.sort_column, self.sort_reverse))
 
     @on(RouteTable.Selected)
-    def route_selected(self) -> None:
+    def route_selected(self, msg: RouteTable.Selected) -> None:
+        if msg.by_user:
+            self.xray_pinned = True
         self._show_xray()
+
+    def action_follow(self) -> None:
+        self.xray_pinned = False
+        self._show_xray()
+
+    def action_upstreams(self) -> None:
+        self.upstream_pane.display = not self.upstream_pane.display
+        self.trends.display = not self.upstream_pane.display
+        if self.trends.display:
+            self.trends.show(self.history, self.now)
+
+    def action_limits(self) -> None:
+        route = self.table.selected
+        view = next((v for v in self.views if v.name == route), None)
+        if route is None or view is None:
+            self.toast("no route selected", severity="warning")
+            return
+        pending = self._pending_limits.get(route)
+        concurrency = pending[0] if pending else view.max_concurrency
+        current = (None if concurrency is None else int(concurrency),
+                   None if view.max_queue is None else int(view.max_queue))
+
+        def chosen(fields: dict[str, int] | None) -> None:
+            if not fields:
+                return
+            if "max_concurrency" in fields:
+                self._pending_limits[route] = (fields["max_concurrency"], False)
+            self.feed.send({"cmd": "set_limit", "route": route, **fields})
+
+        self.push_screen(LimitScreen(route, *current), chosen)
 
     def action_pause(self) -> None:
         self.paused = not self.paused

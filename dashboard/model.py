@@ -107,7 +107,9 @@ class RouteView:
     queued: float | None
     max_queue: float | None
     oldest_wait_ms: float | None
-    rps: float | None
+    rps: float | None  # responses of every kind per second
+    served_rps: float | None  # responses the upstream made, per second
+    shed_rps: float | None  # responses the gateway made itself (503 sheds, refusals, errors)
     p50: float | None
     p99: float | None
     queue_full: float | None
@@ -134,6 +136,30 @@ def _rejected(r: dict[str, Any]) -> tuple[float | None, float | None, float | No
     return full, tmo, both
 
 
+def _shed(r: dict[str, Any]) -> float | None:
+    """Answers the gateway made: ``gateway_answers``; from a gatewayd without it, its
+    503 sheds (every reason in ``rejected``)."""
+    made = number(r.get("gateway_answers"))
+    if made is not None or "gateway_answers" in r:
+        return made
+    values = [number(v) for v in _table(r, "rejected").values()]
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def _served(r: dict[str, Any]) -> float | None:
+    """Answers the upstream made: ``served``; from a gatewayd without it, the
+    responses (or, without those, the requests) less the 503 sheds."""
+    served = number(r.get("served"))
+    if served is not None or "served" in r:
+        return served
+    classes = [number(v) for v in _table(r, "responses").values()]
+    total = sum(v for v in classes if v is not None) if classes else number(r.get("requests"))
+    if total is None:
+        return None
+    return max(total - (_shed(r) or 0.0), 0.0)
+
+
 def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
     """The routes of ``cur``; rates against ``base`` (an earlier sample of the same process)."""
     dt = elapsed(base, cur) if base is not None and same_process(base, cur) else None
@@ -152,6 +178,8 @@ def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
             max_queue=number(r.get("max_queue")),
             oldest_wait_ms=number(r.get("oldest_wait_ms")),
             rps=rate(number(r.get("requests")), number(old.get("requests")), dt),
+            served_rps=rate(_served(r), _served(old), dt),
+            shed_rps=rate(_shed(r), _shed(old), dt),
             p50=number(latency.get("p50")),
             p99=number(latency.get("p99")),
             queue_full=full,
@@ -164,14 +192,30 @@ def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
     return out
 
 
-SORT_COLUMNS = ("name", "in_flight", "queued", "oldest_wait_ms", "rps", "p50", "p99",
+SORT_COLUMNS = ("name", "in_flight", "queued", "oldest_wait_ms", "served_rps", "shed_rps", "p50", "p99",
                 "queue_full", "queue_timeout", "cancelled", "upstream_errors")
+
+
+def pressure(v: RouteView) -> tuple[float, float]:
+    """How pressed a route is: its queue's depth, then its oldest waiter's age."""
+    return (v.queued or 0.0, v.oldest_wait_ms or 0.0)
+
+
+def most_pressed(views: Iterable[RouteView], current: str | None = None) -> str | None:
+    """The route with the deepest queue (then the oldest waiter); None when nobody
+    waits anywhere. On a tie, ``current`` stays, so the choice does not flicker."""
+    best: RouteView | None = None
+    for v in views:
+        if best is None or pressure(v) > pressure(best) or (
+                pressure(v) == pressure(best) and v.name == current):
+            best = v
+    return best.name if best is not None and pressure(best) > (0.0, 0.0) else None
 
 
 def ordered(views: Iterable[RouteView], column: str, reverse: bool = False) -> list[str]:
     """Route names in display order: names A-Z, figures largest first; ``reverse`` flips
     that. Routes with a blank figure always come last."""
-    if column not in SORT_COLUMNS:
+    if column not in RouteView.__dataclass_fields__:  # any figure of a row sorts
         column = "name"
     if column == "name":
         return sorted((v.name for v in views), reverse=reverse)
@@ -269,6 +313,56 @@ class History:
         return list(self.series[key])
 
 
+# --------------------------------------------------------------------------- upstreams
+HEALTHY_STATES = ("up", "kept")
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """One server of an upstream, as the snapshot's ``upstreams`` lists it."""
+
+    upstream: str
+    url: str
+    state: str  # up, kept, down, unhealthy, ejected, trial; "" when not sent
+    in_flight: float | None
+    failures: float | None
+    last_error: str | None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state in HEALTHY_STATES
+
+
+def server_views(sample: Sample | None) -> list[ServerView]:
+    """Every server of every upstream, in the daemon's order (handler upstreams have none)."""
+    ups = dig(sample.snap, "upstreams") if sample is not None else None
+    out: list[ServerView] = []
+    for u in ups if isinstance(ups, list) else []:
+        name = text_at(u, "name")
+        servers = dig(u, "servers")
+        if name is None or not isinstance(servers, list):
+            continue
+        for srv in servers:
+            url = text_at(srv, "url")
+            if url is not None:
+                out.append(ServerView(name, url, text_at(srv, "state") or "", num_at(srv, "in_flight"),
+                                      num_at(srv, "failures"), text_at(srv, "last_error")))
+    return out
+
+
+def _server_events(prev: Sample, cur: Sample, t: float | None) -> list[Event]:
+    before = {(s.upstream, s.url): s for s in server_views(prev)}
+    out = []
+    for s in server_views(cur):
+        old = before.get((s.upstream, s.url))
+        if old is None or old.state == s.state or not s.state:
+            continue
+        why = f" ({s.last_error})" if s.last_error and not s.healthy else ""
+        out.append(Event(t, "info" if s.healthy else "warning",
+                         f"upstream {s.upstream}: {s.url} {old.state or '?'} -> {s.state}{why}"))
+    return out
+
+
 # --------------------------------------------------------------------------- events
 @dataclass(frozen=True)
 class Event:
@@ -321,7 +415,7 @@ def events_between(prev: Sample | None, cur: Sample) -> list[Event]:
             if a is not None and b is not None:
                 why = " (set_limit ended by the reload)" if reloaded else ""
                 out.append(Event(t, "info", f"limit {r['name']}: {key} {int(a)} -> {int(b)}{why}"))
-    return out
+    return out + _server_events(prev, cur, t)
 
 
 def waiters(items: Any) -> list[dict[str, Any]]:

@@ -47,9 +47,11 @@ class RouteTable(ScrollView, can_focus=True):
 
     @dataclass
     class Selected(Message):
-        """The cursor is on another route (or on none)."""
+        """The cursor is on another route (or on none); ``by_user``: the operator moved it
+        (a key or a click), rather than its route going away."""
 
         route: str | None
+        by_user: bool = False
 
     @dataclass
     class HeaderClicked(Message):
@@ -114,6 +116,16 @@ class RouteTable(ScrollView, can_focus=True):
         on_screen = set(self.order[top: top + self.size.height - 1])
         for name in changed - on_screen:
             self._cells.pop(name, None)
+
+    def set_columns(self, columns: Sequence[Column], cells_of: Callable[[Any], tuple[Cell, ...]]) -> None:
+        """Another layout of the same rows (a narrower or wider terminal)."""
+        if tuple(columns) == self.columns:
+            return
+        self.columns, self.cells_of = tuple(columns), cells_of
+        self._x = [sum(c.width + 2 for c in self.columns[:i]) for i in range(len(self.columns) + 1)]
+        self._cells.clear()
+        self._lines.clear()
+        self.refresh()
 
     def set_sort_marks(self, marks: dict[str, str]) -> None:
         """Arrows beside column labels (column key -> mark)."""
@@ -182,15 +194,15 @@ class RouteTable(ScrollView, can_focus=True):
         self.refresh()
 
     # -- cursor ----------------------------------------------------------------------
-    def move_to(self, index: int) -> None:
+    def move_to(self, index: int, user: bool = True) -> None:
         if not self.order:
             return
         index = max(0, min(index, len(self.order) - 1))
         old, self.cursor = self.cursor, index
         self._cursor_into_view()
         self.refresh()
-        if old != index:
-            self.post_message(self.Selected(self.selected))
+        if old != index or user:
+            self.post_message(self.Selected(self.selected, by_user=user))
 
     def _cursor_into_view(self) -> None:
         """Scroll only as far as needed to show the cursor's row."""

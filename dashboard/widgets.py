@@ -12,24 +12,49 @@ from textual.screen import ModalScreen
 from textual.widgets import RichLog, Static
 
 from . import fmt
-from .model import Event, RouteView, Sample, dig, num_at, text_at
+from .model import Event, RouteView, Sample, dig, num_at, server_views, text_at
+from .panes import servers_summary
 from .routetable import Cell, Column
 
 # --------------------------------------------------------------------------- routes table
+# Two layouts of the same rows. WIDE needs WIDE_WIDTH cells inside the border; a
+# narrower terminal (80x24) gets NARROW: every figure an operator needs in an
+# incident on one line, the oldest waiter's age in the X-ray, the 503s summed in
+# shed/s, cancellations and upstream errors as totals.
 COLUMNS = (
-    Column("name", "Route", 16, left=True),
-    Column("in_flight", "In flight/limit", 17, left=True),
+    Column("name", "Route", 14, left=True),
+    Column("in_flight", "In flight/limit", 16, left=True),
     Column("queued", "Queued/max", 11),
     Column("oldest_wait_ms", "Oldest", 8),
-    Column("rps", "req/s", 8),
+    Column("served_rps", "served/s", 8),
+    Column("shed_rps", "shed/s", 8),
     Column("p50", "p50", 8),
     Column("p99", "p99", 8),
-    Column("queue_full", "503 full", 9),
-    Column("queue_timeout", "503 tmo", 9),
-    Column("cancelled", "Cancel", 8),
-    Column("upstream_errors", "Up.err", 8),
+    Column("queue_full", "503 full", 8),
+    Column("queue_timeout", "503 tmo", 8),
+    Column("cancelled", "Cancel", 7),
+    Column("upstream_errors", "Up.err", 7),
+)
+NARROW = (
+    Column("name", "Route", 9, left=True),
+    Column("in_flight", "In/limit", 8),
+    Column("queued", "Queued", 7),
+    Column("served_rps", "serv/s", 6),
+    Column("shed_rps", "shed/s", 6),
+    Column("p50", "p50", 6),
+    Column("p99", "p99", 6),
+    Column("cancelled", "Cancel", 6),
+    Column("upstream_errors", "UpErr", 5),
 )
 BAR = 7
+
+
+def width_of(columns: tuple[Column, ...]) -> int:
+    """The cells a layout needs: each column padded by one on both sides."""
+    return sum(c.width + 2 for c in columns)
+
+
+WIDE_WIDTH = width_of(COLUMNS)
 
 
 def _load_style(value: float | None, limit: float | None) -> str:
@@ -39,25 +64,38 @@ def _load_style(value: float | None, limit: float | None) -> str:
     return "bold red" if share >= 1 else "yellow" if share >= 0.7 else "green"
 
 
-def row_cells(v: RouteView) -> tuple[Cell, ...]:
-    """The table row of a route: (text, style) per column, in COLUMNS order."""
-    busy = fmt.ratio(v.in_flight, v.max_concurrency)
+def _common(v: RouteView) -> dict[str, Cell]:
     full_queue = bool(v.queued and v.max_queue is not None and v.queued >= v.max_queue)
+    return {
+        "name": (v.name, "bold"),
+        "queued": (fmt.ratio(v.queued, v.max_queue), "bold red" if full_queue else "yellow" if v.queued else ""),
+        "served_rps": (fmt.per_second(v.served_rps), ""),
+        "shed_rps": (fmt.per_second(v.shed_rps), "bold red" if v.shed_rps else ""),
+        "p50": (fmt.ms(v.p50), ""),
+        "p99": (fmt.ms(v.p99), ""),
+        "cancelled": (fmt.count(v.cancelled), ""),
+        "upstream_errors": (fmt.count(v.upstream_errors), "bold red" if v.error_rps else ""),
+    }
+
+
+def row_cells(v: RouteView) -> tuple[Cell, ...]:
+    """The wide table row of a route: (text, style) per column, in COLUMNS order."""
+    busy = fmt.ratio(v.in_flight, v.max_concurrency)
     rejecting = "bold red" if v.rejected_rps else ""
-    return (
-        (v.name, "bold"),
-        (fmt.bar(v.in_flight, v.max_concurrency, BAR) + " " + busy.rjust(COLUMNS[1].width - BAR - 1),
-         _load_style(v.in_flight, v.max_concurrency)),
-        (fmt.ratio(v.queued, v.max_queue), "bold red" if full_queue else "yellow" if v.queued else ""),
-        (fmt.age(v.oldest_wait_ms), "yellow" if v.oldest_wait_ms else ""),
-        (fmt.per_second(v.rps), ""),
-        (fmt.ms(v.p50), ""),
-        (fmt.ms(v.p99), ""),
-        (fmt.count(v.queue_full), rejecting),
-        (fmt.count(v.queue_timeout), rejecting),
-        (fmt.count(v.cancelled), ""),
-        (fmt.count(v.upstream_errors), "bold red" if v.error_rps else ""),
-    )
+    cells = _common(v)
+    cells["in_flight"] = (fmt.bar(v.in_flight, v.max_concurrency, BAR) + " "
+                          + busy.rjust(COLUMNS[1].width - BAR - 1), _load_style(v.in_flight, v.max_concurrency))
+    cells["oldest_wait_ms"] = (fmt.age(v.oldest_wait_ms), "yellow" if v.oldest_wait_ms else "")
+    cells["queue_full"] = (fmt.count(v.queue_full), rejecting)
+    cells["queue_timeout"] = (fmt.count(v.queue_timeout), rejecting)
+    return tuple(cells[c.key] for c in COLUMNS)
+
+
+def narrow_cells(v: RouteView) -> tuple[Cell, ...]:
+    """The narrow table row of a route, in NARROW order (no bar: the colour says it)."""
+    cells = _common(v)
+    cells["in_flight"] = (fmt.ratio(v.in_flight, v.max_concurrency), _load_style(v.in_flight, v.max_concurrency))
+    return tuple(cells[c.key] for c in NARROW)
 
 
 # --------------------------------------------------------------------------- header and status
@@ -92,6 +130,9 @@ def summary_text(sample: Sample | None, width: int = 140) -> Text:
         ("workers", str(len(workers)) if isinstance(workers, list) else "", "bold"),
         ("generation", fmt.count(num_at(s, "generation")), "bold"),
     ]
+    servers, style = servers_summary(server_views(sample))
+    if servers:
+        line1.append(("servers", servers, style))
     reload = dig(s, "last_reload")
     tail: list[tuple[str, str]] = [("  last reload ", "dim")]
     if isinstance(reload, dict):
@@ -171,12 +212,18 @@ class XRay(Static):
     def shown_waiters(self) -> int:
         return len(self._shown[1]) if self._shown else 0
 
-    def show(self, route: str | None, waiting: list[dict[str, Any]], queued: float | None) -> None:
-        if (route, waiting, queued) == self._shown:
+    def show(self, route: str | None, waiting: list[dict[str, Any]], queued: float | None,
+             following: bool = False) -> None:
+        """``following``: the route is the most pressed one, not one the operator picked."""
+        if (route, waiting, queued, following) == self._shown:
             return
-        self._shown = (route, waiting, queued)
+        self._shown = (route, waiting, queued, following)
         self.border_title = f"Queue X-ray: {route}" if route else "Queue X-ray"
-        self.border_subtitle = f"{fmt.count(queued)} waiting" if queued else ""
+        # "most pressed": chosen by the dashboard, not the operator (a in the help)
+        parts = ["most pressed"] if following else []
+        if queued:
+            parts.append(f"{fmt.count(queued)} waiting")
+        self.border_subtitle = " · ".join(parts)
         self.update(xray_table(route, waiting, queued), layout=False)
 
 
@@ -200,15 +247,20 @@ HELP = """\
 [b]Keys[/b]
   [b]↑ ↓ PgUp PgDn Home End[/b]  select a route (its queue shows in the X-ray)
   [b]r[/b]        reload gatewayd's configuration; the outcome shows as a notice and an event
-  [b]+[/b] / [b]=[/b]    raise the selected route's max_concurrency by 1 (set_limit)
-  [b]-[/b]        lower it by 1 (never below 1); live until the next reload
+  [b]l[/b]        type the selected route's max_concurrency and max_queue (set_limit)
+  [b]+[/b] / [b]=[/b]    raise its max_concurrency by 1   [b]-[/b]  lower it by 1; live until the next reload
+  [b]a[/b]        the X-ray follows the most pressed route again (moving the cursor picks one)
+  [b]u[/b]        the upstreams' servers and their state in place of the trends, and back
   [b]s[/b]        sort by the next column      [b]S[/b]  reverse the order (or click a header)
   [b]p[/b]        pause / resume the screen (data keeps being collected)
   [b]?[/b]        this help                     [b]q[/b]  quit
 
-[b]Routes[/b]  in flight / max_concurrency (bar), queued / max_queue, the oldest waiter's age,
-  req/s over the last second, p50 and p99 latency (from the daemon's histograms), 503s
-  (queue_full, queue_timeout; red while rising), cancellations and upstream errors (totals).
+[b]Routes[/b]  in flight / max_concurrency, queued / max_queue, (wide: the oldest waiter's age),
+  served/s (answered by the upstream) and shed/s (answered by the gateway: 503s, errors)
+  over the last second, p50 and p99 of served requests, (wide: 503 totals by reason),
+  cancellations and upstream errors (totals; red while rising).
+[b]X-ray[/b]   the waiters of the most pressed route (deepest queue, then oldest waiter),
+  or of the route under the cursor once you move it.
 [b]Trends[/b]  the last minutes, one point an update: req/s, queued requests (all routes),
   event-loop lag, GC pause milliseconds per second.
 [b]Events[/b]  reloads with their changes or error, limit changes, connection lost and restored.

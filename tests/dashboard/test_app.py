@@ -14,11 +14,15 @@ from typing import Any
 import aiohttp
 from textual.events import Key
 from textual.geometry import Region
+from textual.widgets import Input, Label
 
 from dashboard.app import DashboardApp
+from dashboard.panes import LimitScreen, UpstreamPane
 from dashboard.routetable import RouteTable
+from dashboard.trends import Trends
 from dashboard.widgets import EventPane, HelpScreen, StatusBar, Summary, XRay
 
+from ..builders import free_port
 from ..conftest import wait_for
 
 SIZE = (140, 40)
@@ -67,7 +71,8 @@ async def traffic(url: str, path: str = "/echo", concurrency: int = 4) -> AsyncI
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-KEY_CHARS = {"plus": "+", "minus": "-", "question_mark": "?", "escape": None, "down": None, "up": None}
+KEY_CHARS = {"plus": "+", "minus": "-", "question_mark": "?", "escape": None, "down": None, "up": None,
+             "backspace": None, "tab": None, "enter": "\r"}
 
 
 def press(app: DashboardApp, *keys: str) -> None:
@@ -249,7 +254,7 @@ async def test_odd_snapshots_show_blanks_never_crash(tmp_path: Path) -> None:
             await wait_for(lambda: app.last is not None and app.last.snap.get("pid") == 9, timeout=5)
             await pilot.pause()
             assert row(app, "r1")[1].endswith("1/2")
-            assert row(app, "r1")[5:] == ["", "", "", "", "", ""]
+            assert row(app, "r1")[5:] == ["", "", "", "", "", "", ""]  # shed/s to Up.err
             assert "FAILED" in app.query_one(Summary).text.plain
             press(app, "plus", "r")  # commands to a daemon that ignores them: no crash
             await pilot.pause()
@@ -261,3 +266,131 @@ async def test_odd_snapshots_show_blanks_never_crash(tmp_path: Path) -> None:
             with contextlib.suppress(OSError):
                 await w.wait_closed()
         await server.wait_closed()
+
+
+def notices(app: DashboardApp) -> int:
+    """How many toasts are up."""
+    return len(app._notifications)
+
+
+async def test_xray_follows_the_most_pressed_route_until_the_operator_picks_one(start_gateway, upstream) -> None:
+    """1. route slow (one slot) gets 4 requests of 3 s: 3 wait; the cursor stays on api
+    2. the X-ray shows slow, marked "most pressed" 3. the operator moves the cursor
+    down and back up to api: the X-ray shows api, and stays on it 4. `a`: it follows
+    slow again."""
+    gw = await start_gateway(body(upstream.url))
+    app = DashboardApp(gw.socket_path, interval=0.1)
+    async with traffic(gw.url, "/slow/x?ms=3000", concurrency=4), app.run_test(size=SIZE):
+        await wait_for(lambda: len(gw.runtime.table.routes["slow"].gate.waiters) == 3, timeout=10)
+        xray = app.query_one(XRay)
+        await wait_for(lambda: xray.border_title == "Queue X-ray: slow", timeout=5)
+        assert app.query_one(RouteTable).selected == "api" and "most pressed" in str(xray.border_subtitle)
+        press(app, "down", "up")
+        await wait_for(lambda: xray.border_title == "Queue X-ray: api", timeout=5)
+        seen = app.last
+        await wait_for(lambda: app.last is not seen and app.last.received > seen.received + 0.3, timeout=5)
+        assert xray.border_title == "Queue X-ray: api" and "most pressed" not in str(xray.border_subtitle)
+        press(app, "a")
+        await wait_for(lambda: xray.border_title == "Queue X-ray: slow", timeout=5)
+
+
+async def test_typed_limits_are_set_in_the_daemon_and_one_toast_at_a_time(start_gateway, upstream) -> None:
+    """1. `l` on route api opens the limits dialog with its limits (4, 50) 2. typed:
+    max_concurrency 12, Tab, max_queue 75, Enter: both set in the daemon, shown in
+    the row 3. a value below the least allowed is refused in the dialog, Esc closes it,
+    nothing changes 4. `+` pressed five times, then `r`: never more than one toast
+    on screen."""
+    gw = await start_gateway(body(upstream.url))
+    app = DashboardApp(gw.socket_path, interval=0.1)
+    async with app.run_test(size=(80, 24)):
+        await wait_for(lambda: "api" in app.query_one(RouteTable).rows, timeout=10)
+        press(app, "l")
+        await wait_for(lambda: isinstance(app.screen, LimitScreen), timeout=5)
+        dialog = app.screen
+        await wait_for(lambda: any(i.has_focus for i in dialog.query("#max_concurrency")), timeout=5)
+        assert [dialog.query_one(f"#{k}", Input).value for k in ("max_concurrency", "max_queue")] == ["4", "50"]
+        # a field's text is selected when it gets the focus: typing replaces it
+        press(app, "1", "2", "tab")
+        await wait_for(lambda: dialog.query_one("#max_queue", Input).has_focus, timeout=5)
+        press(app, "7", "5", "enter")
+        await wait_for(lambda: gw.runtime.limits("api") == (12, 75), timeout=5)
+        await wait_for(lambda: row(app, "api")[1] == "0/12" and row(app, "api")[2] == "0/75", timeout=5)
+        assert not isinstance(app.screen, LimitScreen)
+
+        press(app, "l")
+        await wait_for(lambda: isinstance(app.screen, LimitScreen), timeout=5)
+        dialog = app.screen
+        await wait_for(lambda: any(i.has_focus for i in dialog.query("#max_concurrency")), timeout=5)
+        press(app, "0", "enter")
+        await wait_for(lambda: "expected a number >= 1" in str(dialog.query_one("#limits-error", Label).content),
+                       timeout=5)
+        press(app, "escape")
+        await wait_for(lambda: not isinstance(app.screen, LimitScreen), timeout=5)
+        assert gw.runtime.limits("api") == (12, 75)
+
+        most = [0]
+        app.notify = _counting(app, most)  # type: ignore[method-assign]
+        press(app, "plus", "plus", "plus", "plus", "plus", "r")
+        await wait_for(lambda: gw.runtime.generation == 2 and gw.runtime.limits("api") == (4, 50), timeout=5)
+        await wait_for(lambda: "generation 2" in str([n.message for n in app._notifications]), timeout=5)
+        assert most[0] == 1 and notices(app) == 1
+
+
+def _counting(app: DashboardApp, most: list[int]) -> Any:
+    """app.notify, noting the most toasts ever up at once."""
+    notify = app.notify
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        notify(*args, **kwargs)
+        most[0] = max(most[0], notices(app))
+
+    return counted
+
+
+async def test_served_and_shed_rates_side_by_side_under_overload(start_gateway, upstream) -> None:
+    """Route slow: one slot, a queue of 1, 10 clients asking for 200 ms each: about
+    5 served a second, the rest shed with 503. The row shows both rates, and the
+    served rate is not the sum of both."""
+    gw = await start_gateway(body(upstream.url, slow_queue=1))
+    app = DashboardApp(gw.socket_path, interval=0.1)
+    async with traffic(gw.url, "/slow/x?ms=200", concurrency=10), app.run_test(size=(80, 24)):
+        await wait_for(lambda: app.last is not None, timeout=10)
+        first = app.last.received  # type: ignore[union-attr]
+
+        def rates() -> tuple[float, float] | None:
+            # rates over a full second (the first ones span less)
+            if app.last is None or app.last.received < first + 1.5:
+                return None
+            v = next((v for v in app.views if v.name == "slow"), None)
+            if v is None or not v.served_rps or not v.shed_rps or v.shed_rps < 20:
+                return None
+            return v.served_rps, v.shed_rps
+        served, shed = await wait_for(rates, timeout=10)
+        assert 1 <= served <= 8 and shed > 4 * served
+        cells = row(app, "slow")
+        assert cells[3] and cells[4] and cells[3] != cells[4]  # serv/s, shed/s, in the narrow layout
+
+
+async def test_an_ejected_server_shows_with_its_state(start_gateway, upstream) -> None:
+    """Upstream app has a live server and a dead one (nothing listens), max_fails 1:
+    under traffic the dead one is ejected; the dashboard says so in the header
+    (servers 1/2 up), the event pane (up -> ejected) and the upstreams pane (`u`)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = body(upstream.url).replace(f'servers = ["{upstream.url}"]', f"""servers = ["{upstream.url}", "{dead}"]
+        max_fails = 1
+        fail_timeout = 30.0
+        connect_timeout = 0.5""")
+    gw = await start_gateway(config)
+    app = DashboardApp(gw.socket_path, interval=0.1)
+    async with app.run_test(size=(80, 24)):
+        await wait_for(lambda: app.last is not None and "servers 2/2 up" in app.query_one(Summary).text.plain,
+                       timeout=10)
+        async with traffic(gw.url, "/echo", concurrency=2):
+            await wait_for(lambda: "servers 1/2 up" in app.query_one(Summary).text.plain, timeout=10)
+        assert f"upstream app: {dead} up -> ejected" in events(app)
+        pane = app.query_one(UpstreamPane)
+        assert not pane.display
+        press(app, "u")
+        await wait_for(lambda: pane.display and not app.query_one(Trends).display, timeout=5)
+        text = str(pane.render())
+        assert "ejected" in text and dead.removeprefix("http://") in text and "1/2 up" in text

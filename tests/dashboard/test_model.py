@@ -16,14 +16,16 @@ from dashboard.model import (
     Sample,
     Totals,
     events_between,
+    most_pressed,
     ordered,
     rate,
     route_views,
+    server_views,
     totals,
     waiters,
 )
 from dashboard.socketpath import ConfigProblem, socket_from_config
-from dashboard.widgets import COLUMNS, row_cells, summary_text
+from dashboard.widgets import COLUMNS, NARROW, WIDE_WIDTH, narrow_cells, row_cells, summary_text, width_of
 
 
 def route(name: str = "app", **over: Any) -> dict[str, Any]:
@@ -225,3 +227,70 @@ def test_socket_path_from_config(tmp_path: Path) -> None:
             socket_from_config(cfg)
     with pytest.raises(ConfigProblem, match="No such file"):
         socket_from_config(tmp_path / "missing.toml")
+
+
+# ----------------------------------------------------------------------------- issue 19
+def test_served_and_shed_rates_from_served_and_gateway_answers() -> None:
+    """A gatewayd that counts both: served/s from ``served``, shed/s from
+    ``gateway_answers`` (sheds, refusals, errors), whatever the other counters say."""
+    a = sample(1000.0, routes=[route(served=100, gateway_answers=50)])
+    b = sample(1002.0, routes=[route(served=110, gateway_answers=850, requests=5000)])
+    [v] = route_views(b, a)
+    assert (v.served_rps, v.shed_rps) == (5.0, 400.0)
+
+
+def test_served_and_shed_rates_fall_back_on_responses_and_rejected() -> None:
+    """An older gatewayd: served = responses less the 503s in ``rejected`` (every
+    reason), shed = those 503s; without responses, the requests less the 503s."""
+    a = sample(1000.0, routes=[route(responses={"2xx": 100, "5xx": 7}, rejected={"queue_full": 5, "queue_timeout": 2})])
+    b = sample(1002.0, routes=[route(responses={"2xx": 110, "5xx": 807},
+                                     rejected={"queue_full": 605, "queue_timeout": 102, "overloaded": 100})])
+    [v] = route_views(b, a)
+    assert (v.served_rps, v.shed_rps) == (5.0, 400.0)
+    a = sample(1000.0, routes=[route(responses=None, requests=100, rejected={"queue_full": 0})])
+    b = sample(1001.0, routes=[route(responses=None, requests=130, rejected={"queue_full": 20})])
+    [v] = route_views(b, a)
+    assert (v.served_rps, v.shed_rps) == (10.0, 20.0)
+
+
+def test_most_pressed_is_the_deepest_queue_then_the_oldest_waiter_and_keeps_ties() -> None:
+    views = route_views(sample(routes=[route("a", queued=3, oldest_wait_ms=10.0),
+                                       route("b", queued=3, oldest_wait_ms=900.0),
+                                       route("c", queued=1, oldest_wait_ms=5000.0)]), None)
+    assert most_pressed(views) == "b"
+    views = route_views(sample(routes=[route("a", queued=3, oldest_wait_ms=10.0),
+                                       route("b", queued=3, oldest_wait_ms=10.0)]), None)
+    assert most_pressed(views) == "a" and most_pressed(views, current="b") == "b"
+    assert most_pressed(route_views(sample(routes=[route("a"), route("b")]), None)) is None
+
+
+def test_servers_and_their_state_changes_become_events() -> None:
+    def ups(state: str) -> list[dict[str, Any]]:
+        return [{"name": "app", "servers": [
+            {"url": "http://10.0.0.1:80", "state": "up", "in_flight": 1, "failures": 0},
+            {"url": "http://10.0.0.2:80", "state": state, "failures": 3, "last_error": "upstream_connect"}]},
+            {"name": "odd", "servers": "x"}, 7]
+
+    a, b = sample(1000.0, upstreams=ups("up")), sample(1001.0, upstreams=ups("ejected"))
+    assert [(s.upstream, s.url, s.state, s.healthy) for s in server_views(b)] == [
+        ("app", "http://10.0.0.1:80", "up", True), ("app", "http://10.0.0.2:80", "ejected", False)]
+    [e] = events_between(a, b)
+    assert (e.level, e.text) == ("warning", "upstream app: http://10.0.0.2:80 up -> ejected (upstream_connect)")
+    assert events_between(b, sample(1002.0, upstreams=ups("up")))[0].level == "info"
+    assert "servers 1/2 up" in summary_text(b).plain and "servers" not in summary_text(sample()).plain
+
+
+def test_narrow_layout_fits_80_columns_with_every_incident_figure() -> None:
+    """80 columns less the table's border (2) and scroll bar (1); the wide one needs more."""
+    assert width_of(NARROW) <= 77 < WIDE_WIDTH
+    keys = [c.key for c in NARROW]
+    for key in ("in_flight", "queued", "served_rps", "shed_rps", "p50", "p99", "cancelled", "upstream_errors"):
+        assert key in keys
+    a = sample(1000.0, routes=[route(in_flight=100, max_concurrency=100, queued=200, max_queue=200)])
+    b = sample(1001.0, routes=[route(in_flight=100, max_concurrency=100, queued=200, max_queue=200,
+                                     responses={"2xx": 1990, "5xx": 20010}, rejected={"queue_full": 20005},
+                                     cancelled=12345, upstream_errors=99999)])
+    cells = narrow_cells(route_views(b, a)[0])
+    for (text, _), col in zip(cells, NARROW, strict=True):
+        assert len(text) <= col.width, (col.key, text)
+    assert [t for t, _ in cells][1:] == ["100/100", "200/200", "1002", "19998", "11.0ms", "35.0ms", "12345", "99999"]

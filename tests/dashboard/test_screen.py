@@ -39,6 +39,11 @@ def _route(name: str, limit: int, max_queue: int, **figures: Any) -> dict[str, A
     return r
 
 
+def _server(url: str, state: str, in_flight: int, failures: int = 0) -> dict[str, Any]:
+    return {"url": url, "weight": 1, "state": state, "healthy": state == "up", "in_flight": in_flight,
+            "requests": 3000, "failures": failures, "last_error": "upstream_connect" if failures else None}
+
+
 def _waiters(n: int, oldest_ms: float) -> list[dict[str, Any]]:
     return [{"wait_ms": round(oldest_ms - i * 73.5, 3), "method": "POST" if i % 3 else "GET",
              "path": f"/checkout/cart/{1000 + i}?step=pay", "client": f"203.0.113.{10 + i}", "pid": 4242}
@@ -84,6 +89,10 @@ def scenario() -> Iterator[dict[str, Any]]:
                "gc": {"collections": [5210 + i, 473, 12], "pauses": 5695 + i,
                       "pause_ms": {"last": 0.08, "max": 18.4, "total": 912.0 + i * 0.6}},
                "rss_bytes": 96_468_992, "routes": routes, "workers": [{"pid": 4242}],
+               "upstreams": [{"name": "legacy", "balance": "round_robin", "retried": 3, "no_healthy_server": 0,
+                              "servers": [_server("http://10.0.0.7:8080", "up", 1),
+                                          _server("http://10.0.0.8:8080", "ejected" if i >= 20 else "up", 0,
+                                                  failures=60 + i)]}],
                "unknown_future_field": {"ignored": True}}
 
 
@@ -107,7 +116,7 @@ async def test_main_screen_matches_the_reviewed_svg(utc: None, tmp_path: Path) -
         for key in ("s", "s", "s", "s"):
             app.post_message(Key(key, key))
         await wait_for(lambda: app.last is not None and app.last.snap["time"] == T0 + 39 * STEP)
-        await wait_for(lambda: app.sort_column == "rps")
+        await wait_for(lambda: app.sort_column == "served_rps")
         for _ in range(app.table.order.index("checkout") - app.table.cursor):
             app.post_message(Key("down", None))
         await wait_for(lambda: app.table.selected == "checkout")
@@ -150,7 +159,7 @@ async def test_cursor_and_scroll_survive_updates_and_reordering() -> None:
         assert app.table.rows[picked].rps == float(picked[1:]) + 0.0  # r042: 42 more requests in 1 s
         for key in ("s", "s", "s", "s"):  # by req/s: r199 first, r000 last
             app.post_message(Key(key, None))
-        await wait_for(lambda: app.sort_column == "rps")
+        await wait_for(lambda: app.sort_column == "served_rps")
         await pilot.pause()
         assert app.table.selected == picked and app.table.order[0] == "r199"
         top = app.table.scroll_offset.y
