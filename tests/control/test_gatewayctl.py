@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from ..builders import app_route, free_port, handler_route, route_toml, upstream_toml
-from ..conftest import ROOT, raw_request, status_of
+from ..conftest import ROOT, raw_request, status_of, wait_for_sync
 
 CTL = (sys.executable, "-m", "gatewayd.control.cli")
 EXIT_PIPE = 141  # 128 + SIGPIPE, what a shell shows for `ls` cut short by `head`
@@ -233,6 +233,12 @@ def test_with_workers(gateway_process):
     down, up = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
     gp = gateway_process(upstream_toml("app", servers=[down, up]) + route_toml("app", "app")
                          + handler_route("demo", path_prefix="/demo/"), workers=2)
+
+    def workers_up() -> bool:
+        workers = gp.command({"cmd": "snapshot"})["snapshot"]["workers"]
+        return len([w for w in workers if w["pid"]]) == 2
+
+    wait_for_sync(workers_up, timeout=20)  # the socket answers before both workers are up
     answer = gp.command({"cmd": "server_state", "upstream": "app", "server": down, "state": "down"})
     assert answer["ok"]
 
