@@ -14,3 +14,4 @@ EXIT_BOOT = 3
 EXIT_REFUSED = 1  # the gateway answered ``ok: false``
 EXIT_USAGE = 2  # a bad command line (argparse's own status)
 EXIT_CONNECT = 3  # no gatewayd answered on the socket
+EXIT_PIPE = 141  # standard output closed early (`| head`): 128 + SIGPIPE, as a shell shows a filter it killed

@@ -1,22 +1,27 @@
 """``gatewayctl``: the control socket for scripts and people.
 
-Exit status: 0 ok, 1 the gateway answered ``ok: false``, 2 usage, 3 cannot connect.
+Exit status: 0 ok, 1 the gateway answered ``ok: false``, 2 usage, 3 cannot connect,
+141 standard output closed before all was written (``| head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
+import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.loader import DEFAULT_CONFIG
-from ..exits import EXIT_CONNECT, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
-from .protocol import Request, SetLimitRequest, Snapshot
+from ..exits import EXIT_CONNECT, EXIT_OK, EXIT_PIPE, EXIT_REFUSED, EXIT_USAGE
+
+if TYPE_CHECKING:  # types only: importing them would load the proxy and aiohttp (~0.3 s a command)
+    from .protocol import Request, ServerSnapshot, SetLimitRequest, Snapshot
 
 
 class Unreachable(ConnectionError):
@@ -82,26 +87,91 @@ def print_status(s: Snapshot) -> None:
               f"{_ms(lat.get('p50')):>7} {_ms(lat.get('p99')):>7}")
 
 
+def upstream_lines(s: Snapshot, width: int = 80) -> list[str]:
+    """Each upstream with servers as ``upstream NAME: SERVER STATE, ...``, wrapped at
+    ``width`` between servers onto indented lines (handler upstreams have none)."""
+    now = s.get("time") or time.time()
+    out = []
+    for u in s.get("upstreams", []):
+        head = f"upstream {u['name']}: "
+        indent = " " * (len(head) if len(head) <= width // 2 else 4)
+        servers = u.get("servers", [])
+        line, fresh = head, True
+        for i, server in enumerate(servers):
+            piece = server_text(server, now) + ("," if i + 1 < len(servers) else "")
+            if not fresh and len(line) + 1 + len(piece) > width:
+                out.append(line)
+                line, fresh = indent, True
+            line += piece if fresh else " " + piece
+            fresh = False
+        out.append(line)
+    return out
+
+
+def server_text(s: ServerSnapshot, now: float) -> str:
+    """``host:port state``, with why and for how long when it is out of rotation."""
+    state = s.get("state", "?")
+    why = []
+    if state == "ejected":
+        until = s.get("ejected_until")
+        if until is not None:
+            why.append(f"{max(0, math.ceil(until - now))} s left")
+        why.append(s.get("last_error") or "")
+    elif state == "kept":
+        why += [f"{s.get('consecutive_failures', 0)} failed in a row", s.get("last_error") or ""]
+    elif state == "unhealthy":
+        why.append(s.get("last_check") or "")
+    elif state == "down":
+        why.append("by hand")
+    workers, healthy = s.get("workers", 1), s.get("healthy_workers", 0)
+    if not s.get("healthy", True) and 0 < healthy < workers:
+        why.append(f"in {workers - healthy} of {workers} workers")
+    why = [w for w in why if w]
+    name = s.get("url", "?").removeprefix("http://").rstrip("/")
+    return f"{name} {state}" + (f" ({', '.join(why)})" if why else "")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gatewayctl", description="Talk to a running gatewayd.")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
-    where.add_argument("--config", "-c", metavar="PATH",
-                       help="read the socket path from this configuration file")
-    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    _common_options(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="one-screen summary")
-    sub.add_parser("snapshot", help="the full snapshot as JSON")
-    q = sub.add_parser("queue", help="a route's waiters, oldest first")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        # the common options after the command too (``status --config c.toml``); unset
+        # there, they leave what was given before the command in place
+        c = sub.add_parser(name, help=help)
+        _common_options(c, argparse.SUPPRESS)
+        return c
+
+    command("status", "one-screen summary")
+    command("snapshot", "the full snapshot as JSON")
+    q = command("queue", "a route's waiters, oldest first")
     q.add_argument("route")
-    sl = sub.add_parser("set-limit", help="change a route's limits until the next reload")
+    sl = command("set-limit", "change a route's limits until the next reload")
     sl.add_argument("route")
     sl.add_argument("concurrency", nargs="?", type=int, help="max_concurrency")
     sl.add_argument("--concurrency", dest="concurrency_opt", type=int, metavar="N")
     sl.add_argument("--queue", type=int, metavar="M", help="max_queue")
-    r = sub.add_parser("reload", help="reload the configuration and print what changed")
+    r = command("reload", "reload the configuration and print what changed")
     r.add_argument("--dry-run", action="store_true", help="validate and diff only, change nothing")
     return p
+
+
+def _common_options(p: argparse.ArgumentParser, default: Any) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", "-s", metavar="PATH", default=default, help="control socket path")
+    where.add_argument("--config", "-c", metavar="PATH", default=default,
+                       help="read the socket path from this configuration file")
+    p.add_argument("--json", action="store_true", default=False if default is None else default,
+                   help="print the JSON answer on one line")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.socket is not None and args.config is not None:  # one before the command, one after
+        p.error("argument --config/-c: not allowed with argument --socket/-s")
+    return args
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
@@ -113,7 +183,22 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run one command; exit statuses in ``exits``."""
+    try:
+        code = run(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader left early (``gatewayctl status | head -1``): no traceback, as ``ls``
+        # prints none; what is still buffered goes nowhere instead of failing again at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        return EXIT_PIPE
+    return code
+
+
+def run(argv: list[str] | None) -> int:
+    args = parse(argv)
     try:
         path = _socket_path(args)
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -151,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(answer.get("snapshot", answer), indent=None if args.json else 2))
     elif cmd == "status":
         print_status(answer["snapshot"])
+        upstreams = upstream_lines(answer["snapshot"])
+        if upstreams:
+            print()
+            print("\n".join(upstreams))
     elif cmd == "queue":
         waiters = answer.get("waiters", [])
         print(f"{len(waiters)} waiting on route {args.route}")

@@ -10,12 +10,20 @@ import asyncio
 import logging
 from typing import Protocol
 
+from ..config.settings import Config
 from ..control.protocol import QueueAnswer, ReloadAnswer, ServerStateAnswer, SetLimitAnswer, Snapshot, Waiter
 from ..runtime.limits import Overrides
 from ..runtime.reload import Reloadable, reload
 from . import notify
 
 log = logging.getLogger("gatewayd")
+
+
+def no_route(route: str, config: Config) -> str:
+    """The error for a route name ``config`` does not have: with the names it has, as a
+    configuration error lists the upstreams a route may name."""
+    names = ", ".join(r.name for r in config.routes) or "none"
+    return f"no route {route!r} (routes: {names})"
 
 
 class Backend(Reloadable, Protocol):
@@ -68,7 +76,7 @@ class GatewayController:
     async def set_limit(self, route: str, max_concurrency: int | None,
                         max_queue: int | None) -> SetLimitAnswer:
         if not self._known(route):
-            return {"ok": False, "error": f"no route {route!r}"}
+            return {"ok": False, "error": no_route(route, self.backend.config)}
         error = await self.backend.set_limit(route, max_concurrency, max_queue)
         if error is not None:
             return {"ok": False, "error": error}
@@ -78,7 +86,7 @@ class GatewayController:
 
     async def queue(self, route: str) -> QueueAnswer:
         if not self._known(route):
-            return {"ok": False, "error": f"no route {route!r}"}
+            return {"ok": False, "error": no_route(route, self.backend.config)}
         return {"ok": True, "route": route, "waiters": await self.backend.waiters(route)}
 
     async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer:

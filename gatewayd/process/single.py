@@ -23,7 +23,7 @@ from ..stats.process import raise_fd_limit
 from ..upstreams.http import UnresolvableServer
 from ..upstreams.state import set_server_state
 from . import lifecycle
-from .controller import GatewayController
+from .controller import GatewayController, no_route
 from .startup import new_loop, setup_logging
 
 log = logging.getLogger("gatewayd")
@@ -78,7 +78,7 @@ class RuntimeBackend:
         try:
             self.runtime.set_limit(route, max_concurrency, max_queue)
         except KeyError:
-            return f"no route {route!r}"
+            return no_route(route, self.runtime.config)
         return None
 
     async def waiters(self, route: str) -> list[Waiter]:

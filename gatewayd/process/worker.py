@@ -24,6 +24,7 @@ from ..exits import EXIT_BOOT, EXIT_OK
 from ..runtime.state import Runtime
 from ..stats.process import raise_fd_limit
 from ..upstreams.state import set_server_state
+from .controller import no_route
 from .ipc import Answer, Channel, Command, Start, ToWorker
 from .startup import new_loop, setup_logging
 
@@ -147,7 +148,7 @@ class Worker:
             try:
                 runtime.set_limit(command["route"], command["max_concurrency"], command["max_queue"])
             except KeyError:
-                return {"ok": False, "error": f"no route {command['route']!r}"}
+                return {"ok": False, "error": no_route(command["route"], runtime.config)}
             return {"ok": True}
         if command["cmd"] == "share":
             runtime.set_share(command["index"], command["count"])

@@ -370,7 +370,7 @@ async def test_control_commands_answer_as_one_process_does(gateway_process, upst
                                                       "server": upstream.url, "state": state})
         assert answer == {"ok": True, "upstream": "app", "servers": [upstream.url], "state": state}
     for cmd in ({"cmd": "set_limit", "route": "nope", "max_queue": 1}, {"cmd": "queue", "route": "nope"}):
-        assert await asyncio.to_thread(gp.command, cmd) == {"ok": False, "error": "no route 'nope'"}
+        assert await asyncio.to_thread(gp.command, cmd) == {"ok": False, "error": "no route 'nope' (routes: app)"}
 
     gp.config_path.write_text(gp.config_path.read_text().replace("workers = 2", "workers = 1"))
     answer = await asyncio.to_thread(gp.command, {"cmd": "reload", "dry_run": True})
