@@ -371,3 +371,25 @@ def test_server_workers_reload_text_is_the_code():
     (workers,) = [f for f in settings_of(SECTIONS["server"]) if f.name == "workers"]
     text = workers.metadata["reload"]
     assert "starts or stops workers" in text and "refused" in text
+
+
+def test_routing_describes_the_normal_form_the_code_makes():
+    """gatewayd(8) step 2 and gatewayd.toml(5) ROUTING describe the normal form
+    (http/paths.py) with examples: each example is what normalize does, and bad_target
+    is among gatewayd(8)'s reasons."""
+    from gatewayd.http.paths import BadPath, normalize
+
+    eight = page("gatewayd.8")
+    routing = page("gatewayd.toml.5")
+    routing = routing[routing.index(".SH ROUTING") : routing.index(".SH LIMITS AND WORKERS")]
+    assert ".BR bad_target \" (400)\"" in eight
+    assert "normal form" in routing and "bad_target" in routing
+    same = {"/%61pi/%7Ex": "/api/~x", "/a//b": "/a/b", "//admin/": "/admin/"}
+    for sent, normal in same.items():
+        assert sent in routing + eight and normal in routing + eight
+        assert normalize(sent)[0] == normal
+    refused_paths = ("/a/../b", "/a/%2e%2e/b", "/public/..%2fadmin/", "/a%00", "/a%zz")
+    for sent in refused_paths:
+        assert sent.replace("/a%00", "%00").replace("/a%zz", "%zz") in eight
+        with pytest.raises(BadPath):
+            normalize(sent)
