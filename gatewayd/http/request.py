@@ -52,6 +52,11 @@ class Refusal:
         self.line = line  # the refused request's line, when the refused bytes start with one
         self.duration = duration
 
+    def body_size(self) -> int:
+        """The length of the response's body, for the access log."""
+        response = self.response
+        return len(response) - response.index(b"\r\n\r\n") - 4
+
     def request_line(self) -> tuple[str, str, str]:
         """Method, target and version as far as known, else "-"."""
         line = self.line
