@@ -344,7 +344,7 @@ class Request:
         writer = StreamWriter(protocol, protocol._loop)
         task = asyncio.current_task()
         request = kind(self.message, self.content, protocol, writer,  # type: ignore[arg-type]
-                                  task, protocol._loop, client_max_size=client_max_size)  # type: ignore[arg-type]
+                       task, protocol._loop, client_max_size=client_max_size)  # type: ignore[arg-type]
         if not self.keep_alive:
             request._cache["keep_alive"] = False
         if rel_url is not None:
