@@ -341,3 +341,55 @@ def test_man_finds_the_pages_in_a_fresh_venv(wheel, tmp_path):
         found = subprocess.run(["man", "-w", *args], env=env, capture_output=True, text=True, timeout=30)
         assert found.returncode == 0, found.stderr
         assert Path(found.stdout.strip()) == venv / where
+
+
+# ----------------------------------------------------------------------------- issue 19: pages agree
+def _paragraph_with(text: str, phrase: str) -> str:
+    """The paragraph (between two paragraph macros) of roff ``text`` holding ``phrase``."""
+    at = text.index(phrase)
+    starts = [text.rfind(m, 0, at) for m in ("\n.TP", "\n.IP", "\n.PP")]
+    ends = [e for e in (text.find(m, at) for m in ("\n.TP", "\n.IP", "\n.PP", "\n.SH")) if e >= 0]
+    return text[max(starts) : min(ends)]
+
+
+@pytest.mark.parametrize("name", ["gatewayd.8", "gatewayd.toml.5"])
+def test_read_at_start_only_lists_what_a_reload_refuses(name):
+    """The keys each page calls "read at start only" are exactly those a reload refuses
+    whatever their new value; server.workers, which a reload applies between two counts
+    above one (master.resize) and refuses only from one to more or back
+    (reload.refused_changes), is said to be applied, on every page."""
+    text = page(name)
+    text = text[text.index(".SH RELOAD") :]
+    listed = set(re.findall(r"\b([a-z]+\.[a-z_]+)\b", _paragraph_with(text, "read at start only")))
+    assert listed == {f"{s}.{k}" for s, k in confdiff.RESTART_ONLY}
+    workers = " ".join(_paragraph_with(text, "server.workers").split())
+    assert "starts or stops workers" in workers or "starts or stops worker processes" in workers
+    assert "refused" in workers
+
+
+def test_server_workers_reload_text_is_the_code():
+    (workers,) = [f for f in settings_of(SECTIONS["server"]) if f.name == "workers"]
+    text = workers.metadata["reload"]
+    assert "starts or stops workers" in text and "refused" in text
+
+
+def test_routing_describes_the_normal_form_the_code_makes():
+    """gatewayd(8) step 2 and gatewayd.toml(5) ROUTING describe the normal form
+    (http/paths.py) with examples: each example is what normalize does, and bad_target
+    is among gatewayd(8)'s reasons."""
+    from gatewayd.http.paths import BadPath, normalize
+
+    eight = page("gatewayd.8")
+    routing = page("gatewayd.toml.5")
+    routing = routing[routing.index(".SH ROUTING") : routing.index(".SH LIMITS AND WORKERS")]
+    assert ".BR bad_target \" (400)\"" in eight
+    assert "normal form" in routing and "bad_target" in routing
+    same = {"/%61pi/%7Ex": "/api/~x", "/a//b": "/a/b", "//admin/": "/admin/"}
+    for sent, normal in same.items():
+        assert sent in routing + eight and normal in routing + eight
+        assert normalize(sent)[0] == normal
+    refused_paths = ("/a/../b", "/a/%2e%2e/b", "/public/..%2fadmin/", "/a%00", "/a%zz")
+    for sent in refused_paths:
+        assert sent.replace("/a%00", "%00").replace("/a%zz", "%zz") in eight
+        with pytest.raises(BadPath):
+            normalize(sent)

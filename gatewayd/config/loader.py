@@ -255,6 +255,14 @@ def read_text(path: str) -> str:
     return text
 
 
+def _dump_upstream(upstream: UpstreamConfig) -> dict[str, Any]:
+    out = _dump_section(upstream)
+    for f in settings_of(UpstreamConfig):
+        if not applies(upstream, f.name) and getattr(upstream, f.name) == f.default:
+            out.pop(f.name, None)
+    return out
+
+
 def _dump_section(obj: Any) -> dict[str, Any]:
     out = {}
     for f in settings_of(type(obj)):
@@ -264,9 +272,33 @@ def _dump_section(obj: Any) -> dict[str, Any]:
     return out
 
 
+# The upstream keys that mean something for one kind of upstream only: HTTP servers',
+# a handler's, and a process pool's. ``dump`` leaves them out of the other kinds.
+HTTP_ONLY = frozenset((
+    "servers", "connect_timeout", "read_timeout", "max_connections", "keepalive_timeout",
+    "balance", "max_fails", "fail_timeout", "fail_on_5xx", "fail_on", "retries",
+    "health_check", "dns_ttl",
+))
+HANDLER_ONLY = frozenset(("handler", "executor"))
+PROCESS_ONLY = frozenset(("processes",))
+
+
+def applies(upstream: UpstreamConfig, key: str) -> bool:
+    """Whether ``key`` means anything for ``upstream``'s kind."""
+    if key in HTTP_ONLY:
+        return upstream.servers is not None
+    if key in HANDLER_ONLY:
+        return upstream.handler is not None
+    if key in PROCESS_ONLY:
+        return upstream.executor == "process"
+    return True
+
+
 def dump(config: Config) -> str:
-    """The configuration as TOML, every default filled in."""
+    """The configuration as TOML, every default filled in; an upstream's keys that do
+    not apply to its kind are left out, unless the file gave them another value than
+    the default (printed, they read back as the same configuration)."""
     doc: dict[str, Any] = {name: _dump_section(getattr(config, name)) for name in SECTIONS}
-    doc["upstreams"] = {u.name: _dump_section(u) for u in config.upstreams}
+    doc["upstreams"] = {u.name: _dump_upstream(u) for u in config.upstreams}
     doc["routes"] = [_dump_section(r) for r in config.routes]
     return tomli_w.dumps(doc)

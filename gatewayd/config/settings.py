@@ -53,8 +53,10 @@ class ServerConfig:
     )
     workers: int | str = setting(
         k.Workers(), 1, 'worker processes; "auto" starts one per CPU',
-        reload="with more than one, a reload starts or stops workers to match; "
-               "changing between one and more needs a restart",
+        reload="between two counts above one (\"auto\" counts the CPUs), a reload "
+               "starts or stops workers to match (a stopped worker finishes its requests in "
+               "flight first) and divides the limits again; a change from one to more, or back, "
+               "is refused (restart needed)",
     )
     max_connections: int = setting(
         k.Int(1, 10_000_000), 10000,

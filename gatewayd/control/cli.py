@@ -232,8 +232,10 @@ def run(argv: list[str] | None) -> int:
             print(json.dumps(answer))
         print(f"gatewayctl: {answer.get('error', 'failed')}", file=sys.stderr)
         return EXIT_REFUSED
-    if args.json or cmd == "snapshot":
-        print(json.dumps(answer.get("snapshot", answer), indent=None if args.json else 2))
+    if args.json:  # the answer as it came, on one line (gatewayctl(1))
+        print(json.dumps(answer))
+    elif cmd == "snapshot":
+        print(json.dumps(answer["snapshot"], indent=2))
     elif cmd == "status":
         print_status(answer["snapshot"])
         upstreams = upstream_lines(answer["snapshot"])

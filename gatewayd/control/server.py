@@ -74,7 +74,10 @@ def _check_directory(path: Path) -> None:
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         raise ControlError(
             f"control socket directory {parent} is writable by others (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}); anyone could replace the socket"
+            f"{stat.S_IMODE(st.st_mode):04o}); anyone could replace the socket: "
+            f"'chmod o-w {parent}', or 'chmod +t {parent}' if others must write there "
+            f"(as /tmp), or set control.socket to a path in a folder only gatewayd's user "
+            f"can write"
         )
 
 

@@ -52,6 +52,11 @@ class Refusal:
         self.line = line  # the refused request's line, when the refused bytes start with one
         self.duration = duration
 
+    def body_size(self) -> int:
+        """The length of the response's body, for the access log."""
+        response = self.response
+        return len(response) - response.index(b"\r\n\r\n") - 4
+
     def request_line(self) -> tuple[str, str, str]:
         """Method, target and version as far as known, else "-"."""
         line = self.line
@@ -331,13 +336,15 @@ class Request:
         if protocol._paused:
             await protocol._drain_helper()
 
-    def as_aiohttp(self, client_max_size: int, rel_url: str | None = None) -> web.BaseRequest:
-        """This request as aiohttp's, for an inline handler written against aiohttp."""
+    def as_aiohttp(self, client_max_size: int, rel_url: str | None = None,
+                   kind: type[web.BaseRequest] = web.BaseRequest) -> web.BaseRequest:
+        """This request as aiohttp's (of class ``kind``), for an inline handler written
+        against aiohttp."""
         protocol = self.protocol
         writer = StreamWriter(protocol, protocol._loop)
         task = asyncio.current_task()
-        request = web.BaseRequest(self.message, self.content, protocol, writer,  # type: ignore[arg-type]
-                                  task, protocol._loop, client_max_size=client_max_size)  # type: ignore[arg-type]
+        request = kind(self.message, self.content, protocol, writer,  # type: ignore[arg-type]
+                       task, protocol._loop, client_max_size=client_max_size)  # type: ignore[arg-type]
         if not self.keep_alive:
             request._cache["keep_alive"] = False
         if rel_url is not None:

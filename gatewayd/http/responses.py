@@ -35,6 +35,13 @@ _STATUS_LINES = {
 }
 
 
+def body_size(status: int) -> int:
+    """The length of the body of the gateway's own ``status`` response (0: none), for
+    the access log."""
+    body = _REASON_TEXT.get(status)
+    return 0 if body is None else len(body)
+
+
 @functools.lru_cache(maxsize=256)
 def prebuilt(status: int, reason: str, retry_after: str | None, close: bool,
              http10_keep_alive: bool = False) -> bytes:

@@ -57,7 +57,7 @@ class H1Server:
 
     def __init__(self, handler: Callable[[Request], None], settings: ServerSettings, *,
                  on_close: Callable[[], None], turn: Turn | None = None,
-                 log_refusal: Callable[[str, str, str, str, int, str, float], None] | None = None) -> None:
+                 log_refusal: Callable[[str, str, str, str, int, int, str, float], None] | None = None) -> None:
         self.handler = handler
         # shared with the upstream pools, whose request heads go out first at each turn's end
         self.turn = turn if turn is not None else Turn()
@@ -188,7 +188,7 @@ class H1Server:
         if self.log_refusal is not None:
             method, target, version = refusal.request_line()
             self.log_refusal(protocol.peer_host or "-", method, target, version,
-                             refusal.status, refusal.reason, refusal.duration)
+                             refusal.status, refusal.body_size(), refusal.reason, refusal.duration)
 
     def count_unrouted(self, status: int) -> None:
         codes = self.unrouted

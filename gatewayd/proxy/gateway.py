@@ -21,7 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ..http.body import BodyTimeout, BodyTooLarge, BufferFull, RequestBody
 from ..http.checks import Refused, origin_target
-from ..http.responses import prebuilt
+from ..http.responses import body_size, prebuilt
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .exchange import Exchange, UpstreamFailure, raising
 
@@ -70,7 +70,7 @@ class Gateway:
             kept = kept_target(refused, self.serving.table.router, request.headers.get(HOST))
             if kept is None:
                 request.protocol.server.count_unrouted(refused.status)
-                self._log(request, None, refused.status, 0, start, refused.reason)
+                self._log(request, None, refused.status, body_size(refused.status), start, refused.reason)
                 answer(request, refused.status, refused.reason, close=True)
                 request.protocol.finish(request)
                 return
@@ -80,7 +80,7 @@ class Gateway:
         if route is None:
             answer(request, 404, "no_route")
             request.protocol.server.count_unrouted(404)
-            self._log(request, None, 404, 0, start, "no_route")
+            self._log(request, None, 404, body_size(404), start, "no_route")
             request.protocol.finish(request)
             return
         stats = route.stats
@@ -214,7 +214,7 @@ class Gateway:
         request.task = None
         answer(request, status, reason, route.retry_after if status == 503 else None, close=True)
         route.stats.responded(status, self._loop.time() - start)
-        self._log(request, route, status, 0, start, reason)
+        self._log(request, route, status, body_size(status), start, reason)
         request.protocol.finish(request)
 
     def _admit_body(self, request: Request, route: Route, target: str, start: float,
@@ -253,7 +253,7 @@ class Gateway:
                close=status == 413)
         route.stats.responded(status, self._loop.time() - start)
         if self.serving.access_log.enabled:  # (as in settle: an off log costs no call)
-            self._log(request, route, status, 0, start, reason)
+            self._log(request, route, status, body_size(status), start, reason)
         request.protocol.finish(request)
 
     async def _run(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> None:
@@ -305,7 +305,8 @@ class Gateway:
             # on every way out, cancelled included: the next request, or close
             self._release(ex)
         stats.responded(status, self._loop.time() - start)
-        self._log(request, route, status, ex.sent, start, reason)
+        # the gateway's own answer when the head was not out: its prebuilt body
+        self._log(request, route, status, ex.sent if ex.head_sent else body_size(status), start, reason)
 
     def _release(self, ex: Exchange) -> None:
         route = ex.route

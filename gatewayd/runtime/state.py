@@ -146,11 +146,11 @@ class Runtime:
         )
 
     def _log_refusal(self, client: str, method: str, target: str, version: str, status: int,
-                     reason: str, duration: float) -> None:
+                     size: int, reason: str, duration: float) -> None:
         # a request refused before it had a route (H1Server.refused), in the access log
         access = self.access_log
         if access.enabled:
-            access.write(client, method, target, version, status, 0, "", "", "-", duration, reason)
+            access.write(client, method, target, version, status, size, "", "", "-", duration, reason)
 
     def _connection_closed(self) -> None:
         self.acceptor.closed_one()

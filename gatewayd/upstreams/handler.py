@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import SERVER_SOFTWARE
 
 from ..config.settings import UpstreamConfig
 from ..http.turn import Turn
@@ -12,6 +13,22 @@ from ..proxy.exchange import Exchange
 from .application import Application
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class _Request(web.BaseRequest):
+    """aiohttp's request, whose responses do not name aiohttp and Python's versions.
+
+    aiohttp gives every response ``Server: Python/3.x aiohttp/3.x`` unless it has one;
+    the gateway's answers advertise no versions to any client (its own have no
+    ``Server`` at all), so that default is taken out again just before the head is
+    written. A ``Server`` the handler set itself is kept."""
+
+    __slots__ = ()
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        headers = response.headers
+        if headers.get(hdrs.SERVER) == SERVER_SOFTWARE:
+            del headers[hdrs.SERVER]
 
 
 class HandlerUpstream(Application):
@@ -35,7 +52,7 @@ class HandlerUpstream(Application):
                 incoming.send_continue()  # the handler reads request.content itself
         # client_max_size bounds what the handler may read() at once: max_body_size
         limit = ex.body.limit if ex.body is not None else 0
-        request = ours.as_aiohttp(limit, ex.path if ex.path != ours.raw_path else None)
+        request = ours.as_aiohttp(limit, ex.path if ex.path != ours.raw_path else None, _Request)
         resp = await self._handler(request)
         ex.status = resp.status
         if not resp.prepared:

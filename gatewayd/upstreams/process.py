@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import functools
 import multiprocessing
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,18 @@ def _run(path: str, request: ProcessRequest) -> tuple[int, list[tuple[str, str]]
     return int(status), [(str(k), str(v)) for k, v in pairs], bytes(body)
 
 
+def _leave_signals_to_the_gateway() -> None:
+    """A pool process's first act: ignore SIGINT and SIGTERM.
+
+    The pool's processes are in the gateway's process group, so a terminal's Ctrl-C
+    and a shell's ``kill %1`` reach them too: each died at once, with a
+    KeyboardInterrupt traceback on the gateway's stderr after it said "stopped", or
+    (SIGTERM) in the middle of a job the gateway was letting finish. The gateway stops
+    its pool itself, after the requests in flight, when it shuts down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ProcessUpstream(Application):
     """``executor = "process"``: jobs in a pool of ``processes`` processes.
 
@@ -65,7 +78,8 @@ class ProcessUpstream(Application):
         # forkserver: forking a process that runs an event loop (and maybe
         # uvloop's threads) is unsafe; the server forks from a clean process.
         ctx = multiprocessing.get_context("forkserver")
-        self._pool = concurrent.futures.ProcessPoolExecutor(self.config.processes, mp_context=ctx)
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            self.config.processes, mp_context=ctx, initializer=_leave_signals_to_the_gateway)
 
     async def _close(self) -> None:
         if self._pool is not None:

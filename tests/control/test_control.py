@@ -278,7 +278,13 @@ async def test_gatewayctl(start_gateway, upstream):
     code, out, _ = await ctl("status")
     assert code == 0 and "app" in out and "2/2" in out
     code, out, _ = await ctl("--json", "snapshot")
-    assert code == 0 and json.loads(out)["routes"][0]["queued"] == 1
+    assert code == 0 and json.loads(out)["snapshot"]["routes"][0]["queued"] == 1
+    # --json prints the gateway's answer as it came (gatewayctl(1)), one line, for every command
+    assert json.loads(out)["ok"] is True and out.count("\n") == 1
+    code, out, _ = await ctl("--json", "status")
+    assert code == 0 and json.loads(out)["ok"] is True and "routes" in json.loads(out)["snapshot"]
+    code, out, _ = await ctl("snapshot")  # without --json: the snapshot itself, indented
+    assert code == 0 and json.loads(out)["routes"][0]["queued"] == 1 and out.count("\n") > 1
     code, out, _ = await ctl("queue", "app")
     assert code == 0 and "1 waiting" in out and "/slow" in out
     code, out, _ = await ctl("set-limit", "app", "3")

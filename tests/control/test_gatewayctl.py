@@ -102,7 +102,7 @@ async def test_options_after_the_command(gw):
     for args in (("--json", "-c", c, "status"), ("status", "--json", "-c", c), ("status", "-c", c, "--json"),
                  ("-c", c, "snapshot", "--json")):
         code, out, _ = await ctl(*args)
-        assert code == 0 and json.loads(out)["routes"][0]["name"] == "app", args
+        assert code == 0 and json.loads(out)["snapshot"]["routes"][0]["name"] == "app", args
     code, out, _ = await ctl("queue", "app", "--socket", s)
     assert code == 0 and out == "0 waiting on route app\n"
     code, out, _ = await ctl("queue", "--socket", s, "app")

@@ -84,8 +84,12 @@ async def test_control_socket_directory_writable_by_others(tmp_path, start_gatew
     open_dir.mkdir()
     open_dir.chmod(0o777)
     server = ControlServer(LocalController(gw.runtime), open_dir / "c.sock", 0o600)
-    with pytest.raises(ControlError, match="writable by others"):
+    with pytest.raises(ControlError, match="writable by others") as refusal:
         await server.start()
+    # the error says how to fix it, in commands that can be typed as they are
+    assert f"'chmod o-w {open_dir}'" in str(refusal.value)
+    assert f"'chmod +t {open_dir}'" in str(refusal.value)
+    assert "control.socket" in str(refusal.value)
     open_dir.chmod(0o1777)
     await server.start()
     try:

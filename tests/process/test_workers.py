@@ -409,3 +409,20 @@ async def test_reload_says_where_a_server_name_that_does_not_resolve_is(gateway_
     assert answer["error"].startswith(
         f'{gp.config_path}:{line}: upstreams.app.servers[0]: cannot resolve "nonexistent.invalid" ('), answer
     assert ";" not in answer["error"] and snap(gp)["generation"] == 1
+
+
+async def test_reload_changes_the_worker_count_between_counts_above_one(gateway_process, upstream):
+    """What gatewayd(8) and gatewayd.toml(5) RELOAD say of server.workers: 1. two workers
+    2. the file says 3, reload: ok, a third worker starts 3. the file says 2 again,
+    reload: one stops 4. requests are served throughout."""
+    gp = gateway_process(app(upstream.url, 6), workers=2)
+    port = port_of(gp)
+    await asyncio.to_thread(wait_for_workers, gp, 2)
+    for before, after in ((2, 3), (3, 2)):
+        gp.config_path.write_text(gp.config_path.read_text().replace(f"workers = {before}", f"workers = {after}"))
+        answer = await asyncio.to_thread(gp.command, {"cmd": "reload"})
+        assert answer["ok"] is True, answer
+        assert any("workers" in c for c in answer["changes"]), answer
+        s = await asyncio.to_thread(wait_for_workers, gp, after)
+        assert s["workers_configured"] == after
+        assert await asyncio.gather(*(fresh_get(port) for _ in range(20))) == [200] * 20

@@ -338,7 +338,7 @@ def test_gatewayctl_reload_outcome(gateway_process, tmp_path):
     gp.config_path.write_text(gp.config_path.read_text().replace("max_concurrency = 12", "max_concurrency = 0"))
     bad = ctl("reload")
     assert bad.returncode == 1 and "routes[0].max_concurrency" in bad.stderr
-    assert json.loads(ctl("--json", "snapshot").stdout)["generation"] == 2
+    assert json.loads(ctl("--json", "snapshot").stdout)["snapshot"]["generation"] == 2
 
 
 async def test_reload_says_which_limits_set_by_hand_it_ends(start_gateway, upstream, caplog):
