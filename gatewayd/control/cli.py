@@ -85,8 +85,8 @@ def print_status(s: Snapshot) -> None:
               f"{r['queued']:>5}/{r['max_queue']:<5} {r.get('oldest_wait_ms', 0) / 1000:>7.2f}s "
               f"{r.get('served', 0):>8} {r.get('gateway_answers', 0):>8} "
               f"{_ms(lat.get('p50')):>7} {_ms(lat.get('p99')):>7}")
-        print(f"  requests {r['requests']}  queue full {rej.get('queue_full', 0)}  "
-              f"queue timeout {rej.get('queue_timeout', 0)}  cancelled {r.get('cancelled', 0)}  "
+        print(f"  requests {r['requests']}  full {rej.get('queue_full', 0)}  "
+              f"timeout {rej.get('queue_timeout', 0)}  cancelled {r.get('cancelled', 0)}  "
               f"upstream errors {r.get('upstream_errors', 0)}")
 
 
