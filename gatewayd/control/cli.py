@@ -74,17 +74,20 @@ def print_status(s: Snapshot) -> None:
           f"{len(s.get('workers', []))}  loop lag {_ms(lag.get('last'))}/{_ms(lag.get('max'))} ms  "
           f"gc pause {_ms(gcp.get('last'))}/{_ms(gcp.get('max'))} ms")
     print()
-    head = (f"{'ROUTE':<16} {'IN-FLIGHT':>11} {'QUEUED':>11} {'OLDEST':>8} {'REQUESTS':>9} "
-            f"{'FULL':>6} {'TIMEOUT':>7} {'CANCEL':>6} {'UPERR':>6} {'P50MS':>7} {'P99MS':>7}")
-    print(head)
+    # 80 columns: the served and gateway-answered counts beside the latency (which is
+    # the served requests' only), then a line of what else became of the requests
+    print(f"{'ROUTE':<12} {'IN-FLIGHT':>11} {'QUEUED':>11} {'OLDEST':>8} {'SERVED':>8} "
+          f"{'GATEWAY':>8} {'P50MS':>7} {'P99MS':>7}")
     for r in s.get("routes", []):
         lat = r.get("latency_ms", {})
         rej = r.get("rejected", {})
-        print(f"{r['name']:<16} {r['in_flight']:>5}/{r['max_concurrency']:<5} "
+        print(f"{r['name']:<12} {r['in_flight']:>5}/{r['max_concurrency']:<5} "
               f"{r['queued']:>5}/{r['max_queue']:<5} {r.get('oldest_wait_ms', 0) / 1000:>7.2f}s "
-              f"{r['requests']:>9} {rej.get('queue_full', 0):>6} {rej.get('queue_timeout', 0):>7} "
-              f"{r.get('cancelled', 0):>6} {r.get('upstream_errors', 0):>6} "
+              f"{r.get('served', 0):>8} {r.get('gateway_answers', 0):>8} "
               f"{_ms(lat.get('p50')):>7} {_ms(lat.get('p99')):>7}")
+        print(f"  requests {r['requests']}  full {rej.get('queue_full', 0)}  "
+              f"timeout {rej.get('queue_timeout', 0)}  cancelled {r.get('cancelled', 0)}  "
+              f"upstream errors {r.get('upstream_errors', 0)}")
 
 
 def upstream_lines(s: Snapshot, width: int = 80) -> list[str]:

@@ -19,7 +19,7 @@ from ..stats.metrics import HistogramExport
 from ..stats.process import GcExport
 from .protocol import RouteSnapshot, Snapshot
 
-HISTOGRAM_KEYS = ("latency_histogram", "queue_wait_histogram")
+HISTOGRAM_KEYS = ("latency_histogram", "gateway_latency_histogram", "queue_wait_histogram")
 S = TypeVar("S", bound=Snapshot)
 
 
@@ -32,11 +32,13 @@ class RouteDict(dict[str, Any]):
     _json_all: str | None
 
 
-def route_object(base: RouteSnapshot, latency: HistogramExport, qwait: HistogramExport) -> RouteSnapshot:
-    """``base`` (a route without its bucket counts) with the two histograms at the end,
+def route_object(base: RouteSnapshot, latency: HistogramExport, own: HistogramExport,
+                 qwait: HistogramExport) -> RouteSnapshot:
+    """``base`` (a route without its bucket counts) with the three histograms at the end,
     as a :class:`RouteDict`: the one way a presented route is made."""
     r = RouteDict(base)
     r["latency_histogram"] = latency
+    r["gateway_latency_histogram"] = own
     r["queue_wait_histogram"] = qwait
     r._base = base
     r._json = r._json_all = None
@@ -110,6 +112,7 @@ def _route_base(r: RouteSnapshot) -> RouteSnapshot:
         return m._base
     out = r.copy()
     out.pop("latency_histogram", None)
+    out.pop("gateway_latency_histogram", None)
     out.pop("queue_wait_histogram", None)
     return out
 

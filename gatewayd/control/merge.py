@@ -74,6 +74,7 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
     rejected = {"queue_full": 0, "queue_timeout": 0}
     errors: Counts = {}
     latency: HistogramExport | None = None
+    own: HistogramExport | None = None
     qwait: HistogramExport | None = None
     requests = cq = cf = 0
     for p in parts:
@@ -85,6 +86,7 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
         cq += p["cancelled_queued"]
         cf += p["cancelled_in_flight"]
         latency = add_histogram(latency, p["latency"])
+        own = add_histogram(own, p["gateway_latency"])
         qwait = add_histogram(qwait, p["queue_wait"])
     in_flight = queued = 0
     oldest = 0.0
@@ -99,6 +101,7 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
         "requests": requests, "responses": responses, "codes": codes, "rejected": rejected,
         "cancelled_queued": cq, "cancelled_in_flight": cf, "upstream_errors": errors,
         "latency": latency or empty_histogram(LATENCY_BUCKETS),
+        "gateway_latency": own or empty_histogram(LATENCY_BUCKETS),
         "queue_wait": qwait or empty_histogram(LATENCY_BUCKETS),
         "in_flight": in_flight, "queued": queued, "oldest_wait_ms": oldest,
         "waiters": xray[:XRAY_SUMMARY],
@@ -236,6 +239,7 @@ def retire(retired: Retired, gone: ProcessExport) -> None:
                 "cancelled_in_flight": r["cancelled_in_flight"],
                 "upstream_errors": dict(r["upstream_errors"]),
                 "latency": add_histogram(None, r["latency"]),
+                "gateway_latency": add_histogram(None, r["gateway_latency"]),
                 "queue_wait": add_histogram(None, r["queue_wait"]),
             }
             continue
@@ -245,6 +249,7 @@ def retire(retired: Retired, gone: ProcessExport) -> None:
         for k in _ROUTE_COUNTS:
             add_counts(into[k], r[k])
         into["latency"] = add_histogram(into["latency"], r["latency"])
+        into["gateway_latency"] = add_histogram(into["gateway_latency"], r["gateway_latency"])
         into["queue_wait"] = add_histogram(into["queue_wait"], r["queue_wait"])
 
 

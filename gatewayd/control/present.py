@@ -69,7 +69,7 @@ def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
                   queued: int, oldest_wait_ms: float, waiters: list[Waiter], requests: int,
                   responses: Counts, codes: Counts, rejected: Counts, cancelled_queued: int,
                   cancelled_in_flight: int, upstream_errors: Counts, latency: HistogramExport,
-                  latency_ms: Quantiles, queue_wait: HistogramExport,
+                  latency_ms: Quantiles, gateway_latency: HistogramExport, queue_wait: HistogramExport,
                   queue_wait_ms: Quantiles) -> RouteSnapshot:
     """The route an operator reads, the one place one is made: from a configured
     route's merged figures (``present``) or from one process's counters, read
@@ -89,6 +89,8 @@ def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
         "oldest_wait_ms": oldest_wait_ms,
         "waiters": waiters,
         "requests": requests,
+        "served": latency["count"],
+        "gateway_answers": gateway_latency["count"],
         "responses": responses,
         "codes": codes,
         "rejected": rejected,
@@ -99,7 +101,7 @@ def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
         "upstream_error_reasons": upstream_errors,
         "latency_ms": latency_ms,
         "queue_wait_ms": queue_wait_ms,
-    }, latency, queue_wait)
+    }, latency, gateway_latency, queue_wait)
 
 
 def present(runtime_info: RuntimeInfo, exports: Sequence[ProcessExport],
@@ -118,7 +120,7 @@ def present(runtime_info: RuntimeInfo, exports: Sequence[ProcessExport],
             conf["max_queue"], conf["queue_timeout"], r["in_flight"], r["queued"], r["oldest_wait_ms"],
             r["waiters"], r["requests"], r["responses"], r["codes"], r["rejected"],
             r["cancelled_queued"], r["cancelled_in_flight"], r["upstream_errors"],
-            r["latency"], quantiles_ms(LATENCY_BUCKETS, r["latency"]),
+            r["latency"], quantiles_ms(LATENCY_BUCKETS, r["latency"]), r["gateway_latency"],
             r["queue_wait"], quantiles_ms(LATENCY_BUCKETS, r["queue_wait"])))
     return present_top(runtime_info, exports, routes, retired, [worker_totals(e) for e in exports])
 

@@ -64,8 +64,11 @@ class SnapshotCollector(Collector):
         uperr = CounterMetricFamily("gatewayd_upstream_errors", "Upstream failures by reason",
                                     labels=["route", "reason"])
         duration = HistogramMetricFamily("gatewayd_request_duration_seconds",
-                                         "Time from arrival to the end of the response",
+                                         "Time from arrival to the end of a response the upstream made",
                                          labels=["route"])
+        own = HistogramMetricFamily("gatewayd_gateway_answer_duration_seconds",
+                                    "Time from arrival to the end of an answer the gateway made itself",
+                                    labels=["route"])
         qwait = HistogramMetricFamily("gatewayd_queue_wait_seconds",
                                       "Time spent waiting for a slot", labels=["route"])
         for r in routes:
@@ -85,12 +88,14 @@ class SnapshotCollector(Collector):
                 uperr.add_metric([name, reason], n)
             h = r["latency_histogram"]
             duration.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
+            h = r["gateway_latency_histogram"]
+            own.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
             h = r["queue_wait_histogram"]
             qwait.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
         for code, n in sorted(s.get("unrouted", {}).items()):
             req.add_metric(["-", code], n)  # answered before or without a route
         yield from (req, inflight, depth, oldest, limit, qlimit, rejected, cancelled,
-                    cancelled_q, uperr, duration, qwait)
+                    cancelled_q, uperr, duration, own, qwait)
 
         gcp = HistogramMetricFamily("gatewayd_gc_pause_seconds", "GC pause per collection",
                                     labels=["generation"])

@@ -54,6 +54,8 @@ class RouteSnapshot(TypedDict):
     oldest_wait_ms: float
     waiters: list[Waiter]  # the oldest few (export.XRAY_SUMMARY); ``queue`` lists all
     requests: int
+    served: int  # responses the upstream made: those latency_ms describes
+    gateway_answers: int  # answers the gateway made itself (sheds, refusals, errors)
     responses: Counts  # by class: 1xx ... 5xx
     codes: Counts  # by status code
     rejected: Counts  # queue_full, queue_timeout
@@ -65,6 +67,7 @@ class RouteSnapshot(TypedDict):
     latency_ms: Quantiles
     queue_wait_ms: Quantiles
     latency_histogram: NotRequired[HistogramExport]
+    gateway_latency_histogram: NotRequired[HistogramExport]
     queue_wait_histogram: NotRequired[HistogramExport]
 
 

@@ -73,9 +73,9 @@ class Presenter:
                 mc = o.get("max_concurrency", mc)
                 mq = o.get("max_queue", mq)
             errs = s.upstream_errors
-            lat, qw = s.latency, s.queue_wait
+            lat, own, qw = s.latency, s.gateway_latency, s.queue_wait
             nw = len(g.waiters)
-            key = (rc, s, mc, mq, s.requests, lat.count, qw.count, s.queue_full, s.queue_timeout,
+            key = (rc, s, mc, mq, s.requests, lat.count, own.count, qw.count, s.queue_full, s.queue_timeout,
                    s.cancelled_queued, s.cancelled_in_flight, sum(errs.values()) if errs else 0,
                    g.in_flight, nw)
             requests += s.requests
@@ -92,6 +92,10 @@ class Presenter:
             else:
                 lat_h = lat.export()
                 lat_q = quantiles_ms_of(LATENCY_BUCKETS, lat_h["counts"], lat_h["count"])
+            if prev is not None and prev["gateway_latency_histogram"]["count"] == own.count:
+                own_h = prev["gateway_latency_histogram"]
+            else:
+                own_h = own.export()
             if prev is not None and prev["queue_wait_histogram"]["count"] == qw.count:
                 qw_h, qw_q = prev["queue_wait_histogram"], prev["queue_wait_ms"]
             else:
@@ -110,7 +114,7 @@ class Presenter:
                 {"1xx": resp[1], "2xx": resp[2], "3xx": resp[3], "4xx": resp[4], "5xx": resp[5]},
                 {str(c): n for c, n in s.codes.items()},
                 {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout},
-                s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, qw_h, qw_q)
+                s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, own_h, qw_h, qw_q)
             new[name] = _Entry(key, route)
             out.append(route)
         self._entries = new

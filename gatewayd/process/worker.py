@@ -125,6 +125,10 @@ class Worker:
                 except Exception as exc:  # the master gets an answer whatever happens
                     log.exception("worker command %r failed", command["cmd"])
                     answer = {"ok": False, "error": f"worker {os.getpid()}: {exc}"}
+                if self.runtime is not None:
+                    # figures first: the master presents the last ones it got, and a
+                    # status read right after a command must show what it changed
+                    self.channel.send({"t": "stats", "export": export(self.runtime)})
                 self.channel.send({"t": "reply", "id": msg["id"], "answer": answer})
 
     async def _call(self, command: Command) -> Answer:

@@ -184,7 +184,7 @@ class Gateway:
         except RequestPayloadError:  # the body's framing broke: the connection answers 400 and closes
             body.close()
             request.task = None
-            stats.responded(400, self._loop.time() - start)
+            stats.answered(400, self._loop.time() - start)
             self._log(request, route, 400, 0, start, "bad_request")
             request.protocol.finish(request)
             return
@@ -213,7 +213,7 @@ class Gateway:
                         start: float) -> None:
         request.task = None
         answer(request, status, reason, route.retry_after if status == 503 else None, close=True)
-        route.stats.responded(status, self._loop.time() - start)
+        route.stats.answered(status, self._loop.time() - start)
         self._log(request, route, status, body_size(status), start, reason)
         request.protocol.finish(request)
 
@@ -251,7 +251,7 @@ class Gateway:
         less than a served request and leaves the CPU to the admitted ones."""
         answer(request, status, reason, route.retry_after if status == 503 else None,
                close=status == 413)
-        route.stats.responded(status, self._loop.time() - start)
+        route.stats.answered(status, self._loop.time() - start)
         if self.serving.access_log.enabled:  # (as in settle: an off log costs no call)
             self._log(request, route, status, body_size(status), start, reason)
         request.protocol.finish(request)
@@ -304,9 +304,15 @@ class Gateway:
         finally:
             # on every way out, cancelled included: the next request, or close
             self._release(ex)
-        stats.responded(status, self._loop.time() - start)
-        # the gateway's own answer when the head was not out: its prebuilt body
-        self._log(request, route, status, ex.sent if ex.head_sent else body_size(status), start, reason)
+        # the upstream's head went out: a served response, however it ended; else the
+        # gateway answered (502, 504, 413, ...) with its prebuilt body, timed apart from
+        # the served ones
+        if ex.head_sent:
+            stats.responded(status, self._loop.time() - start)
+            self._log(request, route, status, ex.sent, start, reason)
+        else:
+            stats.answered(status, self._loop.time() - start)
+            self._log(request, route, status, body_size(status), start, reason)
 
     def _release(self, ex: Exchange) -> None:
         route = ex.route

@@ -48,7 +48,9 @@ class RouteCounters(TypedDict):
     """A route's counters and histograms, as :meth:`RouteStats.export` gives them:
     all summable over workers. ``responses`` by class (``RESPONSE_CLASSES``),
     ``codes`` by status, ``rejected`` by reason (queue_full, queue_timeout),
-    ``upstream_errors`` by reason."""
+    ``upstream_errors`` by reason. ``latency`` holds the responses the upstream
+    made (its count is the route's ``served``), ``gateway_latency`` the answers the
+    gateway made itself (sheds, refusals, errors it answered: ``gateway_answers``)."""
 
     requests: int
     responses: Counts
@@ -58,6 +60,7 @@ class RouteCounters(TypedDict):
     cancelled_in_flight: int
     upstream_errors: Counts
     latency: HistogramExport
+    gateway_latency: HistogramExport
     queue_wait: HistogramExport
 
 
@@ -147,6 +150,7 @@ class RouteStats:
         "cancelled_in_flight",
         "cancelled_queued",
         "codes",
+        "gateway_latency",
         "latency",
         "queue_full",
         "queue_timeout",
@@ -164,10 +168,14 @@ class RouteStats:
         self.cancelled_queued = 0
         self.cancelled_in_flight = 0
         self.upstream_errors: dict[str, int] = {}
+        # responses the upstream made; the gateway's own answers go to gateway_latency
         self.latency = Histogram(LATENCY_BUCKETS)
+        self.gateway_latency = Histogram(LATENCY_BUCKETS)
         self.queue_wait = Histogram(LATENCY_BUCKETS)
 
     def responded(self, status: int, seconds: float) -> None:
+        """A response the upstream made (its head came from the upstream): the route's
+        latency is theirs only."""
         try:
             self.codes[status] += 1
         except KeyError:  # the first response with this status
@@ -175,6 +183,17 @@ class RouteStats:
         latency = self.latency  # Histogram.observe, inlined: this runs for every request
         latency.counts[bisect_left(latency.bounds, seconds)] += 1
         latency.total += seconds
+
+    def answered(self, status: int, seconds: float) -> None:
+        """An answer the gateway made itself (a shed, a refusal, an error it answered):
+        counted by status as any response, timed apart from the served ones."""
+        try:
+            self.codes[status] += 1
+        except KeyError:
+            self.codes[status] = 1
+        own = self.gateway_latency  # (inlined as in responded: every shed comes here)
+        own.counts[bisect_left(own.bounds, seconds)] += 1
+        own.total += seconds
 
     @property
     def responses(self) -> list[int]:
@@ -202,6 +221,7 @@ class RouteStats:
             "cancelled_in_flight": self.cancelled_in_flight,
             "upstream_errors": dict(self.upstream_errors),
             "latency": self.latency.export(),
+            "gateway_latency": self.gateway_latency.export(),
             "queue_wait": self.queue_wait.export(),
         }
 
