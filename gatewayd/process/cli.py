@@ -64,7 +64,7 @@ def host_errors(config: Config) -> list[str]:
     address that cannot be bound here (in use is fine: the running gatewayd's), an
     upstream server name with no address. ``file:line: key: ...`` lines, in file order."""
     from ..http.listener import cannot_bind
-    from ..upstreams.names import unresolvable
+    from ..upstreams.names import unresolvable_in
 
     try:
         text = read_text(config.path)
@@ -81,7 +81,7 @@ def host_errors(config: Config) -> list[str]:
             line = locate(key)
             found.append((line, f"{config.path}:{line}: {format_path(key)}: "
                                 f"expected an address of this host: {why}"))
-    for exc in asyncio.run(unresolvable(config)):
+    for exc in asyncio.run(unresolvable_in(config)):
         line = locate(exc.key)
         found.append((line, f"{config.path}:{line}: {exc}"))
     return [text for _, text in sorted(found, key=lambda f: f[0])]

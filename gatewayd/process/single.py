@@ -20,7 +20,7 @@ from ..runtime.limits import Overrides
 from ..runtime.reload import LastReload
 from ..runtime.state import Runtime
 from ..stats.process import raise_fd_limit
-from ..upstreams.http import UnresolvableServer
+from ..upstreams.names import UnresolvableServer
 from ..upstreams.state import set_server_state
 from . import lifecycle
 from .controller import GatewayController, no_route

@@ -29,7 +29,7 @@ from ..proxy.serving import Serving
 from ..stats.metrics import Registry
 from ..stats.process import GcMonitor, LoopLag, TaskCounter
 from ..upstreams.factory import build
-from ..upstreams.http import UnresolvableServer
+from ..upstreams.names import UnresolvableServer
 from .limits import Overrides
 from .reload import LastReload
 

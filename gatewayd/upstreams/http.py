@@ -22,7 +22,6 @@ that is safe whether it counts or not.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -30,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp.resolver import AsyncResolver
 
-from ..config.positions import Locator, Path, format_path
 from ..config.settings import UpstreamConfig
 from ..http.body import RequestBody
 from ..http.client import SMALL_BODY, H1Pool, Response
@@ -40,6 +38,7 @@ from ..http.wire import IDEMPOTENT, NO_BODY_STATUS
 from ..proxy.exchange import Cancellable, Exchange, Sink, Upstream, UpstreamFailure, raising
 from .balance import Balancer
 from .health import HealthChecker
+from .names import is_address, unresolvable
 from .servers import ServerState, counted_reasons
 
 if TYPE_CHECKING:
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
     from ..proxy.exchange import Route
     from .state import UpstreamExport
 
-RESOLVE_TIMEOUT = 5.0  # seconds for each server name resolved at start-up
 _NOTHING_SENT = frozenset(("upstream_connect", "upstream_connect_timeout", "upstream_dns"))
 _NONE: tuple[ServerState, ...] = ()
 
@@ -82,31 +80,6 @@ class _CachedResolver:
             self._resolver = None
 
 
-class UnresolvableServer(Exception):
-    """A server's host name has no address at start-up (or when a reload builds it)."""
-
-    def __init__(self, key: Path, host: str, reason: str) -> None:
-        super().__init__(f'{format_path(key)}: cannot resolve "{host}" ({reason})')
-        self.key = key
-
-    def located(self, config_path: str) -> str:
-        """The message with the file and line, as configuration errors are written."""
-        try:
-            with open(config_path, encoding="utf-8") as fh:
-                line = Locator(fh.read()).line(self.key)
-        except (OSError, UnicodeDecodeError):
-            return f"{config_path}: {self}"
-        return f"{config_path}:{line}: {self}"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 class HttpUpstream(Upstream):
     """One ``[upstreams.X]`` with ``servers``: an H1Pool (keep-alive connections) per server."""
 
@@ -137,7 +110,7 @@ class HttpUpstream(Upstream):
         c = self.config
         for s in self.servers:
             resolve = None
-            if not _is_ip(s.host):
+            if not is_address(s.host):
                 if self._resolver is None:
                     self._resolver = _CachedResolver(c.dns_ttl)
                 resolve = self._resolver
@@ -160,23 +133,9 @@ class HttpUpstream(Upstream):
     async def _check_names(self) -> None:
         """Every server host name must resolve now: a name that does not is a
         start-up (or reload) error, not a surprise at the first request."""
-        assert self.config.servers
-        names = [(i, s) for i, s in enumerate(self.config.servers) if not _is_ip(s.host)]
-        if not names:
-            return
-        resolver = AsyncResolver()
-        try:
-            for i, s in names:
-                key: Path = ("upstreams", self.name, "servers", i)
-                try:
-                    async with asyncio.timeout(RESOLVE_TIMEOUT):
-                        await resolver.resolve(s.host, s.port, family=socket.AF_UNSPEC)
-                except TimeoutError:
-                    raise UnresolvableServer(key, s.host, f"no answer within {RESOLVE_TIMEOUT:g} s") from None
-                except OSError as exc:
-                    raise UnresolvableServer(key, s.host, exc.strerror or str(exc)) from None
-        finally:
-            await resolver.close()
+        failed = await unresolvable([(self.config, self.name)])
+        if failed:
+            raise failed[0]
 
     @property
     def closed(self) -> bool:

@@ -20,7 +20,7 @@ from gatewayd.config.kinds import Server
 from gatewayd.control.prometheus import SnapshotCollector
 from gatewayd.http.client import H1Pool
 from gatewayd.upstreams.balance import Balancer
-from gatewayd.upstreams.http import UnresolvableServer
+from gatewayd.upstreams.names import UnresolvableServer
 from gatewayd.upstreams.servers import ServerState
 
 from ..builders import free_port, route_toml, upstream_toml
