@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from aiohttp import web
 
 from gatewayd.config.loader import parse
@@ -124,6 +125,13 @@ class Upstream:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    """One certificate authority for the session's TLS tests (tests/certs.py issues
+    leaves from it)."""
+    return trustme.CA()
 
 
 @pytest.fixture
