@@ -165,6 +165,7 @@ class LogConfig:
 @dataclass(frozen=True, kw_only=True)
 class UpstreamConfig:
     name: str = ""  # the table's key in [upstreams]
+    folder: str = ""  # the configuration file's folder, where relative tls_* paths start
     servers: tuple[k.Server, ...] | None = setting(
         k.Servers(), None, "HTTP servers of this upstream (exclusive with handler)",
         reload=RELOAD_NEW,
@@ -251,6 +252,37 @@ class UpstreamConfig:
         k.Duration(), 10.0,
         "how long a server host name's addresses are reused before it is resolved again",
         unit="seconds", reload=RELOAD_NEW,
+    )
+    tls_verify: bool = setting(
+        k.Bool(), True,
+        "https:// servers: verify the server's certificate (its chain up to a trusted CA, "
+        "and its name); false accepts any certificate",
+        reload=RELOAD_NEW,
+    )
+    tls_ca: str | None = setting(
+        k.Text(), None,
+        "https:// servers: PEM file of the CA certificates trusted to sign the servers' "
+        "certificates, instead of the system's store; relative to the configuration file's folder; "
+        "unset: the system's CA store",
+        reload="read again on every reload; new connections use it",
+    )
+    tls_server_name: str | None = setting(
+        k.HostName(), None,
+        "https:// servers: the name sent in SNI and verified in the server's certificate; "
+        "unset: each server URL's host",
+        reload=RELOAD_NEW,
+    )
+    tls_client_cert: str | None = setting(
+        k.Text(), None,
+        "https:// servers: PEM file of the client certificate (and its chain) the gateway "
+        "presents (mutual TLS; with tls_client_key); relative to the configuration file's folder",
+        reload="read again on every reload; new connections use it",
+    )
+    tls_client_key: str | None = setting(
+        k.Text(), None,
+        "https:// servers: PEM file of tls_client_cert's private key, unencrypted; relative to the "
+        "configuration file's folder",
+        reload="read again on every reload; new connections use it",
     )
 
 

@@ -145,6 +145,12 @@ class Upstream:
         """Open what the upstream needs (pools, sessions, an application's startup);
         called once, on the loop; raising fails the start or the reload."""
 
+    def current(self) -> bool:
+        """Whether a reload whose configuration of this upstream is unchanged may keep
+        it: False when what it read at start (certificate files) changed since, so a
+        new one is built from them. True by default."""
+        return True
+
     def serve_inline(self, request: Request, route: Route, path: str, start: float,
                      sink: Sink) -> Cancellable | None:
         """Optional fast path: serve an admitted request without a body (``path`` as

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 
 from gatewayd import __version__
 from gatewayd.config import kinds as k
-from gatewayd.config.loader import ConfigError, applies, dump, load, parse
+from gatewayd.config.loader import TLS_KEYS, ConfigError, applies, dump, load, parse
 from gatewayd.config.positions import Locator, format_path
 from gatewayd.config.settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
 
@@ -123,6 +124,7 @@ def printed(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, tuple[Run, R
     files = [*VALID, EXAMPLE]
     prints = gatewayd_batch([(f.parent, ["--print-config", "--config", f.name]) for f in files])
     out = tmp_path_factory.mktemp("printed")
+    shutil.copytree(CONFIGS / "valid" / "certs", out / "certs")  # the files all_keys.toml names
     copies = []
     for f, run in zip(files, prints, strict=True):
         copy = out / f.name
@@ -501,7 +503,8 @@ _LISTEN = st.builds(
     "{}:{}".format, st.sampled_from(["127.0.0.1", "0.0.0.0", "localhost", "[::1]", "[::]"]), st.integers(0, 65535)
 )
 _URL = st.builds(
-    "http://{}{}{}".format,
+    "{}://{}{}{}".format,
+    st.sampled_from(["http", "https", "HTTPS"]),
     st.sampled_from(["127.0.0.1", "[::1]", "backend.internal", "Example.COM"]),
     st.sampled_from(["", ":1", ":8080", ":65535"]),
     st.sampled_from(["", "/"]),
@@ -566,6 +569,7 @@ def _optional_keys(cls: type, leave_out: tuple[str, ...] = ()) -> st.SearchStrat
     return st.fixed_dictionaries({}, optional=keys)
 
 
+_NOT_TLS = tuple(f.name for f in settings_of(UpstreamConfig) if f.name not in TLS_KEYS)
 _HANDLERS = st.sampled_from(
     [
         {"handler": "gatewayd.handlers:simulated_io"},
@@ -583,9 +587,14 @@ def _valid_documents(draw: st.DrawFn) -> dict[str, Any]:
         del doc["metrics"]["listen"]
     upstreams = {}
     for name in draw(st.lists(_valid_values(k.Name()), min_size=1, max_size=3, unique=True)):
-        table = draw(_optional_keys(UpstreamConfig, ("servers", "handler", "executor")))
+        table = draw(_optional_keys(UpstreamConfig, ("servers", "handler", "executor", *TLS_KEYS)))
         if draw(st.booleans()):
-            table["servers"] = draw(_valid_values(k.Servers()))
+            table["servers"] = servers = draw(_valid_values(k.Servers()))
+            urls = [servers] if isinstance(servers, str) else [s if isinstance(s, str) else s["url"] for s in servers]
+            if any(u.lower().startswith("https:") for u in urls):  # the TLS keys apply to https:// servers
+                table.update(draw(_optional_keys(UpstreamConfig, (*_NOT_TLS, "tls_client_key"))))
+                if "tls_client_cert" in table:  # a client certificate comes with its key
+                    table["tls_client_key"] = draw(_valid_values(k.Text()))
         else:
             table.update(draw(_HANDLERS))
         upstreams[name] = table
