@@ -401,3 +401,34 @@ def _port_of(gp: Any) -> int:
             return int(line.rsplit(":", 1)[1].rstrip('"]'))
     raise AssertionError("no listen line")
 
+
+
+def test_workers_reload_reads_the_ca_again(gateway_process, tls_ca, tmp_path) -> None:
+    """With two workers: a renewed CA file and a reload reach every worker; a CA file
+    made unusable refuses the reload with the key and line, and both keep serving."""
+    leaf = issue(tls_ca, tmp_path / "up", "leaf", "127.0.0.1")
+    ca_file = write_ca(trustme.CA(), tmp_path / "ca.pem")  # a CA that did not sign it
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
+    server = BlockingTlsServer(ctx)
+    try:
+        gp = gateway_process(app_route(server.url, {"tls_ca": "ca.pem", "max_fails": 0}), workers=2)
+        url = f"http://127.0.0.1:{_port_of(gp)}"
+
+        async def statuses(n: int) -> set[tuple[int, str]]:
+            return {(await get(url))[:2] for _ in range(n)}
+
+        assert asyncio.run(statuses(6)) == {(502, "upstream_tls")}
+        write_ca(tls_ca, ca_file)
+        answer = gp.command({"cmd": "reload"})
+        assert answer["ok"], answer
+        assert asyncio.run(statuses(6)) == {(200, "")}
+        ca_file.write_text("")
+        answer = gp.command({"cmd": "reload"})
+        line = gp.config_path.read_text().splitlines().index('tls_ca = "ca.pem"') + 1
+        assert not answer["ok"]
+        assert f"{gp.config_path}:{line}: upstreams.app.tls_ca: expected PEM CA certificates in ca.pem, " \
+               "found none" in answer["error"], answer
+        assert asyncio.run(statuses(6)) == {(200, "")}
+    finally:
+        server.stop()
