@@ -197,7 +197,8 @@ class UpstreamConfig:
     name: str = ""  # the table's key in [upstreams]
     folder: str = ""  # the configuration file's folder, where relative tls_* paths start
     servers: tuple[k.Server, ...] | None = setting(
-        k.Servers(), None, "HTTP servers of this upstream (exclusive with handler)",
+        k.Servers(), None,
+        "HTTP servers of this upstream, http:// or https:// URLs (exclusive with handler)",
         reload=RELOAD_NEW,
     )
     handler: str | None = setting(
@@ -214,7 +215,8 @@ class UpstreamConfig:
         k.Int(1, 256), 2, 'size of the process pool when executor = "process"', reload=RELOAD_NEW
     )
     connect_timeout: float = setting(
-        k.Duration(), 2.0, "longest wait for a connection to a server", unit="seconds",
+        k.Duration(), 2.0, "longest wait for a connection to a server (an https:// server's TLS "
+        "handshake included)", unit="seconds",
         reload=RELOAD_NEW,
     )
     read_timeout: float = setting(
@@ -258,7 +260,8 @@ class UpstreamConfig:
     fail_on: tuple[str, ...] = setting(
         k.ChoiceList(("connect", "reset", "timeout", "invalid")), ("connect",),
         "which failures count against a server for max_fails: connect (refused, unreachable, "
-        "connect timeout, name not resolved: before any request byte is sent), reset (closed "
+        "connect timeout, name not resolved, TLS handshake or certificate refused: before any "
+        "request byte reaches the server's application), reset (closed "
         "or reset before or during the response), timeout (read_timeout passed), invalid (a "
         "response that is not valid HTTP or over the size limits); the default counts only "
         "what no request can cause",
@@ -285,33 +288,33 @@ class UpstreamConfig:
     )
     tls_verify: bool = setting(
         k.Bool(), True,
-        "https:// servers: verify the server's certificate (its chain up to a trusted CA, "
-        "and its name); false accepts any certificate",
+        "verify the certificates of the https:// servers (a chain up to a trusted CA, and the "
+        "name); false accepts any certificate: the traffic is encrypted, but to whoever answers",
         reload=RELOAD_NEW,
     )
     tls_ca: str | None = setting(
         k.Text(), None,
-        "https:// servers: PEM file of the CA certificates trusted to sign the servers' "
-        "certificates, instead of the system's store; relative to the configuration file's folder; "
+        "PEM file of the CA certificates trusted to sign the https:// servers' certificates, "
+        "instead of the system's store; relative to the configuration file's folder; "
         "unset: the system's CA store",
         reload="read again on every reload; new connections use it",
     )
     tls_server_name: str | None = setting(
         k.HostName(), None,
-        "https:// servers: the name sent in SNI and verified in the server's certificate; "
-        "unset: each server URL's host",
+        "the name sent in SNI to the https:// servers and verified in their certificates; "
+        "unset: each server URL's host (an IP address is verified, never sent in SNI)",
         reload=RELOAD_NEW,
     )
     tls_client_cert: str | None = setting(
         k.Text(), None,
-        "https:// servers: PEM file of the client certificate (and its chain) the gateway "
-        "presents (mutual TLS; with tls_client_key); relative to the configuration file's folder",
+        "PEM file of the client certificate (then its chain) presented to the https:// servers "
+        "(mutual TLS); needs tls_client_key; relative to the configuration file's folder",
         reload="read again on every reload; new connections use it",
     )
     tls_client_key: str | None = setting(
         k.Text(), None,
-        "https:// servers: PEM file of tls_client_cert's private key, unencrypted; relative to the "
-        "configuration file's folder",
+        "PEM file of tls_client_cert's private key, unencrypted; needs tls_client_cert; relative "
+        "to the configuration file's folder",
         reload="read again on every reload; new connections use it",
     )
 
