@@ -233,14 +233,14 @@ async def test_an_expired_certificate_is_a_warning(start_gateway, upstream, tls_
     """An expired certificate starts, with a warning naming it; it is still served."""
     caplog.set_level(logging.WARNING, "gatewayd")
     old = issue(tls_ca, tmp_path / "certs", "old", "a.example",
-                not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc))
+                not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
     gw = await start_gateway(app_route(upstream.url), tls=tls_section(old))
     assert any("expired" in r.getMessage() and "old.pem" in r.getMessage() for r in caplog.records)
     client = await connect(gw.port, anything_context())
     assert client.served == der_of(old)
     client.close()
     assert gw.runtime.certificates[0].not_after == datetime.datetime(
-        2020, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+        2020, 1, 1, tzinfo=datetime.UTC).timestamp()
 
 
 async def test_reload_turns_tls_on_for_new_connections(start_gateway, upstream, pems, tls_ca, tmp_path):
