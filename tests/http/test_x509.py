@@ -7,9 +7,9 @@ import datetime
 
 import pytest
 import trustme
+from cryptography import x509 as cx509
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from cryptography import x509 as cx509
 
 from gatewayd.http.x509 import facts, first_pem_certificate
 
