@@ -1,4 +1,4 @@
-"""HTTPS upstreams (gatewayd.toml(5) UPSTREAM TLS): real TLS servers on 127.0.0.1
+"""HTTPS upstreams (gatewayd.toml(5), UPSTREAMS, "HTTPS servers"): real TLS servers on 127.0.0.1
 with certificates made for the test; the gateway verifies them with ``tls_ca``
 (or not, ``tls_verify = false``), sends and verifies ``tls_server_name``,
 presents a client certificate for mutual TLS, keeps its TLS connections alive,
@@ -91,7 +91,6 @@ def pki(tmp_path: Path, tls_ca: trustme.CA) -> dict[str, Any]:
         "ca": tls_ca,
         "ca_file": write_ca(tls_ca, tmp_path / "ca.pem"),
         "other_ca_file": write_ca(other, tmp_path / "other-ca.pem"),
-        "other_ca": other,
         "leaf": issue(tls_ca, tmp_path / "up", "leaf", "127.0.0.1", "api.internal"),
     }
 
@@ -100,6 +99,12 @@ async def get(url: str, path: str = "/", method: str = "GET", **kw: Any) -> tupl
     """Status, X-Gatewayd-Reason and body of one request to the gateway."""
     async with aiohttp.ClientSession() as s, s.request(method, url + path, **kw) as r:
         return r.status, r.headers.get("X-Gatewayd-Reason", ""), await r.text()
+
+
+def two_upstreams(url: str, first: dict[str, Any], second: dict[str, Any]) -> str:
+    """Upstream and route ``a`` (prefix /) and ``b`` (prefix /b) to the same server."""
+    return (upstream_toml("a", servers=[url], **first) + upstream_toml("b", servers=[url], **second)
+            + route_toml("a", "a") + route_toml("b", "b", path_prefix="/b"))
 
 
 # -- verification ------------------------------------------------------------------------
@@ -114,14 +119,14 @@ async def test_verified_with_tls_ca(start_gateway, tls_upstreams, pki) -> None:
     assert up.started == 1 and up.sni == [None]
 
 
-@pytest.mark.parametrize(("keys", "why"), [
-    ({"tls_ca": "other-ca.pem"}, "a CA that did not sign it"),
-    ({}, "the system's store, which does not hold the test CA"),
-    ({"tls_ca": "ca.pem", "tls_server_name": "other.example"}, "a name the certificate does not hold"),
-])
-async def test_verification_fails(keys, why, start_gateway, tls_upstreams, pki, caplog) -> None:
-    """A certificate the gateway cannot verify ({why}): 502 upstream_tls, the request
-    never reaches the upstream, the reason is counted and the cause logged."""
+@pytest.mark.parametrize("keys", [
+    {"tls_ca": "other-ca.pem"},  # a CA that did not sign it
+    {},  # the system's store, which does not hold the test CA
+    {"tls_ca": "ca.pem", "tls_server_name": "other.example"},  # a name the certificate does not hold
+], ids=["other_ca", "system_store", "other_name"])
+async def test_verification_fails(keys, start_gateway, tls_upstreams, pki, caplog) -> None:
+    """A certificate the gateway cannot verify: 502 upstream_tls, the request never
+    reaches the upstream, the reason is counted, and the cause logged once."""
     up = await tls_upstreams(pki["leaf"])
     gw = await start_gateway(app_route(up.url, {**keys, "max_fails": 0}))
     for _ in range(2):
@@ -255,12 +260,6 @@ def mtls_server(pki, tmp_path):
     server = BlockingTlsServer(ctx)
     yield server
     server.stop()
-
-
-def two_upstreams(url: str, first: dict[str, Any], second: dict[str, Any]) -> str:
-    """Upstream and route ``a`` (prefix /) and ``b`` (prefix /b) to the same server."""
-    return (upstream_toml("a", servers=[url], **first) + upstream_toml("b", servers=[url], **second)
-            + route_toml("a", "a") + route_toml("b", "b", path_prefix="/b"))
 
 
 async def test_mutual_tls(start_gateway, mtls_server) -> None:
