@@ -25,7 +25,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from ..builders import app_route, free_port, gateway_config, route_toml, upstream_toml
+from ..builders import app_route, free_port, gateway_config, route_toml, toml, upstream_toml
 from ..certs import Pem, issue, write_ca
 from ..conftest import Upstream, run_gatewayd, wait_for
 
@@ -142,7 +142,8 @@ async def test_verification_fails(keys, start_gateway, tls_upstreams, pki, caplo
 async def test_server_name_sent_and_verified(start_gateway, tls_upstreams, tmp_path, tls_ca) -> None:
     """1. the upstream's certificate holds only the name api.internal; its URL is an address
     2. upstream a, tls_server_name = "api.internal": sent in SNI and verified: 200
-    3. upstream b, without it: the address is verified against the certificate: 502 upstream_tls."""
+    3. upstream b, without it: the address is verified against the certificate: 502 upstream_tls
+    4. a's health check sends and verifies the same name: it passes."""
     write_ca(tls_ca, tmp_path / "ca.pem")
     up = await tls_upstreams(issue(tls_ca, tmp_path / "up", "named", "api.internal"))
     gw = await start_gateway(two_upstreams(up.url, {"tls_ca": "ca.pem", "tls_server_name": "api.internal"},
@@ -151,6 +152,14 @@ async def test_server_name_sent_and_verified(start_gateway, tls_upstreams, tmp_p
     assert up.sni == ["api.internal"]
     assert (await get(gw.url, "/b"))[:2] == (502, "upstream_tls")
     assert up.started == 1
+    check = {"path": "/", "interval": 0.05, "timeout": 1.0}
+    text = gw.config_path.read_text().replace('tls_server_name = "api.internal"\n',
+                                              f'tls_server_name = "api.internal"\nhealth_check = {toml(check)}\n')
+    gw.config_path.write_text(text)
+    assert (await gw.command({"cmd": "reload"}))["ok"]
+    server = gw.runtime.table.upstreams["a"].servers[0]
+    await wait_for(lambda: server.last_check is not None)
+    assert server.last_check == "ok" and up.sni[-1] == "api.internal"
 
 
 async def test_verify_off_accepts_any_certificate(start_gateway, tls_upstreams, tmp_path) -> None:
