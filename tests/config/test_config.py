@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from gatewayd import __version__
 from gatewayd.config import kinds as k
-from gatewayd.config.certificates import CertificateList
+from gatewayd.config.certificates import CertificateEntry, CertificateList
 from gatewayd.config.loader import TLS_KEYS, ConfigError, applies, dump, load, parse
 from gatewayd.config.positions import Locator, format_path
 from gatewayd.config.settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
@@ -178,8 +178,9 @@ def test_errors_are_one_line_each_in_line_order(path: Path) -> None:
 
 @pytest.mark.parametrize("path", VALID, ids=_ids(VALID))
 def test_valid_through_loader(path: Path) -> None:
-    config = parse(path.read_text(encoding="utf-8"), path.name)
-    assert parse(dump(config), path.name) == config
+    # the whole path: files the configuration names are found beside it
+    config = parse(path.read_text(encoding="utf-8"), str(path))
+    assert parse(dump(config), str(path)) == config
 
 
 @pytest.mark.parametrize("path", VALID, ids=_ids(VALID))
@@ -204,7 +205,9 @@ def test_all_keys_file_values() -> None:
     c = load(str(CONFIGS / "valid" / "all_keys.toml"))
     assert c.server.listen == (k.ListenEntry("127.0.0.1:8080"), k.ListenEntry("[::1]:8080"))
     assert c.server.addresses == ("127.0.0.1:8080", "[::1]:8080")
-    assert (c.tls.min_version, c.tls.session_tickets, c.tls.certificates) == ("1.3", False, ())
+    assert (c.tls.min_version, c.tls.session_tickets) == ("1.3", False)
+    assert c.tls.certificates == (CertificateEntry("certs/gw.pem", "certs/gw.key",
+                                                   ("gateway.internal", "*.gateway.internal")),)
     assert c.server.workers == "auto"
     assert c.server.max_body_size == 512 * 1024
     assert c.server.keepalive_timeout == 60.0 and isinstance(c.server.keepalive_timeout, float)
@@ -547,14 +550,14 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
         case k.Listen():
             return _LISTEN
         case k.ListenList():
-            # tls = true needs certificates on disk (tests/config/test_tls_config.py)
+            # tls = true needs certificates on disk (tests/http/test_tls*.py)
             table = st.fixed_dictionaries({"address": _LISTEN}, optional={
                 "tls": st.just(False), "proxy_protocol": st.just(False)})
             entries = st.lists(_LISTEN | table, min_size=1, max_size=3,
                                unique_by=lambda e: e if isinstance(e, str) else e["address"])
             return _LISTEN | table | entries
         case CertificateList():
-            return st.just([])  # files on disk: tests/config/test_tls_config.py
+            return st.just([])  # files on disk: tests/http/test_tls*.py
         case k.Networks():
             nets = st.sampled_from(["10.0.0.0/8", "127.0.0.1", "fd00::/8", "192.168.1.0/24", "::1"])
             return st.lists(nets, max_size=3)
