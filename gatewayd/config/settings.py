@@ -16,6 +16,7 @@ from typing import Any
 
 from . import kinds as k
 from .certificates import CertificateEntry, CertificateList
+from .ratelimit import RateLimit, RateLimitTable
 
 # How a reload treats a setting: the man page prints these words.
 RELOAD_LIVE = "applied in place on reload"
@@ -349,6 +350,14 @@ class RouteConfig:
     )
     retry_after: int = setting(
         k.Int(0, 86400), 1, "value of the Retry-After header on this route's 503s", unit="seconds"
+    )
+    rate_limit: RateLimit | None = setting(  # noqa: RUF009 (a frozen dataclass)
+        RateLimitTable(), None,
+        "at most rate requests a second per key, burst of them at once (GCRA); more is answered "
+        "429 rate_limited with Retry-After, never queued nor forwarded. key: \"client\" (the "
+        "client address) or \"header:NAME\" (that header's value; the client address when it is "
+        "absent). Gateway-wide: workers share one table of keys. Unset: no limit",
+        reload="applied in place on reload; keys keep what they used, up to one new burst",
     )
 
 

@@ -34,6 +34,7 @@ from gatewayd.config import kinds as k
 from gatewayd.config.certificates import CertificateEntry, CertificateList
 from gatewayd.config.loader import TLS_KEYS, ConfigError, applies, dump, load, parse
 from gatewayd.config.positions import Locator, format_path
+from gatewayd.config.ratelimit import RateLimit, RateLimitTable
 from gatewayd.config.settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,6 +223,8 @@ def test_all_keys_file_values() -> None:
     ]
     assert c.route("demo").host == "example.com"
     assert c.upstream("thumbnails").executor == "process"
+    assert c.route("app").rate_limit == RateLimit(10.0, 20, "header:X-Api-Key")
+    assert c.route("demo").rate_limit is None
 
 
 def test_other_spellings() -> None:
@@ -574,6 +577,11 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
             return st.fixed_dictionaries({}, optional={
                 "path": _valid_values(k.PathPrefix()), "interval": seconds, "timeout": seconds,
                 "healthy": st.integers(1, 1000), "unhealthy": st.integers(1, 1000)})
+        case RateLimitTable():
+            rates = st.floats(0.001, 1_000_000) | st.integers(1, 1_000_000)
+            keys = st.just("client") | st.from_regex(r"header:[A-Za-z0-9-]{1,12}", fullmatch=True)
+            return st.fixed_dictionaries({"rate": rates}, optional={
+                "burst": st.integers(1, 1_000_000), "key": keys})
     raise AssertionError(f"no strategy for {kind!r}")
 
 
