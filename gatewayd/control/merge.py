@@ -75,7 +75,7 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
     parts: list[RouteCounters] = [*live, gone] if gone is not None else list(live)
     responses = {c: 0 for c in RESPONSE_CLASSES}
     codes: Counts = {}
-    rejected = {"queue_full": 0, "queue_timeout": 0}
+    rejected = {"queue_full": 0, "queue_timeout": 0, "rate_limited": 0}
     errors: Counts = {}
     latency: HistogramExport | None = None
     own: HistogramExport | None = None

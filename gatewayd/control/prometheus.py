@@ -54,7 +54,8 @@ class SnapshotCollector(Collector):
         limit = GaugeMetricFamily("gatewayd_route_max_concurrency", "Concurrency limit",
                                   labels=["route"])
         qlimit = GaugeMetricFamily("gatewayd_route_max_queue", "Queue limit", labels=["route"])
-        rejected = CounterMetricFamily("gatewayd_rejected", "Requests shed with 503",
+        rejected = CounterMetricFamily("gatewayd_rejected",
+                                       "Requests refused before the upstream: 503 sheds, 429 rate_limited",
                                        labels=["route", "reason"])
         cancelled = CounterMetricFamily("gatewayd_cancelled", "Requests whose client left",
                                         labels=["route"])

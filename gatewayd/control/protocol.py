@@ -58,7 +58,7 @@ class RouteSnapshot(TypedDict):
     gateway_answers: int  # answers the gateway made itself (sheds, refusals, errors)
     responses: Counts  # by class: 1xx ... 5xx
     codes: Counts  # by status code
-    rejected: Counts  # queue_full, queue_timeout
+    rejected: Counts  # queue_full, queue_timeout, rate_limited
     cancelled: int
     cancelled_queued: int
     cancelled_in_flight: int

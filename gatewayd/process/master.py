@@ -36,6 +36,7 @@ from ..control.merge import Retired
 from ..control.protocol import RuntimeInfo, ServerStateAnswer, Snapshot, Waiter
 from ..control.snapshot import present, retire, route_order_from
 from ..exits import EXIT_BOOT, EXIT_CONFIG
+from ..proxy.ratelimit import RateTable
 from ..runtime.limits import Overrides
 from ..runtime.reload import LastReload
 from ..stats.process import raise_fd_limit, rss_bytes
@@ -95,15 +96,23 @@ class Master:
         self._next: tuple[Config, str] | None = None  # a reload prepared in every worker
         # server_state set by hand: (upstream, server) -> (command, upstream config then)
         self.server_states: dict[tuple[str, str], tuple[ServerState, Any]] = {}
+        # the keys of the routes' rate limits, one table for every worker (and every
+        # worker that replaces one): a key's allowance is the gateway's
+        self.rate_table = RateTable.shared()
         self.controller = GatewayController(self, self._lock)
 
     # -- workers -------------------------------------------------------------------
     async def spawn(self, slot: int) -> WorkerHandle:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        table = self.rate_table
+        assert table.fd is not None
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gatewayd.process.worker", "--fd", str(child.fileno()),
-                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                "--rate-fd", str(table.fd),
+                pass_fds=(child.fileno(), table.fd), stdin=asyncio.subprocess.DEVNULL,
+                # every worker hashes a rate-limit key to the same slot (proxy/ratelimit.py)
+                env={**os.environ, "PYTHONHASHSEED": str(table.seed)},
             )
         finally:
             child.close()

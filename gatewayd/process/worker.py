@@ -21,6 +21,7 @@ from typing import cast
 from ..config.loader import ConfigError, parse
 from ..control.snapshot import export, waiters
 from ..exits import EXIT_BOOT, EXIT_OK
+from ..proxy.ratelimit import RateTable, TableMismatch
 from ..runtime.state import Runtime
 from ..stats.process import raise_fd_limit
 from ..upstreams.state import set_server_state
@@ -34,8 +35,9 @@ PUSH_INTERVAL = 0.25  # seconds between figures pushed to the master (at most)
 
 
 class Worker:
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, rate_fd: int) -> None:
         self.channel = channel
+        self.rate_fd = rate_fd  # the master's rate-limit table
         self.runtime: Runtime | None = None
         self.stopping = asyncio.Event()
 
@@ -55,9 +57,14 @@ class Worker:
             self.channel.send({"t": "boot_error", "error": "; ".join(exc.errors)})
             return False
         setup_logging(config.log.level)
+        try:
+            table = RateTable.attach(self.rate_fd)
+        except (OSError, TableMismatch) as exc:
+            self.channel.send({"t": "boot_error", "error": f"rate-limit table: {exc}"})
+            return False
         soft, _ = raise_fd_limit()
         runtime = Runtime(config, worker_index=start["index"], worker_count=start["count"],
-                          reuse_port=True)
+                          reuse_port=True, rate_table=table)
         runtime.generation = start["generation"]
         runtime.overrides.update(start["overrides"])
         share = runtime._share(config.server.max_connections, 1)
@@ -165,19 +172,20 @@ class Worker:
         return {"ok": False, "error": f"unknown worker command {command['cmd']!r}"}
 
 
-async def _main(fd: int) -> int:
+async def _main(fd: int, rate_fd: int) -> int:
     sock = socket.socket(fileno=fd)
     channel = await Channel.open(sock)
-    return await Worker(channel).run()
+    return await Worker(channel, rate_fd).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gatewayd-worker")
     p.add_argument("--fd", type=int, required=True, help="this worker's end of the socketpair")
+    p.add_argument("--rate-fd", type=int, required=True, help="the master's rate-limit table (a memfd)")
     args = p.parse_args(argv)
     setup_logging("info")
     with asyncio.Runner(loop_factory=new_loop) as runner:
-        return runner.run(_main(args.fd))
+        return runner.run(_main(args.fd, args.rate_fd))
 
 
 if __name__ == "__main__":

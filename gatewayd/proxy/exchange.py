@@ -23,15 +23,18 @@ if TYPE_CHECKING:
     from ..http.turn import Turn
     from ..stats.metrics import RouteStats
     from .admission import Gate
+    from .ratelimit import Limiter
 
 
 class Route:
     """A route of one configuration generation; its gate and stats outlive it."""
 
-    __slots__ = ("_strip", "config", "gate", "name", "retry_after", "stats", "upstream")
+    __slots__ = ("_strip", "config", "gate", "limiter", "name", "retry_after", "stats", "upstream")
 
-    def __init__(self, config: RouteConfig, gate: Gate, stats: RouteStats, upstream: Upstream) -> None:
+    def __init__(self, config: RouteConfig, gate: Gate, stats: RouteStats, upstream: Upstream,
+                 limiter: Limiter | None = None) -> None:
         self.config = config
+        self.limiter = limiter  # its rate_limit, if it has one
         self.name = config.name
         self.gate = gate
         self.stats = stats

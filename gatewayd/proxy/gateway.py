@@ -24,6 +24,7 @@ from ..http.checks import Refused, origin_target
 from ..http.responses import body_size, prebuilt
 from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .exchange import Exchange, UpstreamFailure, raising
+from .ratelimit import RATE_LIMITED
 
 if TYPE_CHECKING:
     from ..http.server import Request
@@ -85,6 +86,8 @@ class Gateway:
             return
         stats = route.stats
         stats.requests += 1
+        if route.limiter is not None and self._over_rate(request, route, start):
+            return
         if request.body_exists:  # (the parser makes a body for any Content-Length over 0)
             self._with_body(request, route, target, start)
             return
@@ -104,6 +107,21 @@ class Gateway:
             queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
                                          target, request.remote or "")
             request.task = queued
+
+    def _over_rate(self, request: Request, route: Route, start: float) -> bool:
+        """Whether ``request`` is over its route's rate_limit, and then answered: 429 with
+        its key's Retry-After, at arrival (no body read, never queued, never forwarded)."""
+        assert route.limiter is not None
+        wait = route.limiter.check(request)
+        if not wait:
+            return False
+        route.stats.rate_limited += 1
+        answer(request, 429, RATE_LIMITED, str(wait))
+        route.stats.answered(429, self._loop.time() - start)
+        if self.serving.access_log.enabled:
+            self._log(request, route, 429, body_size(429), start, RATE_LIMITED)
+        request.protocol.finish(request)
+        return True
 
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
         """An admitted request without a body, holding its slot: served inline where its

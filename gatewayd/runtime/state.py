@@ -25,6 +25,7 @@ from ..proxy.accesslog import AccessLog
 from ..proxy.admission import Gate, share
 from ..proxy.exchange import Route, Upstream
 from ..proxy.gateway import Gateway
+from ..proxy.ratelimit import Limiter, RateTable
 from ..proxy.router import Router, Table
 from ..proxy.serving import Serving
 from ..stats.metrics import Registry
@@ -62,8 +63,10 @@ class Runtime:
     several = False  # never the master of workers
 
     def __init__(self, config: Config, *, worker_index: int = 0, worker_count: int = 1,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, rate_table: RateTable | None = None) -> None:
         self.config = config
+        # the keys of the routes' rate limits: the master's, shared by its workers, or our own
+        self.rate_table = rate_table or RateTable.private()
         self.worker_index = worker_index
         self.worker_count = worker_count
         self.reuse_port = reuse_port
@@ -137,7 +140,8 @@ class Runtime:
                 gate = prev_route.gate  # the queue and in-flight count carry over
             else:
                 gate = Gate(*self._route_limits(rc))
-            routes[rc.name] = Route(rc, gate, self.registry.route(rc.name), upstreams[rc.upstream])
+            limiter = None if rc.rate_limit is None else Limiter(rc.name, rc.rate_limit, self.rate_table)
+            routes[rc.name] = Route(rc, gate, self.registry.route(rc.name), upstreams[rc.upstream], limiter)
         router = Router((r.config, r) for r in routes.values())
         return Table(router, routes, upstreams), started
 

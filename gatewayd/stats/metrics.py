@@ -47,7 +47,7 @@ class Quantiles(TypedDict):
 class RouteCounters(TypedDict):
     """A route's counters and histograms, as :meth:`RouteStats.export` gives them:
     all summable over workers. ``responses`` by class (``RESPONSE_CLASSES``),
-    ``codes`` by status, ``rejected`` by reason (queue_full, queue_timeout),
+    ``codes`` by status, ``rejected`` by reason (queue_full, queue_timeout, rate_limited),
     ``upstream_errors`` by reason. ``latency`` holds the responses the upstream
     made (its count is the route's ``served``), ``gateway_latency`` the answers the
     gateway made itself (sheds, refusals, errors it answered: ``gateway_answers``)."""
@@ -155,6 +155,7 @@ class RouteStats:
         "queue_full",
         "queue_timeout",
         "queue_wait",
+        "rate_limited",
         "requests",
         "upstream_errors",
     )
@@ -165,6 +166,7 @@ class RouteStats:
         self.codes: dict[int, int] = {}
         self.queue_full = 0
         self.queue_timeout = 0
+        self.rate_limited = 0  # 429s of the route's rate_limit
         self.cancelled_queued = 0
         self.cancelled_in_flight = 0
         self.upstream_errors: dict[str, int] = {}
@@ -216,7 +218,8 @@ class RouteStats:
             "requests": self.requests,
             "responses": dict(zip(RESPONSE_CLASSES, self.responses[1:], strict=True)),
             "codes": {str(c): n for c, n in self.codes.items()},
-            "rejected": {"queue_full": self.queue_full, "queue_timeout": self.queue_timeout},
+            "rejected": {"queue_full": self.queue_full, "queue_timeout": self.queue_timeout,
+                         "rate_limited": self.rate_limited},
             "cancelled_queued": self.cancelled_queued,
             "cancelled_in_flight": self.cancelled_in_flight,
             "upstream_errors": dict(self.upstream_errors),
