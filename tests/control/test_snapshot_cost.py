@@ -204,6 +204,8 @@ CHANGES = [
      lambda r: r["rejected"]),
     ("queue_timeout", lambda s, g: setattr(s, "queue_timeout", s.queue_timeout + 1),
      lambda r: r["rejected"]),
+    ("rate_limited", lambda s, g: setattr(s, "rate_limited", s.rate_limited + 1),
+     lambda r: r["rejected"]),
     ("cancelled_queued", lambda s, g: setattr(s, "cancelled_queued", s.cancelled_queued + 1),
      lambda r: (r["cancelled"], r["cancelled_queued"])),
     ("cancelled_in_flight",
