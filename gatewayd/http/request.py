@@ -203,6 +203,7 @@ class Request:
 
     __slots__ = ("_chunked", "_client", "body_exists", "content", "headers", "keep_alive",
                  "message", "method", "protocol", "raw_headers", "raw_path", "task", "version")
+    _client: str  # set on first use of ``client`` behind trusted proxies only
 
     def __init__(self, message: RawRequestMessage, payload: StreamReader, protocol: Connection) -> None:
         self.message = message
@@ -246,9 +247,11 @@ class Request:
         if trusted is None:
             return self.remote or ""
         try:
-            return self._client  # type: ignore[no-any-return]
+            known: str = self._client
+            return known
         except AttributeError:  # (left unset in __init__: a gateway without proxies pays nothing)
-            client = self._client = trusted.client(self.remote or "", self.headers.getall("X-Forwarded-For", ()))
+            client: str = trusted.client(self.remote or "", self.headers.getall("X-Forwarded-For", ()))
+            self._client = client
             return client
 
     @property
