@@ -196,7 +196,7 @@ class Limiter:
         header = self._header
         key = None if header is None else request.headers.get(header)
         if key is None:
-            key = self._client + (request.remote or "")
+            key = self._client + request.client
         else:
             key = self._via_header + key
         wait = self._table.take(key, self._interval, self._span)

@@ -277,3 +277,18 @@ def test_two_processes_on_one_key_never_both_admit_on_one_time():
     assert all(p.returncode == 0 for p in procs)
     expected = 200 + 1000 * 2.0
     assert abs(admitted - expected) <= 0.01 * expected, (admitted, expected)
+
+
+async def test_behind_a_trusted_proxy_the_key_is_the_forwarded_client(start_gateway, upstream):
+    """trusted_proxies = ["127.0.0.2"], rate 0.2/s, burst 1: 1. through the proxy, clients
+    10.0.0.1 and 10.0.0.2 (X-Forwarded-For) each get their own allowance 2. 10.0.0.1 again:
+    429 3. the proxy's own requests (no X-Forwarded-For) are its own key."""
+    gw = await start_gateway(limited(upstream.url, 0.2, 1), trusted_proxies=["127.0.0.2"])
+    proxy = Client(gw.url, "127.0.0.2")
+    try:
+        assert (await proxy.get(headers={"X-Forwarded-For": "10.0.0.1"}))[0] == 200
+        assert (await proxy.get(headers={"X-Forwarded-For": "10.0.0.2"}))[0] == 200
+        assert (await proxy.get(headers={"X-Forwarded-For": "10.0.0.1"}))[0] == 429
+        assert [(await proxy.get())[0] for _ in range(2)] == [200, 429]
+    finally:
+        await proxy.close()
