@@ -134,6 +134,9 @@ def gatewayd_head(port: int, upstream_port: int, sock: Path, access_log: str = "
 
 
 def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits) -> str:
+    """The route every scenario measures; ``$GATEWAYD_ROUTE_KEYS`` (TOML lines) adds keys
+    to it, to measure what a feature costs: ``GATEWAYD_ROUTE_KEYS='rate_limit = {rate =
+    1e6, burst = 1000000}' bench/run --scenarios instructions``."""
     return gatewayd_head(port, upstream_port, sock) + textwrap.dedent(f"""
         [[routes]]
         name = "{ROUTE}"
@@ -142,7 +145,7 @@ def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits) -
         max_concurrency = {limits.max_concurrency}
         max_queue = {limits.max_queue}
         queue_timeout = {limits.queue_timeout}
-    """)
+    """) + os.environ.get("GATEWAYD_ROUTE_KEYS", "") + "\n"
 
 
 def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False) -> Server:
