@@ -86,8 +86,12 @@ class Gateway:
             return
         stats = route.stats
         stats.requests += 1
-        if route.limiter is not None and self._over_rate(request, route, start):
-            return
+        limiter = route.limiter
+        if limiter is not None:
+            wait = limiter.check(request)  # counted against its key if admitted
+            if wait:
+                self._rate_limited(request, route, start, wait)
+                return
         if request.body_exists:  # (the parser makes a body for any Content-Length over 0)
             self._with_body(request, route, target, start)
             return
@@ -108,20 +112,15 @@ class Gateway:
                                          target, request.client)
             request.task = queued
 
-    def _over_rate(self, request: Request, route: Route, start: float) -> bool:
-        """Whether ``request`` is over its route's rate_limit, and then answered: 429 with
-        its key's Retry-After, at arrival (no body read, never queued, never forwarded)."""
-        assert route.limiter is not None
-        wait = route.limiter.check(request)
-        if not wait:
-            return False
+    def _rate_limited(self, request: Request, route: Route, start: float, wait: int) -> None:
+        """A request over its route's rate_limit: 429 with its key's Retry-After (``wait``
+        seconds), at arrival: no body read, never queued, never forwarded."""
         route.stats.rate_limited += 1
         answer(request, 429, RATE_LIMITED, str(wait))
         route.stats.answered(429, self._loop.time() - start)
         if self.serving.access_log.enabled:
             self._log(request, route, 429, body_size(429), start, RATE_LIMITED)
         request.protocol.finish(request)
-        return True
 
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
         """An admitted request without a body, holding its slot: served inline where its
