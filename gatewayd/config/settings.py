@@ -51,9 +51,10 @@ class ServerConfig:
     listen: tuple[k.ListenEntry, ...] = setting(
         k.ListenList(), (k.ListenEntry("127.0.0.1:8080"),),
         'addresses the gateway accepts clients on: "host:port", or {address = "host:port", '
-        "tls = true} for TLS with the certificates of [tls] (proxy_protocol must be false)",
-        reload="new addresses are bound before removed ones close; tls on or off applies to "
-               "connections accepted after the reload",
+        "tls = true, proxy_protocol = true}: tls for TLS with the certificates of [tls], "
+        "proxy_protocol for a PROXY protocol header first on every connection (see PROXY PROTOCOL)",
+        reload="new addresses are bound before removed ones close; tls or proxy_protocol on or "
+               "off applies to connections accepted after the reload",
     )
     workers: int | str = setting(
         k.Workers(), 1, 'worker processes; "auto" starts one per CPU',

@@ -18,6 +18,7 @@ from .. import __version__
 from ..config.settings import Config, RouteConfig, ServerConfig
 from ..http.bodymemory import BodyMemory
 from ..http.listener import PLAIN, Acceptor, Opener, bind
+from ..http.proxy_protocol import ProxyHeaderCounts, ProxyOpener
 from ..http.server import H1Server
 from ..http.tls import Certificate, CertificateProblem, HandshakeCounts, Terminator, TlsOpener, load_certificate
 from ..http.turn import Turn
@@ -80,6 +81,7 @@ class Runtime:
         self.overrides = Overrides()
         self.pending: Pending | None = None  # a reload prepared, not yet committed
         self.handshakes = HandshakeCounts()  # TLS, across reloads
+        self.proxy_headers = ProxyHeaderCounts()  # the PROXY protocol, across reloads
         self.certificates: tuple[Certificate, ...] = ()  # the generation's, for the snapshot
         self.serving = Serving(
             config.server,
@@ -158,10 +160,15 @@ class Runtime:
                 if cert.expired:
                     log.warning("tls.certificates: %s expired on %s", cert.name,
                                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(cert.not_after)))
-        opener: Opener = PLAIN
+        timeout = config.server.request_header_timeout
+        secure: Opener = PLAIN
         if any(e.tls for e in config.server.listen):
-            opener = TlsOpener(Terminator(certificates, config.server.request_header_timeout, self.handshakes))
-        openers = {e.address: opener if e.tls else PLAIN for e in config.server.listen}
+            secure = TlsOpener(Terminator(certificates, timeout, self.handshakes))
+        openers: dict[str, Opener] = {}
+        for e in config.server.listen:
+            inner = secure if e.tls else PLAIN
+            openers[e.address] = (ProxyOpener(inner, timeout, self.proxy_headers)
+                                  if e.proxy_protocol else inner)
         return openers, tuple(certificates)
 
     def _server(self, config: Config) -> H1Server:
