@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypedDict
 from ..stats.metrics import Counts, RouteCounters
 from ..stats.process import GcExport, cpu_seconds, fd_limit, open_fds, rss_bytes
 from ..upstreams.state import UpstreamExport
-from .protocol import LoopLag, TlsSnapshot, Waiter
+from .protocol import LoopLag, ProxyProtocolSnapshot, TlsSnapshot, Waiter
 
 if TYPE_CHECKING:
     from ..proxy.exchange import Upstream
@@ -59,6 +59,7 @@ class ProcessFigures(TypedDict):
     generation: int
     upstreams: dict[str, UpstreamExport]
     tls: TlsSnapshot  # this process's handshakes; the certificates of its generation
+    proxy_protocol: ProxyProtocolSnapshot  # this process's PROXY protocol headers
 
 
 class ProcessExport(ProcessFigures):
@@ -119,6 +120,8 @@ def process_figures(runtime: Runtime) -> ProcessFigures:
         "generation": runtime.generation,
         "upstreams": export_upstreams(runtime.table.upstreams),
         "tls": export_tls(runtime),
+        "proxy_protocol": {"headers": runtime.proxy_headers.received,
+                           "refused": runtime.proxy_headers.refused},
     }
 
 

@@ -20,7 +20,7 @@ from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, Co
 from ..stats.process import GcExport, GcGeneration, GcPause
 from ..upstreams.state import ServerExport
 from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures
-from .protocol import ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
+from .protocol import ProxyProtocolSnapshot, ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
 
 # Worst first: the merged state of a server is the first any worker reports.
 STATES = ("down", "unhealthy", "ejected", "trial", "kept", "up")
@@ -43,6 +43,7 @@ class Retired(TypedDict, total=False):
     routes: dict[str, RouteCounters]
     upstreams: dict[str, RetiredUpstream]
     tls: Counts  # handshakes, handshake_errors
+    proxy_protocol: Counts  # headers, refused
 
 
 def empty_histogram(bounds: tuple[float, ...]) -> HistogramExport:
@@ -191,6 +192,17 @@ def merge_tls(exports: Sequence[ProcessFigures], retired: Retired | None) -> Tls
             "certificates": certificates}
 
 
+def merge_proxy_protocol(exports: Sequence[ProcessFigures], retired: Retired | None) -> ProxyProtocolSnapshot:
+    """PROXY protocol headers and refusals summed over the workers, those that exited
+    included."""
+    counts: Counts = dict((retired or {}).get("proxy_protocol", {}))
+    for e in exports:
+        figures = e.get("proxy_protocol")
+        if figures is not None:
+            add_counts(counts, {"headers": figures["headers"], "refused": figures["refused"]})
+    return {"headers": counts.get("headers", 0), "refused": counts.get("refused", 0)}
+
+
 # ----------------------------------------------------------------------------- upstreams
 def merge_upstreams(exports: Sequence[ProcessFigures], retired: Retired | None = None
                     ) -> list[UpstreamSnapshot]:
@@ -257,6 +269,10 @@ def retire(retired: Retired, gone: ProcessExport) -> None:
     tls = gone.get("tls")
     if tls is not None:
         add_counts(retired.setdefault("tls", {}), {k: tls[k] for k in _TLS_COUNTERS})
+    proxied = gone.get("proxy_protocol")
+    if proxied is not None:
+        add_counts(retired.setdefault("proxy_protocol", {}),
+                   {"headers": proxied["headers"], "refused": proxied["refused"]})
     routes = retired.setdefault("routes", {})
     for name, r in gone.get("routes", {}).items():
         into = routes.get(name)

@@ -134,6 +134,18 @@ class SnapshotCollector(Collector):
                 ufail.add_metric(labels, srv.get("failures", 0))
         yield from (up, ureq, ufail)
         yield from _tls(s)
+        yield _proxy_protocol(s)
+
+
+def _proxy_protocol(s: Snapshot) -> Metric:
+    """PROXY protocol headers by result, always (zeros without such a listener)."""
+    figures = s.get("proxy_protocol")
+    headers = CounterMetricFamily("gatewayd_proxy_protocol_headers",
+                                  "PROXY protocol headers by result (refused: malformed, missing or late)",
+                                  labels=["result"])
+    headers.add_metric(["ok"], figures["headers"] if figures else 0)
+    headers.add_metric(["refused"], figures["refused"] if figures else 0)
+    return headers
 
 
 def _tls(s: Snapshot) -> Iterator[Metric]:

@@ -125,6 +125,14 @@ class TlsSnapshot(TypedDict):
     certificates: list[CertificateSnapshot]
 
 
+class ProxyProtocolSnapshot(TypedDict):
+    """The PROXY protocol on listeners with ``proxy_protocol = true``, since start (summed
+    over the workers, those that exited included); zeros without such a listener."""
+
+    headers: int  # valid headers read
+    refused: int  # connections closed for want of one: malformed, missing or late
+
+
 class RuntimeInfo(TypedDict):
     """The snapshot's fields that belong to the gateway, not to a worker."""
 
@@ -160,6 +168,7 @@ class Snapshot(RuntimeInfo):
     unrouted: Counts  # answers given without a route, by status code
     upstreams: list[UpstreamSnapshot]
     tls: TlsSnapshot
+    proxy_protocol: ProxyProtocolSnapshot
     workers: list[WorkerSnapshot]
 
 

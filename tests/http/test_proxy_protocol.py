@@ -232,7 +232,8 @@ async def test_workers_log_and_forward_the_header_address(tmp_path, upstream):
     """gatewayd with workers = 2 and a JSON access log: 1. twenty connections, each with
     a v1 or v2 header of its own address 2. every request reaches the upstream with
     that address appended to X-Forwarded-For and is logged with it as the client
-    3. a plain request is closed unanswered and is in no log line."""
+    3. a plain request is closed unanswered and is in no log line 4. the snapshot's
+    proxy_protocol sums both workers: 20 headers, 1 refused."""
     log_path = tmp_path / "access.json"
     cfg = gateway_config(tmp_path, app_route(upstream.url), proxy_protocol=True, workers=2)
     cfg.write_text(cfg.read_text().replace('access_log = "off"', f'access_log = "{log_path}"\naccess_format = "json"'))
@@ -247,6 +248,8 @@ async def test_workers_log_and_forward_the_header_address(tmp_path, upstream):
         await wait_for(lambda: log_path.exists() and log_path.read_text().count("\n") == 20, timeout=5)
         logged = sorted(json.loads(line)["client"] for line in log_path.read_text().splitlines())
         assert logged == sorted(clients)
+        wait_for_sync(lambda: gp.command({"cmd": "snapshot"})["snapshot"]["proxy_protocol"] == {
+            "headers": 20, "refused": 1}, timeout=5)  # workers send their figures every tick
         assert "Traceback" not in gp.stderr()
     finally:
         gp.stop()
