@@ -16,6 +16,8 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -228,17 +230,38 @@ def test_check_accepts_proxy_protocol_and_refuses_a_non_boolean(tmp_path):
     assert f"{path}:2: server.listen[0].proxy_protocol: expected" in run.stderr
 
 
+def logging_gateway(tmp_path: Path, url: str, **server: Any) -> tuple[GatewayProcess, int, Path]:
+    """A gatewayd process on a PROXY listener with a JSON access log: it, its port, its log."""
+    log_path = tmp_path / "access.json"
+    cfg = gateway_config(tmp_path, app_route(url), proxy_protocol=True, **server)
+    cfg.write_text(cfg.read_text().replace('access_log = "off"', f'access_log = "{log_path}"\naccess_format = "json"'))
+    port = int(cfg.read_text().split("127.0.0.1:")[1].split('"')[0])
+    return GatewayProcess(cfg, tmp_path).start(), port, log_path
+
+
+async def test_trusted_proxies_are_read_after_the_header(tmp_path, upstream):
+    """trusted_proxies = ["198.51.100.0/24"]: 1. a header from 198.51.100.1 (a trusted
+    proxy) and X-Forwarded-For 10.1.1.1: the client is 10.1.1.1 2. a header from
+    203.0.113.5 (not trusted) and the same X-Forwarded-For: the client is 203.0.113.5
+    3. upstream, both have the header's address appended."""
+    gp, port, log_path = logging_gateway(tmp_path, upstream.url, trusted_proxies=["198.51.100.0/24"])
+    try:
+        assert forwarded_for(await send(port, v1("TCP4", "198.51.100.1") + ECHO)) == ["10.1.1.1, 198.51.100.1"]
+        assert forwarded_for(await send(port, v2("203.0.113.5") + ECHO)) == ["10.1.1.1, 203.0.113.5"]
+        await wait_for(lambda: log_path.exists() and log_path.read_text().count("\n") == 2, timeout=5)
+        assert [json.loads(line)["client"] for line in log_path.read_text().splitlines()] == [
+            "10.1.1.1", "203.0.113.5"]
+    finally:
+        gp.stop()
+
+
 async def test_workers_log_and_forward_the_header_address(tmp_path, upstream):
     """gatewayd with workers = 2 and a JSON access log: 1. twenty connections, each with
     a v1 or v2 header of its own address 2. every request reaches the upstream with
     that address appended to X-Forwarded-For and is logged with it as the client
     3. a plain request is closed unanswered and is in no log line 4. the snapshot's
     proxy_protocol sums both workers: 20 headers, 1 refused."""
-    log_path = tmp_path / "access.json"
-    cfg = gateway_config(tmp_path, app_route(upstream.url), proxy_protocol=True, workers=2)
-    cfg.write_text(cfg.read_text().replace('access_log = "off"', f'access_log = "{log_path}"\naccess_format = "json"'))
-    port = int(cfg.read_text().split("127.0.0.1:")[1].split('"')[0])
-    gp = GatewayProcess(cfg, tmp_path).start()
+    gp, port, log_path = logging_gateway(tmp_path, upstream.url, workers=2)
     try:
         clients = [f"198.51.100.{i}" for i in range(1, 21)]
         for i, client in enumerate(clients):
