@@ -70,14 +70,19 @@ def handler_route(name: str = "demo", handler: str = SIMULATED_IO, **route_keys:
     return upstream_toml(name, handler=handler) + route_toml(name, name, **route_keys)
 
 
-def gateway_config(tmp_path: Path, body: str, port: int | None = None, **server: Any) -> Path:
+def gateway_config(tmp_path: Path, body: str, port: int | None = None, *, tls: str = "",
+                   **server: Any) -> Path:
     """Write a config file: ``body`` holds upstreams and routes; [server], [control]
-    and [log] are filled in with a free port, a socket in ``tmp_path`` and no access log."""
+    and [log] are filled in with a free port, a socket in ``tmp_path`` and no access log.
+    ``tls``: a [tls] section (tests/certs.py ``tls_section``); the port then listens
+    with TLS."""
     port = port or free_port()
+    listen = f'[{{address = "127.0.0.1:{port}", tls = true}}]' if tls else f'["127.0.0.1:{port}"]'
     text = (
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\n{lines(server)}\n'
+        f'[server]\nlisten = {listen}\n{lines(server)}\n'
         f'[control]\nsocket = "gw.sock"\n\n'
         f'[log]\naccess_log = "off"\nlevel = "warning"\n\n'
+        + tls
         + textwrap.dedent(body)
     )
     path = tmp_path / "gatewayd.toml"

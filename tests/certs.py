@@ -39,3 +39,24 @@ def client_context(ca: trustme.CA, server_hostname_check: bool = True) -> ssl.SS
     ca.configure_trust(ctx)
     ctx.check_hostname = server_hostname_check
     return ctx
+
+
+def tls_section(*pems: Pem, hosts: list[list[str] | None] | None = None, **options: object) -> str:
+    """A [tls] section naming ``pems`` (``hosts[i]`` for the i-th, when given), for
+    ``builders.gateway_config(..., tls=...)``."""
+    text = "[tls]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in options.items()) + "\n"
+    for i, pem in enumerate(pems):
+        text += f'[[tls.certificates]]\ncert = "{pem.cert}"\nkey = "{pem.key}"\n'
+        names = hosts[i] if hosts is not None else None
+        if names is not None:
+            text += "hosts = [" + ", ".join(f'"{h}"' for h in names) + "]\n"
+        text += "\n"
+    return text
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)

@@ -151,7 +151,7 @@ class InProcessGateway:
         self.config_path = config_path
         self.runtime = runtime
         self.control = control
-        self.port = int(runtime.config.server.listen[0].rsplit(":", 1)[1])
+        self.port = int(runtime.config.server.addresses[0].rsplit(":", 1)[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.socket_path = runtime.config.socket_path
 

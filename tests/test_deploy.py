@@ -224,7 +224,7 @@ def test_ports_and_probes_match_the_config(manifests, config):
     metrics listener."""
     container = _by_name(_pod(manifests)["containers"], "gatewayd")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    host, port = parse_hostport(config.server.listen[0])
+    host, port = parse_hostport(config.server.addresses[0])
     assert host in ("0.0.0.0", "::") and ports["http"] == port
     assert config.metrics.listen is not None
     host, port = parse_hostport(config.metrics.listen)

@@ -335,35 +335,74 @@ class Listen(Kind):
 
 
 @dataclass(frozen=True)
+class ListenEntry:
+    """One listen address and how its connections are opened."""
+
+    address: str
+    tls: bool = False
+    proxy_protocol: bool = False
+
+
+_LISTEN_OPTIONS = ("address", "tls", "proxy_protocol")
+
+
+@dataclass(frozen=True)
 class ListenList(Kind):
-    """One or more ``host:port`` addresses (a single string is accepted)."""
+    """One or more listen entries: ``"host:port"`` or ``{address, tls, proxy_protocol}``
+    (a single string is accepted)."""
 
-    describe = 'an array of one or more addresses "host:port"'
+    describe = ('an array of one or more addresses "host:port" or tables '
+                '{address = "host:port", tls = true}')
 
-    def parse(self, value: Any) -> tuple[str, ...]:
-        single = isinstance(value, str)
+    def parse(self, value: Any) -> tuple[ListenEntry, ...]:
+        single = isinstance(value, (str, dict))
         items = [value] if single else value
         if not isinstance(items, list) or not items:
             raise _expected(self.describe, value)
-        one = Listen()
-        out: list[str] = []
+        out: list[ListenEntry] = []
         problems = []
         for i, item in enumerate(items):
             where: Path = () if single else (i,)
             try:
-                address = one.parse(item)
+                entry = self._one(item)
             except Invalid as exc:
-                problems.append(Invalid(str(exc), where))
+                problems.append(Invalid(str(exc), (*where, *exc.at)))
                 continue
-            if address in out:
-                problems.append(Invalid(f"expected distinct addresses, got {shown(address)} twice", where))
-            out.append(address)
+            if any(e.address == entry.address for e in out):
+                problems.append(Invalid(f"expected distinct addresses, got {shown(entry.address)} twice", where))
+            out.append(entry)
         if problems:
             raise Invalid.of_items(problems)
         return tuple(out)
 
+    def _one(self, item: Any) -> ListenEntry:
+        if isinstance(item, str):
+            return ListenEntry(Listen().parse(item))
+        if not isinstance(item, dict):
+            raise _expected('an address "host:port" or a table {address = "host:port", tls = true}', item)
+        for key in item:
+            if key not in _LISTEN_OPTIONS:
+                raise _expected("only the keys " + ", ".join(_LISTEN_OPTIONS), key, (key,))
+        if "address" not in item:
+            raise _expected('an address = "host:port" in each table', item)
+        try:
+            address = Listen().parse(item["address"])
+        except Invalid as exc:
+            raise Invalid(str(exc), ("address",)) from None
+        flags = {}
+        for key in ("tls", "proxy_protocol"):
+            try:
+                flags[key] = Bool().parse(item.get(key, False))
+            except Invalid as exc:
+                raise Invalid(str(exc), (key,)) from None
+        if flags["proxy_protocol"]:
+            raise _expected("false (this version does not read the PROXY protocol)", True, ("proxy_protocol",))
+        return ListenEntry(address, **flags)
+
     def dump(self, value: Any) -> Any:
-        return list(value)
+        return [e.address if not (e.tls or e.proxy_protocol) else
+                {"address": e.address, "tls": e.tls, "proxy_protocol": e.proxy_protocol}
+                for e in value]
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import pathlib
 import re
 import tomllib
 from typing import Any
 
 import tomli_w
 
+from ..http.tls import CertificateProblem, load_certificate
 from . import kinds as k
 from .importing import resolve
 from .positions import Locator, Path, format_path, toml_key
-from .settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
+from .settings import SECTIONS, Config, RouteConfig, ServerConfig, TlsConfig, UpstreamConfig, settings_of
 
 DEFAULT_CONFIG = "/etc/gatewayd/config.toml"  # without --config or $GATEWAYD_CONFIG
 
@@ -192,6 +194,22 @@ def _routes(data: dict[str, Any], upstream_names: list[str] | None, errors: _Err
     return out
 
 
+def _check_tls(server: ServerConfig, tls: TlsConfig, filename: str, errors: _Errors) -> None:
+    """A TLS listener has certificates, and every certificate loads (its files are read
+    here, so a reload or ``--check`` refuses one that would fail to load)."""
+    for i, entry in enumerate(server.listen):
+        if entry.tls and not tls.certificates:
+            errors.add(("server", "listen", i, "tls"),
+                       "expected [[tls.certificates]] for a TLS listener, got none")
+    folder = pathlib.Path(filename).resolve().parent
+    for i, c in enumerate(tls.certificates):
+        try:
+            load_certificate(c.cert, folder / c.cert, folder / c.key, c.hosts,
+                             tls.min_version, tls.session_tickets)
+        except CertificateProblem as problem:
+            errors.add(("tls", "certificates", i, problem.key), str(problem))
+
+
 def _toml_error(exc: tomllib.TOMLDecodeError, text: str, filename: str) -> ConfigError:
     m = re.search(r"\(at line (\d+), column \d+\)$", str(exc))
     # "at end of document": the last line with something on it
@@ -227,8 +245,10 @@ def parse(text: str, filename: str) -> Config:
     upstreams, upstream_names = _upstreams(data, errors)
     routes = _routes(data, upstream_names, errors)
     server, metrics = sections["server"], sections["metrics"]
-    if server is not None and metrics is not None and metrics.listen in server.listen:
+    if server is not None and metrics is not None and metrics.listen in server.addresses:
         errors.add(("metrics", "listen"), f"expected an address not in server.listen, got {k.shown(metrics.listen)}")
+    if server is not None and sections["tls"] is not None:
+        _check_tls(server, sections["tls"], filename, errors)
     if errors.found:
         raise ConfigError(errors.sorted())
     return Config(path=filename, upstreams=tuple(upstreams), routes=tuple(routes), **sections)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import kinds as k
+from .certificates import CertificateEntry, CertificateList
 
 # How a reload treats a setting: the man page prints these words.
 RELOAD_LIVE = "applied in place on reload"
@@ -47,9 +48,12 @@ def restart_only(f: dataclasses.Field[Any]) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    listen: tuple[str, ...] = setting(
-        k.ListenList(), ("127.0.0.1:8080",), "addresses the gateway accepts clients on",
-        reload="new addresses are bound before removed ones close",
+    listen: tuple[k.ListenEntry, ...] = setting(
+        k.ListenList(), (k.ListenEntry("127.0.0.1:8080"),),
+        'addresses the gateway accepts clients on: "host:port", or {address = "host:port", '
+        "tls = true} for TLS with the certificates of [tls] (proxy_protocol must be false)",
+        reload="new addresses are bound before removed ones close; tls on or off applies to "
+               "connections accepted after the reload",
     )
     workers: int | str = setting(
         k.Workers(), 1, 'worker processes; "auto" starts one per CPU',
@@ -120,6 +124,32 @@ class ServerConfig:
     shutdown_timeout: float = setting(
         k.Duration(0.0, lo_open=False), 30.0,
         "on SIGTERM, in-flight requests get this long to finish", unit="seconds",
+    )
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The listen addresses, without their options."""
+        return tuple(e.address for e in self.listen)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    min_version: str = setting(
+        k.Choice(("1.2", "1.3")), "1.2", "the oldest TLS version a client may use",
+        reload=RELOAD_NEW,
+    )
+    session_tickets: bool = setting(
+        k.Bool(), True, "let clients resume a TLS session with a ticket (a shorter handshake)",
+        reload=RELOAD_NEW,
+    )
+    certificates: tuple[CertificateEntry, ...] = setting(
+        CertificateList(), (),
+        "[[tls.certificates]] tables: cert (PEM, certificate then chain), key (PEM, "
+        "unencrypted) and optionally hosts (default: the certificate's DNS names); paths "
+        "relative to the configuration file's folder. SNI picks an exact host, then a "
+        "wildcard one label deep, else the first certificate",
+        reload="every file is read again on every reload, changed or not; new handshakes use "
+               "them, open connections keep theirs",
     )
 
 
@@ -296,6 +326,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
 
@@ -315,6 +346,11 @@ class Config:
     def socket_path(self) -> Path:
         """The control socket's path, relative paths taken from the file's folder."""
         p = Path(self.control.socket)
+        return p if p.is_absolute() else Path(self.path).resolve().parent / p
+
+    def file_path(self, path: str) -> Path:
+        """A path the file names; relative ones are taken from the file's folder."""
+        p = Path(path)
         return p if p.is_absolute() else Path(self.path).resolve().parent / p
 
     def access_log_path(self) -> str:
@@ -342,4 +378,5 @@ SECTIONS: dict[str, type] = {
     "control": ControlConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
+    "tls": TlsConfig,
 }

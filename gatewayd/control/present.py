@@ -60,7 +60,7 @@ def runtime_info(runtime: Runtime) -> RuntimeInfo:
         "generation": runtime.generation,
         "last_reload": runtime.last_reload,
         "draining": runtime.draining,
-        "listen": list(runtime.config.server.listen),
+        "listen": list(runtime.config.server.addresses),
     }
 
 

@@ -27,7 +27,8 @@ def _tokens(values: Iterable[str]) -> set[str] | None:
 _REQUEST_SKIP = frozenset(n.encode() for n in REQUEST_DROP) | {b"content-length"}
 
 
-def request_fields(raw_headers: tuple[tuple[bytes, bytes], ...], client_ip: str, host: str) -> bytes:
+def request_fields(raw_headers: tuple[tuple[bytes, bytes], ...], client_ip: str, host: str,
+                   secure: bool = False) -> bytes:
     """The header lines sent upstream (each ending in CRLF), made from the request's
     raw headers: hop-by-hop removed, X-Forwarded-* set, and no framing header (the
     upstream request's own framing is added by H1Pool). Bytes in, bytes out.
@@ -64,7 +65,7 @@ def request_fields(raw_headers: tuple[tuple[bytes, bytes], ...], client_ip: str,
     ip = client_ip.encode("ascii", "surrogateescape")
     out.append(b"X-Forwarded-For: " + b", ".join((*prior, ip)) + b"\r\n" if prior
                else b"X-Forwarded-For: " + ip + b"\r\n")
-    out.append(b"X-Forwarded-Proto: http\r\n")
+    out.append(b"X-Forwarded-Proto: https\r\n" if secure else b"X-Forwarded-Proto: http\r\n")
     if host:
         out.append(b"X-Forwarded-Host: " + host.encode("utf-8", "surrogateescape") + b"\r\n")
     block = b"".join(out)

@@ -6,13 +6,12 @@ Owning the accept loop lets the gateway stop accepting at ``max_connections``
 one by one on reload.
 
 The transport seam: each listen address has an ``Opener``, which turns an
-accepted socket into a connection the HTTP protocol reads. ``PLAIN`` (TCP as
-it is) is the only one today. TLS (SPEC §9) and the PROXY protocol (SPEC §10)
-are openers of their own that do their work before HTTP sees a byte (read the
-PROXY header, then hand on to an inner opener, TLS or plain), chosen by
-``opener_for`` from a listen entry's options once the table form of ``listen``
-(``{address, tls, proxy_protocol}``) exists. The acceptor keeps the connection
-count whatever the opener does.
+accepted socket into a connection the HTTP protocol reads: ``PLAIN`` (TCP as it
+is) or ``tls.TlsOpener`` (a handshake first). The PROXY protocol (SPEC §10)
+will be an opener of its own that reads its header, then hands on to an inner
+opener. The runtime chooses each address's opener from its listen entry and
+sets it again on every reload (new certificates); the acceptor keeps the
+connection count whatever the opener does.
 """
 
 from __future__ import annotations
@@ -111,12 +110,6 @@ class Plain:
 PLAIN = Plain()
 
 
-def opener_for(address: str) -> Opener:
-    """The opener for a listen entry. Every entry is a plain ``"host:port"`` today;
-    the table form's ``tls`` and ``proxy_protocol`` options will choose here."""
-    return PLAIN
-
-
 class Acceptor:
     """Accept loops for the listen sockets, sharing one connection budget."""
 
@@ -129,6 +122,7 @@ class Acceptor:
         self._room.set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._sockets: dict[str, socket.socket] = {}
+        self._openers: dict[str, Opener] = {}
         self._opening: set[asyncio.Task[None]] = set()  # openers waiting on their peers
         self._last_resource_log = 0.0
 
@@ -147,20 +141,25 @@ class Acceptor:
         if self.open < limit:
             self._room.set()
 
-    def serve(self, address: str, sock: socket.socket, opener: Opener | None = None) -> None:
-        """Accept on ``sock``; its connections are opened by ``opener`` (by default the
-        one ``opener_for`` chooses for ``address``)."""
-        if opener is None:
-            opener = opener_for(address)
+    def serve(self, address: str, sock: socket.socket, opener: Opener = PLAIN) -> None:
+        """Accept on ``sock``; its connections are opened by ``opener``."""
         self._sockets[address] = sock
+        self._openers[address] = opener
         self._tasks[address] = asyncio.get_running_loop().create_task(
-            self._accept_loop(sock, opener), name=f"accept {address}"
+            self._accept_loop(address, sock), name=f"accept {address}"
         )
+
+    def set_opener(self, address: str, opener: Opener) -> None:
+        """Connections accepted on ``address`` from now on are opened by ``opener``
+        (a reload: new certificates, or TLS turned on or off); open ones are not touched."""
+        if address in self._openers:
+            self._openers[address] = opener
 
     async def stop(self, address: str) -> None:
         """Stop accepting on one address and close its socket."""
         task = self._tasks.pop(address, None)
         sock = self._sockets.pop(address, None)
+        self._openers.pop(address, None)
         if task is not None:
             task.cancel()
             try:
@@ -178,8 +177,9 @@ class Acceptor:
         if self._opening:
             await asyncio.gather(*self._opening, return_exceptions=True)
 
-    async def _accept_loop(self, sock: socket.socket, opener: Opener) -> None:
+    async def _accept_loop(self, address: str, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        openers = self._openers
         while True:
             if self.open >= self.limit:
                 self._room.clear()
@@ -194,6 +194,7 @@ class Acceptor:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
+            opener = openers[address]  # the one in force now: a reload may have changed it
             await self._start(loop, conn, opener)
             # drain what else is waiting without a round trip through the loop
             for _ in range(64):

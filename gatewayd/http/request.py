@@ -96,10 +96,9 @@ class Connection(BaseProtocol):
     what the server asks of it. H1Protocol is the HTTP/1.1 one."""
 
     __slots__ = ("_fields_memo", "_last_raw", "_out", "_peer", "_peer_host", "checked_headers",
-                 "current", "server")
+                 "current", "secure", "server")
 
     # what aiohttp's request needs of its protocol (Request.as_aiohttp)
-    ssl_context = None
     max_field_size = MAX_LINE
     max_headers = MAX_REQUEST_HEADERS
 
@@ -113,6 +112,14 @@ class Connection(BaseProtocol):
         self._last_raw: tuple[tuple[bytes, bytes], ...] | None = None  # see Request.__init__
         self._fields_memo: tuple[Any, bytes] | None = None  # see Request.upstream_fields
         self.checked_headers: tuple[Any, int] | None = None  # see checks.origin_target
+        self.secure = False  # came over TLS (set by tls.TlsOpener before connection_made)
+
+    @property
+    def ssl_context(self) -> Any:
+        """The TLS context of the connection (aiohttp's request.scheme reads it), or None."""
+        if not self.secure or self.transport is None:
+            return None
+        return self.transport.get_extra_info("sslcontext")
 
     @property
     def peername(self) -> Any:
@@ -252,7 +259,7 @@ class Request:
         memo = protocol._fields_memo
         if memo is not None and memo[0] is raw:  # equal fields are one object (__init__)
             return memo[1]
-        fields = request_fields(raw, self.remote or "", self.headers.get("Host", ""))
+        fields = request_fields(raw, self.remote or "", self.headers.get("Host", ""), protocol.secure)
         protocol._fields_memo = (raw, fields)
         return fields
 

@@ -72,7 +72,7 @@ def host_errors(config: Config) -> list[str]:
         text = ""  # gone since it was loaded: line 1 for each
     locate = Locator(text).line
     found: list[tuple[int, str]] = []
-    listeners: list[tuple[Path, str]] = [(("server", "listen", i), a) for i, a in enumerate(config.server.listen)]
+    listeners: list[tuple[Path, str]] = [(("server", "listen", i), a) for i, a in enumerate(config.server.addresses)]
     if config.metrics.listen:
         listeners.append((("metrics", "listen"), config.metrics.listen))
     for key, address in listeners:

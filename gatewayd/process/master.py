@@ -236,7 +236,7 @@ class Master:
             "uptime_s": round(time.time() - self.started, 3),
             "config_path": os.path.abspath(self.config.path),
             "generation": self.generation, "last_reload": self.last_reload,
-            "draining": self.draining, "listen": list(self.config.server.listen),
+            "draining": self.draining, "listen": list(self.config.server.addresses),
             "master_rss_bytes": rss_bytes(), "workers_configured": worker_count(self.config),
         }
         return present(info, exports, route_order_from(self.config, self.overrides), self.retired)
@@ -343,7 +343,7 @@ class Master:
         self._watcher = self._spawn_task(self._watch())
 
     def banner(self) -> str:
-        return (f"gatewayd {__version__} master serving on {', '.join(self.config.server.listen)} "
+        return (f"gatewayd {__version__} master serving on {', '.join(self.config.server.addresses)} "
                 f"with {worker_count(self.config)} workers (control {self.config.socket_path})")
 
     def reopen_logs(self) -> None:

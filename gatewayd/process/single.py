@@ -116,7 +116,7 @@ class OneProcess:
             log.error("%s", exc.located(config.path))
             return False
         except OSError as exc:
-            log.error("cannot listen on %s: %s", ", ".join(config.server.listen), exc.strerror or exc)
+            log.error("cannot listen on %s: %s", ", ".join(config.server.addresses), exc.strerror or exc)
             return False
         return True
 
@@ -135,7 +135,7 @@ class OneProcess:
 
     def banner(self) -> str:
         config = self.runtime.config
-        return (f"gatewayd {self.runtime.version} serving on {', '.join(config.server.listen)} "
+        return (f"gatewayd {self.runtime.version} serving on {', '.join(config.server.addresses)} "
                 f"(control {config.socket_path})")
 
     def reopen_logs(self) -> None:

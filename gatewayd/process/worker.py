@@ -68,7 +68,7 @@ class Worker:
             await runtime.start()
         except OSError as exc:
             self.channel.send({"t": "boot_error",
-                               "error": f"cannot listen on {', '.join(config.server.listen)}: "
+                               "error": f"cannot listen on {', '.join(config.server.addresses)}: "
                                         f"{exc.strerror or exc}"})
             return False
         except Exception as exc:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from .. import __version__
 from ..config.settings import Config, RouteConfig, ServerConfig
 from ..http.bodymemory import BodyMemory
-from ..http.listener import Acceptor, bind
+from ..http.listener import PLAIN, Acceptor, Opener, bind
 from ..http.server import H1Server
+from ..http.tls import Certificate, CertificateProblem, HandshakeCounts, Terminator, TlsOpener, load_certificate
 from ..http.turn import Turn
 from ..proxy.accesslog import AccessLog
 from ..proxy.admission import Gate, share
@@ -49,6 +50,8 @@ class Pending:
     started: list[Upstream]
     bound: dict[str, socket.socket]
     access: AccessLog | None
+    openers: dict[str, Opener]
+    certificates: tuple[Certificate, ...]
 
 
 class Runtime:
@@ -76,6 +79,8 @@ class Runtime:
         self.ready = False
         self.overrides = Overrides()
         self.pending: Pending | None = None  # a reload prepared, not yet committed
+        self.handshakes = HandshakeCounts()  # TLS, across reloads
+        self.certificates: tuple[Certificate, ...] = ()  # the generation's, for the snapshot
         self.serving = Serving(
             config.server,
             AccessLog(config.access_log_path(), config.log.access_format),
@@ -136,6 +141,29 @@ class Runtime:
         router = Router((r.config, r) for r in routes.values())
         return Table(router, routes, upstreams), started
 
+    def _openers(self, config: Config) -> tuple[dict[str, Opener], tuple[Certificate, ...]]:
+        """Each listen address's opener, and the certificates: every file read again, as
+        every reload must (a renewed certificate and a SIGHUP is how operators rotate)."""
+        tls = config.tls
+        certificates = []
+        for i, c in enumerate(tls.certificates):
+            try:
+                certificates.append(load_certificate(
+                    c.cert, config.file_path(c.cert), config.file_path(c.key), c.hosts,
+                    tls.min_version, tls.session_tickets))
+            except CertificateProblem as problem:
+                raise ReloadFailed(f"tls.certificates[{i}].{problem.key}: {problem}") from None
+        if self.worker_index == 0:  # once, not once per worker
+            for cert in certificates:
+                if cert.expired:
+                    log.warning("tls.certificates: %s expired on %s", cert.name,
+                                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(cert.not_after)))
+        opener: Opener = PLAIN
+        if any(e.tls for e in config.server.listen):
+            opener = TlsOpener(Terminator(certificates, config.server.request_header_timeout, self.handshakes))
+        openers = {e.address: opener if e.tls else PLAIN for e in config.server.listen}
+        return openers, tuple(certificates)
+
     def _server(self, config: Config) -> H1Server:
         return H1Server(
             Gateway(self.serving),
@@ -171,9 +199,10 @@ class Runtime:
         self.server = self._server(self.config)
         self.acceptor = Acceptor(self.server, 1)
         self._use(self.config.server)  # as a reload would: the acceptor's limit, the gates'
+        openers, self.certificates = self._openers(self.config)
         bound = dict(sockets or {})
         try:
-            for address in self.config.server.listen:
+            for address in self.config.server.addresses:
                 if address not in bound:
                     bound[address] = bind(address, self.config.server.backlog,
                                           reuse_port=self.reuse_port)
@@ -182,7 +211,7 @@ class Runtime:
                 sock.close()
             raise
         for address, sock in bound.items():
-            self.acceptor.serve(address, sock)
+            self.acceptor.serve(address, sock, openers.get(address, PLAIN))
         self.ready = True
 
     async def shutdown(self, timeout: float) -> None:
@@ -231,9 +260,17 @@ class Runtime:
             if isinstance(exc, UnresolvableServer):  # as start-up says it: file:line: key
                 raise ReloadFailed(exc.located(new.path)) from None
             raise ReloadFailed(f"upstreams: {exc}") from None
-        pending = Pending(new, table, started, {}, access)
-        old_addresses = set(old_config.server.listen)
-        for address in new.server.listen:
+        try:
+            openers, certificates = self._openers(new)
+        except ReloadFailed:
+            for u in started:
+                await u.close(0)
+            if access is not None:
+                access.close()
+            raise
+        pending = Pending(new, table, started, {}, access, openers, certificates)
+        old_addresses = set(old_config.server.addresses)
+        for address in new.server.addresses:
             if address in old_addresses:
                 continue
             try:
@@ -274,10 +311,13 @@ class Runtime:
         if pending.access is not None:
             old_access, self.serving.access_log = self.access_log, pending.access
             old_access.close()
+        self.certificates = pending.certificates
+        for address, opener in pending.openers.items():
+            self.acceptor.set_opener(address, opener)
         for address, sock in pending.bound.items():
-            self.acceptor.serve(address, sock)
+            self.acceptor.serve(address, sock, pending.openers[address])
         # retire what the new generation no longer uses
-        for address in set(old_config.server.listen) - set(new.server.listen):
+        for address in set(old_config.server.addresses) - set(new.server.addresses):
             await self.acceptor.stop(address)
         kept = {id(u) for u in table.upstreams.values()}
         for u in old_table.upstreams.values():

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from gatewayd import __version__
 from gatewayd.config import kinds as k
+from gatewayd.config.certificates import CertificateList
 from gatewayd.config.loader import ConfigError, applies, dump, load, parse
 from gatewayd.config.positions import Locator, format_path
 from gatewayd.config.settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
@@ -199,7 +200,9 @@ def test_all_keys_file_sets_every_declared_key() -> None:
 def test_all_keys_file_values() -> None:
     """The spellings SPEC §2 allows are read as meant."""
     c = load(str(CONFIGS / "valid" / "all_keys.toml"))
-    assert c.server.listen == ("127.0.0.1:8080", "[::1]:8080")
+    assert c.server.listen == (k.ListenEntry("127.0.0.1:8080"), k.ListenEntry("[::1]:8080"))
+    assert c.server.addresses == ("127.0.0.1:8080", "[::1]:8080")
+    assert (c.tls.min_version, c.tls.session_tickets, c.tls.certificates) == ("1.3", False, ())
     assert c.server.workers == "auto"
     assert c.server.max_body_size == 512 * 1024
     assert c.server.keepalive_timeout == 60.0 and isinstance(c.server.keepalive_timeout, float)
@@ -218,7 +221,7 @@ def test_all_keys_file_values() -> None:
 
 def test_other_spellings() -> None:
     c = load(str(CONFIGS / "valid" / "other_forms.toml"))
-    assert c.server.listen == ("0.0.0.0:8080",)
+    assert c.server.addresses == ("0.0.0.0:8080",)
     assert c.server.max_body_size == 1048576
     assert c.control.mode == 0o660
     assert c.upstream("a").servers == (k.Server("http://localhost:8000", "localhost", 8000),)
@@ -541,7 +544,14 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
         case k.Listen():
             return _LISTEN
         case k.ListenList():
-            return _LISTEN | st.lists(_LISTEN, min_size=1, max_size=3, unique=True)
+            # tls = true needs certificates on disk (tests/config/test_tls_config.py)
+            table = st.fixed_dictionaries({"address": _LISTEN}, optional={
+                "tls": st.just(False), "proxy_protocol": st.just(False)})
+            entries = st.lists(_LISTEN | table, min_size=1, max_size=3,
+                               unique_by=lambda e: e if isinstance(e, str) else e["address"])
+            return _LISTEN | table | entries
+        case CertificateList():
+            return st.just([])  # files on disk: tests/config/test_tls_config.py
         case k.Networks():
             nets = st.sampled_from(["10.0.0.0/8", "127.0.0.1", "fd00::/8", "192.168.1.0/24", "::1"])
             return st.lists(nets, max_size=3)
@@ -579,7 +589,9 @@ _HANDLERS = st.sampled_from(
 def _valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     doc: dict[str, Any] = {name: draw(_optional_keys(cls)) for name, cls in SECTIONS.items()}
     listen = doc["server"].get("listen", ["127.0.0.1:8080"])
-    if doc["metrics"].get("listen") in ([listen] if isinstance(listen, str) else listen):
+    entries = listen if isinstance(listen, list) else [listen]
+    addresses = [e if isinstance(e, str) else e["address"] for e in entries]
+    if doc["metrics"].get("listen") in addresses:
         del doc["metrics"]["listen"]
     upstreams = {}
     for name in draw(st.lists(_valid_values(k.Name()), min_size=1, max_size=3, unique=True)):

@@ -129,18 +129,17 @@ class _Preamble:
         return await loop.connect_accepted_socket(factory, conn)
 
 
-async def test_an_opener_wraps_connections_before_http(start_gateway, upstream, monkeypatch):
+async def test_an_opener_wraps_connections_before_http(start_gateway, upstream):
     """The listener seam: the opener chosen for a listen address runs before HTTP.
-    1. opener_for gives every address the preamble opener; the gateway starts
+    1. the gateway starts; every listen address is given the preamble opener
     2. a client connects and sends nothing: it holds a connection, not the accept loop
     3. a client that sends the preamble and a request gets 200
     4. a client that sends a request without the preamble is closed without an answer
     5. the silent client leaves: no connection is left counted
     6. another silent client is closed when the listeners stop, and not counted."""
-    from gatewayd.http import listener
-
-    monkeypatch.setattr(listener, "opener_for", lambda address: _Preamble())
     gw = await start_gateway(app_route(upstream.url))
+    for address in gw.runtime.acceptor.addresses:
+        gw.runtime.acceptor.set_opener(address, _Preamble())
     silent_reader, silent = await asyncio.open_connection("127.0.0.1", gw.port)
     await wait_for(lambda: gw.runtime.connections == 1)
     request = b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

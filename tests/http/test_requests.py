@@ -241,7 +241,7 @@ async def test_refusals_are_logged_and_counted(fmt: str, tmp_path, upstream) -> 
     await control.start()
     metrics = MetricsListener(config.metrics.listen, controller.snapshot, lambda: True)
     await metrics.start()
-    port = int(config.server.listen[0].rsplit(":", 1)[1])
+    port = int(config.server.addresses[0].rsplit(":", 1)[1])
     try:
         sent = [
             (b"POST /probe HTTP/1.1\r\nHost: app.example\r\nContent-Length: 4\r\n"

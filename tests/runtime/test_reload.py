@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gatewayd.config.kinds import ListenEntry
 from gatewayd.config.loader import parse
 from gatewayd.config.settings import SECTIONS, Config, ServerConfig, restart_only, settings_of
 from gatewayd.runtime.reload import refused_changes
@@ -188,6 +189,8 @@ def _other(value: Any) -> Any:
         return value + 1
     if isinstance(value, str):
         return value + "x"
+    if isinstance(value, tuple) and value and isinstance(value[0], ListenEntry):
+        return (*value, ListenEntry("127.0.0.1:1"))
     if isinstance(value, tuple):
         return (*value, "127.0.0.1:1")
     return "x"  # None: an unset optional key
@@ -245,7 +248,7 @@ async def test_every_server_setting_is_applied_by_a_reload(start_gateway, upstre
     assert [c for c in answer["changes"] if c.startswith(f"server: {name} ")], answer["changes"]
     new = parse(path.read_text(), str(path))
     fresh = Runtime(dataclasses.replace(new, server=dataclasses.replace(
-        new.server, listen=(f"127.0.0.1:{free_port()}",))))
+        new.server, listen=(ListenEntry(f"127.0.0.1:{free_port()}"),))))
     await fresh.start()
     try:
         assert _in_force(gw.runtime) == _in_force(fresh)
