@@ -38,7 +38,9 @@ from . import idle, overload
 
 TOOLS = ("hey",)
 
-PROXIES = ("gatewayd", "nginx", "haproxy")
+PROXIES = ("gatewayd", "gatewayd-lean", "nginx", "haproxy")
+# gatewayd-lean: gatewayd with bench/tls_lean.py's opener (OpenSSL on the socket), a prototype
+# measured beside the real thing; it runs whenever gatewayd does
 KEEPALIVE = 50
 NEW = 50
 OVERLOAD_SKIP = 2.0  # seconds of the overload run left out of the steady goodput (the handshakes)
@@ -54,7 +56,8 @@ def client_context() -> ssl.SSLContext:
 
 
 def run(ctx: Context) -> list[Table]:
-    proxies = [p for p in PROXIES if p in ctx.options.proxies]
+    chosen = set(ctx.options.proxies) | ({"gatewayd-lean"} if "gatewayd" in ctx.options.proxies else set())
+    proxies = [p for p in PROXIES if p in chosen]
     pem = certs.make(ctx.env.tmp / "tls", "ecdsa")
     upstream = ctx.upstream()
     keep: dict[str, list[Measured]] = {k: [] for k in proxies}
@@ -147,7 +150,7 @@ def _idle_table(ctx: Context, proxies: list[str], pem: certs.Pem) -> Table:
 
 
 def _overload_table(ctx: Context, proxies: list[str], pem: certs.Pem) -> Table:
-    kinds = [k for k in proxies if k in overload.PROXIES]
+    kinds = [k for k in proxies if k in (*overload.PROXIES, "gatewayd-lean")]
     seconds = ctx.options.overload_duration
     table = Table(
         f"TLS overload, closed loop: wrk -c2000 over HTTPS for {seconds:g} s, backend of "
