@@ -45,7 +45,12 @@ from . import certs
 from .procs import CLOCK_TICKS, pinned
 from .servers import BODY
 
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
+
+def response(body: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+
+
+RESPONSE = response(BODY)  # the server's answer (serve --body makes it larger)
 VARIANTS = ("asyncio", "uvloop", "bio", "sock", "plain")
 
 
@@ -65,6 +70,10 @@ def malloc_in_use() -> int:
         return 0
     info = libc.mallinfo2()
     return int(info.uordblks + info.hblkhd)
+
+
+def _response() -> bytes:
+    return RESPONSE
 
 
 def server_context(pem: certs.Pem, version: str, tickets: int) -> ssl.SSLContext:
@@ -108,7 +117,7 @@ class PlainProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         n = self.http.feed(data)
         if n:
-            self.transport.write(RESPONSE * n)
+            self.transport.write(_response() * n)
 
 
 _SHARED = bytearray(256 * 1024)  # plaintext lands here, one buffer for every connection
@@ -155,7 +164,7 @@ class BioProtocol(asyncio.Protocol):
                     return None
                 requests += self.http.feed(_VIEW[:n])
             if requests:
-                tls.write(RESPONSE * requests)
+                tls.write(_response() * requests)
         except ssl.SSLError:
             self.transport.abort()
             return None
@@ -208,7 +217,7 @@ class SockConn:
                 if not s.pending():
                     break
             if requests:
-                self.send(RESPONSE * requests)
+                self.send(_response() * requests)
         except (ssl.SSLError, OSError):
             self.close()
         return None
@@ -281,6 +290,8 @@ async def serve(variant: str, port: int, ctx: ssl.SSLContext) -> None:
 
 
 def serve_main(args: argparse.Namespace) -> None:
+    global RESPONSE
+    RESPONSE = response(b"x" * args.body)
     pem = certs.Pem(Path(args.cert), Path(args.key))
     ctx = server_context(pem, args.tls, args.tickets)
     coro = serve(args.variant, args.port, ctx)
@@ -334,7 +345,8 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
         argv = [sys.executable, "-m", "bench.tls_memory", "serve", "--variant", variant, "--port", str(self.port),
-                "--cert", str(pem.cert), "--key", str(pem.key), "--tls", args.tls, "--tickets", str(args.tickets)]
+                "--cert", str(pem.cert), "--key", str(pem.key), "--tls", args.tls, "--tickets", str(args.tickets),
+                "--body", str(args.body)]
         self.popen = subprocess.Popen(pinned(args.server_cpu, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       text=True, cwd=Path(__file__).resolve().parent.parent)
         assert self.popen.stdout is not None and self.popen.stdin is not None
@@ -361,11 +373,11 @@ class Server:
                 self.popen.wait()
 
 
-def hold(port: int, n: int, tls: bool, cpu: int | None) -> subprocess.Popen[str]:
+def hold(port: int, n: int, tls: bool, cpu: int | None, size: int = len(RESPONSE)) -> subprocess.Popen[str]:
     """A client process holding ``n`` connections, one answered request each; returns once
     they are all open (write a line to its stdin to close them)."""
     p = subprocess.Popen(pinned(cpu, [sys.executable, "-c", CLIENT, str(port), str(n), "1" if tls else "0",
-                                         str(len(RESPONSE))]),
+                                         str(size)]),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     line = p.stdout.readline()
@@ -386,10 +398,11 @@ def measure(variant: str, pem: certs.Pem, args: argparse.Namespace, folder: Path
     server = Server(variant, pem, args)
     tls = variant != "plain"
     try:
-        release(hold(server.port, min(200, args.connections), tls, args.client_cpu))  # warm-up
+        size = len(response(b"x" * args.body))
+        release(hold(server.port, min(200, args.connections), tls, args.client_cpu, size))  # warm-up
         time.sleep(0.5)
         before_rss, before_malloc = rss(server.pid), server.malloc()
-        client = hold(server.port, args.connections, tls, args.client_cpu)
+        client = hold(server.port, args.connections, tls, args.client_cpu, size)
         try:
             time.sleep(1.0)
             after_rss, after_malloc = rss(server.pid), server.malloc()
@@ -397,7 +410,7 @@ def measure(variant: str, pem: certs.Pem, args: argparse.Namespace, folder: Path
             release(client)
         out = {"rss_kib": (after_rss - before_rss) / 1024 / args.connections,
                "malloc_kib": (after_malloc - before_malloc) / 1024 / args.connections}
-        if args.rps:
+        if args.rps and args.body == len(BODY):
             out.update(throughput(server, tls, args, folder))
         return out
     finally:
@@ -430,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--cert", required=True)
     s.add_argument("--key", required=True)
     for q in (p, s):
+        q.add_argument("--body", type=int, default=len(BODY),
+                       help="response body bytes (default 100); a large one shows which buffers keep their size")
         q.add_argument("--tls", choices=("1.2", "1.3"), default="1.3")
         q.add_argument("--tickets", type=int, default=2, help="TLS 1.3 tickets per handshake; 0 also sets OP_NO_TICKET")
     p.add_argument("--variants", default="asyncio,uvloop,bio,sock,plain")
@@ -446,12 +461,12 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="tls-memory-"))
     pem = certs.make(folder, args.key)
     print(f"TLS {args.tls}, {args.key} key, tickets {args.tickets}, {args.connections} idle connections "
-          f"(one request each); KiB per connection", flush=True)
+          f"(one request each, a {args.body:,}-byte answer); KiB per connection", flush=True)
     print(f"{'variant':8s} {'RSS':>8s} {'malloc':>8s}" + (f" {'req/s':>8s} {'CPU us/req':>10s}" if args.rps else ""))
     for variant in args.variants.split(","):
         m = measure(variant, pem, args, folder)
         line = f"{variant:8s} {m['rss_kib']:8.1f} {m['malloc_kib']:8.1f}"
-        if args.rps:
+        if "rps" in m:
             line += f" {m['rps']:8.0f} {m['cpu_us']:10.1f}"
         print(line, flush=True)
 
