@@ -14,7 +14,12 @@ nginx upstream as the throughput scenario, one core each, the load on the other.
 - idle: RSS per TLS keep-alive connection held after a handshake and one
   request (as the idle scenario, over TLS);
 - overload: ``wrk -c2000`` over HTTPS at the overload scenario's backend
-  (1,000 req/s capacity) and limits: goodput as a share of capacity.
+  (1,000 req/s capacity) and limits: goodput as a share of capacity, over the
+  whole run and steady (the backend's own count from 2 s in, after the
+  handshakes).
+
+``gatewayd-lean`` (bench/tls_lean.py's opener patched into gatewayd) runs
+whenever gatewayd does: the prototype measured beside the real thing.
 """
 
 from __future__ import annotations
