@@ -90,7 +90,7 @@ def load_certificate(name: str, cert: Path, key: Path, hosts: Sequence[str] | No
     key_pem = _read(key, "key")
     try:
         found = facts(first_pem_certificate(cert_pem))
-    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise CertificateProblem("cert", f"expected a PEM certificate in {cert} ({exc})") from None
     if b"PRIVATE KEY-----" not in key_pem:
         raise CertificateProblem("key", f"expected a PEM private key in {key}")
@@ -103,9 +103,9 @@ def load_certificate(name: str, cert: Path, key: Path, hosts: Sequence[str] | No
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise CertificateProblem("key", "the key does not match the certificate") from None
         raise CertificateProblem("key", f"cannot load with {cert}: {exc.reason or exc}") from None
+    # a certificate for IP addresses only names no host: SNI never picks it, and it
+    # serves as the default when it is the first
     names = tuple(h.lower() for h in hosts) if hosts is not None else found.hosts
-    if not names and hosts is None:
-        raise CertificateProblem("hosts", "the certificate names no DNS host; expected hosts = [...]")
     return Certificate(name, names, found.not_after, ctx)
 
 

@@ -259,3 +259,25 @@ async def test_reload_turns_tls_on_for_new_connections(start_gateway, upstream, 
     client = await connect(gw.port, client_context(tls_ca))
     assert (await client.get())[0] == 200
     client.close()
+
+
+async def test_admission_and_cancellation_work_over_tls(start_gateway, upstream, pems, tls_ca):
+    """max_concurrency = 1, max_queue = 0, over TLS: 1. a slow request holds the slot
+    2. a second client is shed at once with 503 queue_full 3. the first client leaves:
+    its upstream request is aborted within a second and the slot is free again."""
+    gw = await start_gateway(app_route(upstream.url, max_concurrency=1, max_queue=0),
+                             tls=tls_section(pems["a"]))
+    holder = await connect(gw.port, client_context(tls_ca))
+    holder.writer.write(b"GET /slow?ms=10000 HTTP/1.1\r\nHost: example\r\n\r\n")
+    await wait_for(lambda: upstream.active == 1)
+    other = await connect(gw.port, client_context(tls_ca))
+    status, head, _ = await other.get()
+    assert status == 503 and b"X-Gatewayd-Reason: queue_full" in head
+    loop = asyncio.get_running_loop()
+    left = loop.time()
+    holder.writer.transport.abort()
+    await wait_for(lambda: len(upstream.aborted) == 1, timeout=2)
+    assert upstream.aborted[0] - left < 1.0
+    status, _, _ = await other.get()
+    assert status == 200
+    other.close()
