@@ -310,6 +310,21 @@ async def open_tls(loop: asyncio.AbstractEventLoop, conn: socket.socket, context
     Raises (the socket left to the caller to close) when the handshake fails or times out."""
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = TlsSocketTransport(loop, conn, context)
-    async with asyncio.timeout(handshake_timeout):
-        await transport.handshake()
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            await transport.handshake()
+    except BaseException:
+        _drain(conn)
+        raise
     transport.start(factory())
+
+
+def _drain(conn: socket.socket) -> None:
+    """Read what the peer sent and OpenSSL did not (plain HTTP on a TLS port: OpenSSL stops
+    at the first record header), so that closing sends a FIN, not a reset."""
+    for _ in range(16):
+        try:
+            if not conn.recv(65536):
+                return
+        except OSError:
+            return
