@@ -108,6 +108,27 @@ def ago(t: float | None, now: float | None) -> str:
     return f"{clock(t)}, {duration(now - t)} ago"
 
 
+def date(t: float | None) -> str:
+    """The UTC date ``YYYY-MM-DD`` of a Unix time (a certificate's expiry is UTC)."""
+    if t is None:
+        return ""
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def time_left(s: float | None) -> str:
+    """Whole days left (``5d``), hours under a day (``7h``), rounded down."""
+    if s is None:
+        return ""
+    if s >= 86400:
+        return f"{int(s // 86400)}d"
+    return f"{max(int(s // 3600), 0)}h"
+
+
+def tail(text: str, width: int) -> str:
+    """``text`` cut from the left to ``width`` (a path keeps its file name)."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1:]
+
+
 def one_line(text: str, width: int) -> str:
     """The first line of ``text``, cut to ``width`` with an ellipsis."""
     first = text.splitlines()[0] if text else ""

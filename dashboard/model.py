@@ -11,6 +11,7 @@ across a restart (another pid, or counters going backwards) there is no rate.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -361,6 +362,45 @@ def _server_events(prev: Sample, cur: Sample, t: float | None) -> list[Event]:
         out.append(Event(t, "info" if s.healthy else "warning",
                          f"upstream {s.upstream}: {s.url} {old.state or '?'} -> {s.state}{why}"))
     return out
+
+
+# --------------------------------------------------------------------------- TLS
+EXPIRY_WARNING_DAYS = 14  # a certificate expiring sooner is marked
+
+
+@dataclass(frozen=True)
+class CertificateView:
+    """The certificate in force that expires first, seen at the snapshot's time."""
+
+    cert: str  # its path as configured
+    not_after: float  # Unix time
+    left_s: float  # seconds until it expires; negative once it has
+
+    @property
+    def expired(self) -> bool:
+        return self.left_s <= 0
+
+    @property
+    def soon(self) -> bool:
+        """Expiring within EXPIRY_WARNING_DAYS (and not yet expired)."""
+        return not self.expired and self.left_s < EXPIRY_WARNING_DAYS * 86400
+
+
+def soonest_certificate(sample: Sample | None) -> CertificateView | None:
+    """The certificate of the snapshot's ``tls`` that expires first; None without TLS
+    (or from a gatewayd that does not say)."""
+    certs = dig(sample.snap, "tls", "certificates") if sample is not None else None
+    if sample is None or not isinstance(certs, list):
+        return None
+    best: tuple[float, str] | None = None
+    for c in certs:
+        not_after, name = num_at(c, "not_after"), text_at(c, "cert")
+        if not_after is not None and (best is None or not_after < best[0]):
+            best = (not_after, name or "?")
+    if best is None:
+        return None
+    now = num_at(sample.snap, "time")  # the daemon's clock; ours only if it sent none
+    return CertificateView(best[1], best[0], best[0] - (now if now is not None else time.time()))
 
 
 # --------------------------------------------------------------------------- events

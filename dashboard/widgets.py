@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import RichLog, Static
 
 from . import fmt
-from .model import Event, RouteView, Sample, dig, num_at, server_views, text_at
+from .model import CertificateView, Event, RouteView, Sample, dig, num_at, server_views, soonest_certificate, text_at
 from .panes import servers_summary
 from .routetable import Cell, Column
 
@@ -117,8 +117,36 @@ def _pair_ms(last: float | None, most: float | None) -> str:
     return "" if last is None and most is None else f"{fmt.ms(last)}/{fmt.ms(most)}"
 
 
+CERT_NAME = 40  # cells of a certificate's path in the header (its end: the file name)
+
+
+def certificate_field(c: CertificateView) -> Field:
+    """The soonest expiry: bold yellow within EXPIRY_WARNING_DAYS, bold red once expired."""
+    name = fmt.tail(c.cert, CERT_NAME)
+    if c.expired:
+        return ("soonest expiry", f"{fmt.date(c.not_after)} EXPIRED {name}", "bold red")
+    return ("soonest expiry", f"{fmt.date(c.not_after)} ({fmt.time_left(c.left_s)} left) {name}",
+            "bold yellow" if c.soon else "bold")
+
+
+def tls_fields(sample: Sample) -> list[Field]:
+    """The header's TLS line: handshakes and errors since start, the soonest expiry;
+    empty when the gateway has no certificate and made no handshake."""
+    tls = dig(sample.snap, "tls")
+    cert = soonest_certificate(sample)
+    handshakes, errors = num_at(tls, "handshakes"), num_at(tls, "handshake_errors")
+    if cert is None and not handshakes and not errors:
+        return []
+    out: list[Field] = [("TLS handshakes", fmt.count(handshakes), "bold"),
+                        ("errors", fmt.count(errors), "bold")]
+    if cert is not None:
+        out.append(certificate_field(cert))
+    return out
+
+
 def summary_text(sample: Sample | None, width: int = 140) -> Text:
-    """The two header lines: process and configuration, then runtime figures."""
+    """The header lines: process and configuration, runtime figures, and with TLS a
+    third: handshakes and the soonest certificate expiry."""
     if sample is None:
         return Text("no data yet", style="dim")
     s = sample.snap
@@ -156,7 +184,9 @@ def summary_text(sample: Sample | None, width: int = 140) -> Text:
          if isinstance(collections, list) else "", "bold"),
         ("RSS", fmt.size(num_at(s, "rss_bytes")), "bold"),
     ]
-    return Text.assemble(*_line(line1), *tail, "\n", *_line(line2), no_wrap=True, overflow="ellipsis")
+    tls = tls_fields(sample)
+    line3 = ["\n", *_line(tls)] if tls else []
+    return Text.assemble(*_line(line1), *tail, "\n", *_line(line2), *line3, no_wrap=True, overflow="ellipsis")
 
 
 class Summary(Static):
@@ -164,6 +194,9 @@ class Summary(Static):
 
     def show(self, sample: Sample | None) -> None:
         self.text = summary_text(sample, self.size.width or 140)
+        lines = max(self.text.plain.count("\n") + 1, 2)
+        if self.styles.height is None or self.styles.height.value != lines:
+            self.styles.height = lines  # a third line with TLS; the layout follows
         self.update(self.text, layout=False)
 
 

@@ -469,14 +469,16 @@ class Server:
     host: str
     port: int
     weight: int = 1
+    tls: bool = False  # an https:// URL
 
 
-_URL = 'a URL "http://host:port" (no path, query or user)'
+_URL = 'a URL "http://host:port" or "https://host:port" (no path, query or user)'
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
 class Servers(Kind):
-    describe = 'an array of "http://host:port" URLs or {url = "...", weight = N} tables'
+    describe = 'an array of "http://host:port" or "https://host:port" URLs or {url = "...", weight = N} tables'
 
     def parse(self, value: Any) -> tuple[Server, ...]:
         single = isinstance(value, str)
@@ -519,9 +521,10 @@ class Servers(Kind):
             port = parts.port
         except ValueError:  # a bad port or a malformed [IPv6] address
             raise _expected(_URL, url, at) from None
-        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or port == 0:
+        default_port = _DEFAULT_PORTS.get(parts.scheme)
+        if default_port is None or not parts.hostname or parts.path not in ("", "/") or port == 0:
             raise _expected(_URL, url, at)
-        return Server(url.rstrip("/"), parts.hostname, port or 80, weight)
+        return Server(url.rstrip("/"), parts.hostname, port or default_port, weight, parts.scheme == "https")
 
     def dump(self, value: Any) -> Any:
         return [s.url if s.weight == 1 else {"url": s.url, "weight": s.weight} for s in value]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import pathlib
 import re
 import tomllib
@@ -97,7 +98,7 @@ def _section(cls: type, table: Any, path: Path, errors: _Errors, **extra: Any) -
     return cls(**values, **extra), values
 
 
-def _upstreams(data: dict[str, Any], errors: _Errors) -> tuple[list[UpstreamConfig], list[str] | None]:
+def _upstreams(data: dict[str, Any], errors: _Errors, folder: str) -> tuple[list[UpstreamConfig], list[str] | None]:
     """The valid upstreams, and the names of all in file order (None when [upstreams] is no table)."""
     raw = data.get("upstreams", {})
     if not isinstance(raw, dict):
@@ -111,7 +112,7 @@ def _upstreams(data: dict[str, Any], errors: _Errors) -> tuple[list[UpstreamConf
         except k.Invalid as exc:
             errors.add(path, str(exc))
             continue
-        u, values = _section(UpstreamConfig, table, path, errors, name=name)
+        u, values = _section(UpstreamConfig, table, path, errors, name=name, folder=folder)
         if isinstance(table, dict):
             _check_upstream(table, values, path, errors)
         if u is not None:
@@ -128,6 +129,33 @@ def _check_upstream(table: dict[str, Any], values: dict[str, Any], path: Path, e
         errors.add((*path, "executor"), 'expected "inline" for an upstream without a handler, got "process"')
     if values.get("handler") is not None:
         _check_handler(values["handler"], executor, (*path, "handler"), errors)
+    _check_upstream_tls(table, values, path, errors)
+
+
+# the keys of an upstream's https:// servers (gatewayd.upstreams.tls reads their files)
+TLS_KEYS = ("tls_verify", "tls_ca", "tls_server_name", "tls_client_cert", "tls_client_key")
+
+
+def _check_upstream_tls(table: dict[str, Any], values: dict[str, Any], path: Path, errors: _Errors) -> None:
+    """A TLS key needs an https:// server to apply to (written for clear-text servers it
+    would encrypt nothing: an error, not a key silently ignored); a client certificate
+    needs its key and the other way round."""
+    given = [key for key in TLS_KEYS if key in table]
+    if not given:
+        return
+    servers = values.get("servers")
+    if "servers" in table and servers is None:
+        return  # servers is wrong, and already reported
+    if servers is None:
+        for key in given:
+            errors.add((*path, key), "expected an upstream with https:// servers, got a handler")
+    elif not any(s.tls for s in servers):
+        for key in given:
+            errors.add((*path, key), "expected an upstream with https:// servers, got only http:// "
+                                     "ones (nothing would be encrypted)")
+    for key, other in (("tls_client_cert", "tls_client_key"), ("tls_client_key", "tls_client_cert")):
+        if key in table and other not in table:
+            errors.add((*path, key), f"expected {other} beside it (mutual TLS needs both), got none")
 
 
 def _check_handler(handler: str, executor: str | None, path: Path, errors: _Errors) -> None:
@@ -242,7 +270,7 @@ def parse(text: str, filename: str) -> Config:
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         sections[name], _ = _section(cls, data.get(name, {}), (name,), errors)
-    upstreams, upstream_names = _upstreams(data, errors)
+    upstreams, upstream_names = _upstreams(data, errors, os.path.dirname(os.path.realpath(filename)))
     routes = _routes(data, upstream_names, errors)
     server, metrics = sections["server"], sections["metrics"]
     if server is not None and metrics is not None and metrics.listen in server.addresses:
@@ -292,12 +320,13 @@ def _dump_section(obj: Any) -> dict[str, Any]:
     return out
 
 
-# The upstream keys that mean something for one kind of upstream only: HTTP servers',
-# a handler's, and a process pool's. ``dump`` leaves them out of the other kinds.
+# The upstream keys that mean something for one kind of upstream only: HTTP servers'
+# (the TLS keys: https:// servers'), a handler's, and a process pool's. ``dump`` leaves
+# them out of the other kinds.
 HTTP_ONLY = frozenset((
     "servers", "connect_timeout", "read_timeout", "max_connections", "keepalive_timeout",
     "balance", "max_fails", "fail_timeout", "fail_on_5xx", "fail_on", "retries",
-    "health_check", "dns_ttl",
+    "health_check", "dns_ttl", *TLS_KEYS,
 ))
 HANDLER_ONLY = frozenset(("handler", "executor"))
 PROCESS_ONLY = frozenset(("processes",))
@@ -305,6 +334,8 @@ PROCESS_ONLY = frozenset(("processes",))
 
 def applies(upstream: UpstreamConfig, key: str) -> bool:
     """Whether ``key`` means anything for ``upstream``'s kind."""
+    if key in TLS_KEYS:
+        return any(s.tls for s in upstream.servers or ())
     if key in HTTP_ONLY:
         return upstream.servers is not None
     if key in HANDLER_ONLY:

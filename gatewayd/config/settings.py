@@ -126,6 +126,14 @@ class ServerConfig:
         "on SIGTERM, in-flight requests get this long to finish", unit="seconds",
     )
 
+    trusted_proxies: tuple[str, ...] | None = setting(
+        k.Networks(), None,
+        "networks of proxies whose X-Forwarded-For is believed: a request from one of them is "
+        "from the first address, read from the right of X-Forwarded-For, that is not one of "
+        "them; unset: none (the client is the peer, or the PROXY protocol's address)",
+        reload=RELOAD_NEW,
+    )
+
     @property
     def addresses(self) -> tuple[str, ...]:
         """The listen addresses, without their options."""
@@ -195,8 +203,10 @@ class LogConfig:
 @dataclass(frozen=True, kw_only=True)
 class UpstreamConfig:
     name: str = ""  # the table's key in [upstreams]
+    folder: str = ""  # the configuration file's folder, where relative tls_* paths start
     servers: tuple[k.Server, ...] | None = setting(
-        k.Servers(), None, "HTTP servers of this upstream (exclusive with handler)",
+        k.Servers(), None,
+        "HTTP servers of this upstream, http:// or https:// URLs (exclusive with handler)",
         reload=RELOAD_NEW,
     )
     handler: str | None = setting(
@@ -213,7 +223,8 @@ class UpstreamConfig:
         k.Int(1, 256), 2, 'size of the process pool when executor = "process"', reload=RELOAD_NEW
     )
     connect_timeout: float = setting(
-        k.Duration(), 2.0, "longest wait for a connection to a server", unit="seconds",
+        k.Duration(), 2.0, "longest wait for a connection to a server (an https:// server's TLS "
+        "handshake included)", unit="seconds",
         reload=RELOAD_NEW,
     )
     read_timeout: float = setting(
@@ -257,7 +268,8 @@ class UpstreamConfig:
     fail_on: tuple[str, ...] = setting(
         k.ChoiceList(("connect", "reset", "timeout", "invalid")), ("connect",),
         "which failures count against a server for max_fails: connect (refused, unreachable, "
-        "connect timeout, name not resolved: before any request byte is sent), reset (closed "
+        "connect timeout, name not resolved, TLS handshake or certificate refused: before any "
+        "request byte reaches the server's application), reset (closed "
         "or reset before or during the response), timeout (read_timeout passed), invalid (a "
         "response that is not valid HTTP or over the size limits); the default counts only "
         "what no request can cause",
@@ -281,6 +293,37 @@ class UpstreamConfig:
         k.Duration(), 10.0,
         "how long a server host name's addresses are reused before it is resolved again",
         unit="seconds", reload=RELOAD_NEW,
+    )
+    tls_verify: bool = setting(
+        k.Bool(), True,
+        "verify the certificates of the https:// servers (a chain up to a trusted CA, and the "
+        "name); false accepts any certificate: the traffic is encrypted, but to whoever answers",
+        reload=RELOAD_NEW,
+    )
+    tls_ca: str | None = setting(
+        k.Text(), None,
+        "PEM file of the CA certificates trusted to sign the https:// servers' certificates, "
+        "instead of the system's store; relative to the configuration file's folder; "
+        "unset: the system's CA store",
+        reload="read again on every reload; new connections use it",
+    )
+    tls_server_name: str | None = setting(
+        k.HostName(), None,
+        "the name sent in SNI to the https:// servers and verified in their certificates; "
+        "unset: each server URL's host (an IP address is verified, never sent in SNI)",
+        reload=RELOAD_NEW,
+    )
+    tls_client_cert: str | None = setting(
+        k.Text(), None,
+        "PEM file of the client certificate (then its chain) presented to the https:// servers "
+        "(mutual TLS); needs tls_client_key; relative to the configuration file's folder",
+        reload="read again on every reload; new connections use it",
+    )
+    tls_client_key: str | None = setting(
+        k.Text(), None,
+        "PEM file of tls_client_cert's private key, unencrypted; needs tls_client_cert; relative "
+        "to the configuration file's folder",
+        reload="read again on every reload; new connections use it",
     )
 
 

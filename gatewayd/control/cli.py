@@ -73,6 +73,9 @@ def print_status(s: Snapshot) -> None:
     print(f"connections {s.get('connections')}  tasks {s.get('tasks')}  workers "
           f"{len(s.get('workers', []))}  loop lag {_ms(lag.get('last'))}/{_ms(lag.get('max'))} ms  "
           f"gc pause {_ms(gcp.get('last'))}/{_ms(gcp.get('max'))} ms")
+    tls = tls_line(s)
+    if tls:
+        print(tls)
     print()
     # 80 columns: the served and gateway-answered counts beside the latency (which is
     # the served requests' only), then a line of what else became of the requests
@@ -88,6 +91,38 @@ def print_status(s: Snapshot) -> None:
         print(f"  requests {r['requests']}  full {rej.get('queue_full', 0)}  "
               f"timeout {rej.get('queue_timeout', 0)}  cancelled {r.get('cancelled', 0)}  "
               f"upstream errors {r.get('upstream_errors', 0)}")
+
+
+def expiry_text(not_after: float, now: float) -> str:
+    """``2026-12-12 (5 days left)``, ``2026-12-12 (7 h left)`` or ``2026-11-01 (EXPIRED
+    3 days ago)``: the date in UTC, whole days (or hours) rounded down."""
+    date = time.strftime("%Y-%m-%d", time.gmtime(not_after))
+    left = not_after - now
+    if left <= 0:
+        days = int(-left // 86400)
+        return f"{date} (EXPIRED {days} day{'s' * (days != 1)} ago)" if days else f"{date} (EXPIRED today)"
+    days = int(left // 86400)
+    if days:
+        return f"{date} ({days} day{'s' * (days != 1)} left)"
+    return f"{date} ({int(left // 3600)} h left)"
+
+
+def tls_line(s: Snapshot, width: int = 80) -> str | None:
+    """``tls handshakes N  errors N  expires DATE (N days left) CERT``: the soonest to
+    expire of the certificates in force, its path cut from the left to ``width``; None
+    without TLS."""
+    tls = s.get("tls")
+    if not tls or not (tls.get("certificates") or tls.get("handshakes") or tls.get("handshake_errors")):
+        return None
+    line = f"tls handshakes {tls.get('handshakes', 0)}  errors {tls.get('handshake_errors', 0)}"
+    certs = [c for c in tls.get("certificates", []) if isinstance(c.get("not_after"), (int, float))]
+    if not certs:
+        return line
+    soonest = min(certs, key=lambda c: c["not_after"])
+    line += "  expires " + expiry_text(soonest["not_after"], s.get("time") or time.time()) + " "
+    name = str(soonest.get("cert", "?"))
+    room = max(width - len(line), 12)
+    return line + (name if len(name) <= room else "…" + name[-(room - 1):])
 
 
 def upstream_lines(s: Snapshot, width: int = 80) -> list[str]:

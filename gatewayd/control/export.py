@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypedDict
 from ..stats.metrics import Counts, RouteCounters
 from ..stats.process import GcExport, cpu_seconds, fd_limit, open_fds, rss_bytes
 from ..upstreams.state import UpstreamExport
-from .protocol import LoopLag, Waiter
+from .protocol import LoopLag, TlsSnapshot, Waiter
 
 if TYPE_CHECKING:
     from ..proxy.exchange import Upstream
@@ -58,6 +58,7 @@ class ProcessFigures(TypedDict):
     cpu_s: float
     generation: int
     upstreams: dict[str, UpstreamExport]
+    tls: TlsSnapshot  # this process's handshakes; the certificates of its generation
 
 
 class ProcessExport(ProcessFigures):
@@ -117,7 +118,16 @@ def process_figures(runtime: Runtime) -> ProcessFigures:
         "cpu_s": cpu_seconds(),
         "generation": runtime.generation,
         "upstreams": export_upstreams(runtime.table.upstreams),
+        "tls": export_tls(runtime),
     }
+
+
+def export_tls(runtime: Runtime) -> TlsSnapshot:
+    """This process's TLS handshakes since start and the certificates in force."""
+    counts = runtime.handshakes
+    return {"handshakes": counts.handshakes, "handshake_errors": counts.errors,
+            "certificates": [{"cert": c.name, "hosts": list(c.hosts), "not_after": c.not_after}
+                             for c in runtime.certificates]}
 
 
 def export_upstreams(upstreams: Mapping[str, Upstream]) -> dict[str, UpstreamExport]:

@@ -3,6 +3,9 @@ take the maximum, for ``max`` and age fields), and the counters of workers that
 exited are kept (``retire``) so that gateway-wide totals never go backwards when
 a worker is replaced.
 
+TLS handshakes sum like the other counters; the certificates are those of the
+configuration in force, the same in every worker, so they are taken once.
+
 Upstream servers are judged by each worker on its own traffic. Merged, a server
 is ``healthy`` only when every worker that has it takes requests for it, its
 ``state`` is the worst any worker reports, and its counters are sums.
@@ -17,7 +20,7 @@ from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, Co
 from ..stats.process import GcExport, GcGeneration, GcPause
 from ..upstreams.state import ServerExport
 from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures
-from .protocol import ServerSnapshot, UpstreamSnapshot, Waiter
+from .protocol import ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
 
 # Worst first: the merged state of a server is the first any worker reports.
 STATES = ("down", "unhealthy", "ejected", "trial", "kept", "up")
@@ -39,6 +42,7 @@ class Retired(TypedDict, total=False):
     unrouted: Counts
     routes: dict[str, RouteCounters]
     upstreams: dict[str, RetiredUpstream]
+    tls: Counts  # handshakes, handshake_errors
 
 
 def empty_histogram(bounds: tuple[float, ...]) -> HistogramExport:
@@ -166,6 +170,27 @@ def merge_unrouted(exports: Sequence[ProcessFigures], retired: Retired | None) -
     return codes
 
 
+_TLS_COUNTERS: tuple[Literal["handshakes", "handshake_errors"], ...] = ("handshakes", "handshake_errors")
+
+
+def merge_tls(exports: Sequence[ProcessFigures], retired: Retired | None) -> TlsSnapshot:
+    """Handshakes summed over the workers, those that exited included; the certificates
+    of the newest generation any worker runs (mid-reload, workers may differ)."""
+    counts: Counts = dict((retired or {}).get("tls", {}))
+    newest: ProcessFigures | None = None
+    for e in exports:
+        tls = e.get("tls")
+        if tls is None:
+            continue
+        add_counts(counts, {k: tls[k] for k in _TLS_COUNTERS})
+        if newest is None or e["generation"] > newest["generation"]:
+            newest = e
+    certificates = newest["tls"]["certificates"] if newest is not None else []
+    return {"handshakes": counts.get("handshakes", 0),
+            "handshake_errors": counts.get("handshake_errors", 0),
+            "certificates": certificates}
+
+
 # ----------------------------------------------------------------------------- upstreams
 def merge_upstreams(exports: Sequence[ProcessFigures], retired: Retired | None = None
                     ) -> list[UpstreamSnapshot]:
@@ -229,6 +254,9 @@ def retire(retired: Retired, gone: ProcessExport) -> None:
     """Keep the counters of a worker that exited (its gauges go with it)."""
     _retire_upstreams(retired, gone)
     add_counts(retired.setdefault("unrouted", {}), gone.get("unrouted", {}))
+    tls = gone.get("tls")
+    if tls is not None:
+        add_counts(retired.setdefault("tls", {}), {k: tls[k] for k in _TLS_COUNTERS})
     routes = retired.setdefault("routes", {})
     for name, r in gone.get("routes", {}).items():
         into = routes.get(name)

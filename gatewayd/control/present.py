@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypedDict
 from ..stats.metrics import LATENCY_BUCKETS, Counts, HistogramExport, Quantiles, quantiles_ms
 from .encode import route_object
 from .export import ProcessExport, ProcessFigures
-from .merge import Retired, merge_gc, merge_route, merge_unrouted, merge_upstreams, worker_totals
+from .merge import Retired, merge_gc, merge_route, merge_tls, merge_unrouted, merge_upstreams, worker_totals
 from .protocol import RouteSnapshot, RuntimeInfo, Snapshot, Waiter, WorkerSnapshot
 
 if TYPE_CHECKING:
@@ -153,5 +153,6 @@ def present_top(runtime_info: RuntimeInfo, exports: Sequence[ProcessFigures],
         "routes": routes,
         "unrouted": merge_unrouted(exports, retired),
         "upstreams": merge_upstreams(exports, retired),
+        "tls": merge_tls(exports, retired),
         "workers": workers,
     }

@@ -133,6 +133,24 @@ class SnapshotCollector(Collector):
                 ureq.add_metric(labels, srv.get("requests", 0))
                 ufail.add_metric(labels, srv.get("failures", 0))
         yield from (up, ureq, ufail)
+        yield from _tls(s)
+
+
+def _tls(s: Snapshot) -> Iterator[Metric]:
+    """Handshakes by result, always (zeros without TLS, so a rate query has a series
+    from the start); each certificate's expiry, for an alert before it comes."""
+    tls = s.get("tls")
+    handshakes = CounterMetricFamily("gatewayd_tls_handshakes",
+                                     "Client TLS handshakes by result (error: failed, timed out, not TLS)",
+                                     labels=["result"])
+    handshakes.add_metric(["ok"], tls["handshakes"] if tls else 0)
+    handshakes.add_metric(["error"], tls["handshake_errors"] if tls else 0)
+    yield handshakes
+    expiry = GaugeMetricFamily("gatewayd_tls_certificate_not_after_seconds",
+                               "When the certificate expires (Unix time)", labels=["cert"])
+    for c in tls["certificates"] if tls else []:
+        expiry.add_metric([c["cert"]], c["not_after"])
+    yield expiry
 
 
 class MetricsListener:

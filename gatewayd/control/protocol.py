@@ -108,6 +108,23 @@ class WorkerSnapshot(TypedDict):
     queued: int
 
 
+class CertificateSnapshot(TypedDict):
+    """A certificate of the configuration in force."""
+
+    cert: str  # its path as the configuration gives it
+    hosts: list[str]  # the names SNI picks it for
+    not_after: float  # when it expires (Unix time)
+
+
+class TlsSnapshot(TypedDict):
+    """Client TLS: handshakes since start (summed over the workers, those that exited
+    included) and the certificates in force; zeros and no certificates without TLS."""
+
+    handshakes: int  # completed
+    handshake_errors: int  # failed, timed out, or plain text on a TLS port
+    certificates: list[CertificateSnapshot]
+
+
 class RuntimeInfo(TypedDict):
     """The snapshot's fields that belong to the gateway, not to a worker."""
 
@@ -142,6 +159,7 @@ class Snapshot(RuntimeInfo):
     routes: list[RouteSnapshot]
     unrouted: Counts  # answers given without a route, by status code
     upstreams: list[UpstreamSnapshot]
+    tls: TlsSnapshot
     workers: list[WorkerSnapshot]
 
 

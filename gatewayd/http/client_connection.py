@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import ssl
 from collections import deque
 from collections.abc import AsyncIterable
 from typing import Any, Protocol
@@ -38,6 +39,10 @@ def reset() -> UpstreamFailure:
 
 def _invalid() -> UpstreamFailure:
     return UpstreamFailure(502, "upstream_invalid")
+
+
+def tls_failure() -> UpstreamFailure:
+    return UpstreamFailure(502, "upstream_tls")
 
 
 class Stale(Exception):
@@ -88,6 +93,7 @@ class Pool(Protocol):
 
     def _recycle(self, conn: ClientConnection) -> None: ...
     def _free(self) -> None: ...
+    def _tls_failed(self, exc: ssl.SSLError) -> None: ...
 
 
 class ClientConnection(asyncio.Protocol):
@@ -407,6 +413,11 @@ class ClientConnection(asyncio.Protocol):
                     self._exc = _invalid()
             elif not self._got and self._reused:
                 self._exc = Stale()
+            elif isinstance(exc, ssl.SSLError) and not self._got:
+                # an alert instead of a response: TLS 1.3 servers judge a client certificate
+                # after the client's handshake is over, so it is refused here, not at connect
+                self._exc = tls_failure()
+                pool._tls_failed(exc)
             else:
                 self._exc = reset()
         pool._free()

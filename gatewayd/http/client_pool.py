@@ -5,12 +5,14 @@ for what it promises)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from .client_connection import BUSY, CLOSED, IDLE, ClientConnection, Listener, PoolStats, Stale, reset
+from .client_connection import BUSY, CLOSED, IDLE, ClientConnection, Listener, PoolStats, Stale, reset, tls_failure
 from .client_response import Response
 from .errors import UpstreamFailure
 from .turn import UPSTREAM_WRITES, Turn
@@ -19,6 +21,8 @@ from .wire import IDEMPOTENT
 READ_BUFFER = 131072  # body bytes buffered before the upstream socket is paused (as aiohttp: 2 x 64 KiB)
 # methods that define a meaning for content: sent with "Content-Length: 0" when bodiless (RFC 9110 §8.6)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+log = logging.getLogger("gatewayd")
 
 
 class _Unresolved(OSError):
@@ -30,15 +34,16 @@ class H1Pool:
 
     __slots__ = (
         "_closed", "_connecting", "_conns", "_host_bytes", "_host_line", "_idle", "_limit", "_loop", "_open",
-        "_outbox", "_resolve", "_step", "_turn", "_waiters", "connect_timeout", "host", "keepalive_timeout", "port",
-        "read_buffer", "read_timeout", "stats",
+        "_outbox", "_resolve", "_server_hostname", "_ssl", "_step", "_tls_said", "_turn", "_waiters",
+        "connect_timeout", "host", "keepalive_timeout", "port", "read_buffer", "read_timeout", "stats",
     )
 
     def __init__(self, host: str, port: int, *, max_connections: int = 0, keepalive_timeout: float = 4.0,
                  connect_timeout: float = 2.0, read_timeout: float = 30.0,
                  read_buffer: int = READ_BUFFER,
                  resolve: Callable[[str, int], Awaitable[Sequence[str]]] | None = None,
-                 turn: Turn | None = None) -> None:
+                 turn: Turn | None = None, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
         self.host = host
         self.port = port
         self.keepalive_timeout = keepalive_timeout
@@ -48,10 +53,14 @@ class H1Pool:
         self.stats = PoolStats()
         self._limit = max_connections
         self._resolve = resolve  # (host, port) -> addresses to try in order; None: the loop resolves
+        self._ssl = tls  # an https server's: every connection made with it (its handshake in connect_timeout)
+        self._server_hostname = (server_hostname or host) if tls is not None else None  # SNI, the name verified
+        self._tls_said = ""  # the last handshake failure logged (each new one is logged once)
         # the connection timers' period: no deadline can be missed by more than the loop's lateness
         self._step = max(0.001, min(read_timeout, keepalive_timeout) if keepalive_timeout > 0 else read_timeout)
         bracketed = f"[{host}]" if ":" in host else host
-        self._host_line = f"Host: {bracketed}:{port}\r\n" if port != 80 else f"Host: {bracketed}\r\n"
+        default_port = 80 if tls is None else 443
+        self._host_line = f"Host: {bracketed}:{port}\r\n" if port != default_port else f"Host: {bracketed}\r\n"
         self._host_bytes = self._host_line.encode("utf-8", "surrogateescape")
         self._idle: list[ClientConnection] = []  # LIFO: append/pop at the end
         self._conns: set[ClientConnection] = set()  # every open connection (for close); touched per connect only
@@ -266,13 +275,19 @@ class H1Pool:
         try:
             async with asyncio.timeout(timeout):  # name resolution included
                 if self._resolve is None:
-                    await loop.create_connection(lambda: conn, self.host, self.port)
+                    await loop.create_connection(lambda: conn, self.host, self.port, ssl=self._ssl,
+                                                 server_hostname=self._server_hostname)
                 else:
                     await self._connect_resolved(conn)
         except TimeoutError:
             conn._state = CLOSED
             self.stats.fail("upstream_connect_timeout")
             raise UpstreamFailure(504, "upstream_connect_timeout") from None
+        except ssl.SSLError as exc:  # (an OSError) the handshake failed, or the certificate's verification
+            conn._state = CLOSED
+            self.stats.fail("upstream_tls")
+            self._tls_failed(exc)
+            raise tls_failure() from None
         except OSError as exc:
             conn._state = CLOSED
             reason = "upstream_dns" if isinstance(exc, (socket.gaierror, _Unresolved)) else "upstream_connect"
@@ -303,12 +318,24 @@ class H1Pool:
         error: OSError | None = None
         for address in addresses:  # in order: the first that accepts
             try:
-                await loop.create_connection(lambda: conn, address, self.port)
+                await loop.create_connection(lambda: conn, address, self.port, ssl=self._ssl,
+                                             server_hostname=self._server_hostname)
                 return
+            except ssl.SSLError:
+                raise  # the server answered: another address of the name would show the same certificate
             except OSError as exc:
                 error = exc
         assert error is not None
         raise error
+
+    def _tls_failed(self, exc: ssl.SSLError) -> None:
+        """Log why a handshake failed (or a server refused it with an alert after it), once
+        for each new why: a server that fails every handshake the same way is said once."""
+        why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+        if why != self._tls_said:
+            self._tls_said = why
+            log.warning("upstream %s:%d (TLS name %s): TLS handshake failed: %s", self.host, self.port,
+                        self._server_hostname, why)
 
     def _recycle(self, conn: ClientConnection) -> None:
         """A connection whose exchange ended cleanly: to the first waiter, else idle."""

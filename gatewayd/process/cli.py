@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
+    unusable = file_errors(config)
+    if unusable:  # files the configuration names are part of it: the same status
+        for line in unusable:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
     if args.check:
         errors = host_errors(config)
         for line in errors:
@@ -57,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .single import run
     return run(config)
+
+
+def file_errors(config: Config) -> list[str]:
+    """The files the configuration names that cannot be used (upstreams' TLS
+    certificates and keys), as ``file:line: key: ...`` lines in file order."""
+    from ..upstreams.tls import tls_problems
+
+    return [exc.located(config.path) for exc in tls_problems(config.upstreams)]
 
 
 def host_errors(config: Config) -> list[str]:

@@ -20,7 +20,7 @@ from ..runtime.limits import Overrides
 from ..runtime.reload import LastReload
 from ..runtime.state import Runtime
 from ..stats.process import raise_fd_limit
-from ..upstreams.names import UnresolvableServer
+from ..upstreams.names import KeyProblem
 from ..upstreams.state import set_server_state
 from . import lifecycle
 from .controller import GatewayController, no_route
@@ -112,7 +112,7 @@ class OneProcess:
         config = self.runtime.config
         try:
             await self.runtime.start()
-        except UnresolvableServer as exc:
+        except KeyProblem as exc:  # a server name that does not resolve, a certificate file
             log.error("%s", exc.located(config.path))
             return False
         except OSError as exc:

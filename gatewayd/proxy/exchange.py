@@ -71,7 +71,7 @@ class Exchange:
     def client_ip(self) -> str:
         """The client's address as forwarded and logged; "" when unknown. Read where an
         upstream needs it, not stored for every exchange."""
-        return self.request.remote or ""
+        return self.request.client
 
 
 class Sink(Protocol):
@@ -144,6 +144,12 @@ class Upstream:
     async def start(self) -> None:
         """Open what the upstream needs (pools, sessions, an application's startup);
         called once, on the loop; raising fails the start or the reload."""
+
+    def current(self) -> bool:
+        """Whether a reload whose configuration of this upstream is unchanged may keep
+        it: False when what it read at start (certificate files) changed since, so a
+        new one is built from them. True by default."""
+        return True
 
     def serve_inline(self, request: Request, route: Route, path: str, start: float,
                      sink: Sink) -> Cancellable | None:

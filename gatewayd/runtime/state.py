@@ -30,7 +30,7 @@ from ..proxy.serving import Serving
 from ..stats.metrics import Registry
 from ..stats.process import GcMonitor, LoopLag, TaskCounter
 from ..upstreams.factory import build
-from ..upstreams.names import UnresolvableServer
+from ..upstreams.names import KeyProblem
 from .limits import Overrides
 from .reload import LastReload
 
@@ -119,7 +119,7 @@ class Runtime:
         try:
             for uc in config.upstreams:
                 prev = old.upstreams.get(uc.name) if old else None
-                if prev is not None and prev.config == uc:
+                if prev is not None and prev.config == uc and prev.current():
                     upstreams[uc.name] = prev
                     continue
                 u = build(uc, self.turn)
@@ -257,7 +257,7 @@ class Runtime:
         except Exception as exc:
             if access is not None:
                 access.close()
-            if isinstance(exc, UnresolvableServer):  # as start-up says it: file:line: key
+            if isinstance(exc, KeyProblem):  # as start-up says it: file:line: key
                 raise ReloadFailed(exc.located(new.path)) from None
             raise ReloadFailed(f"upstreams: {exc}") from None
         try:

@@ -2,7 +2,8 @@
 
 A probe passes on a 2xx or 3xx answer within ``timeout``. Probes use their own
 connections (one per probe, closed after it), so a full pool never fails a
-check and a check proves that a new connection can be made. The verdicts feed
+check and a check proves that a new connection can be made (an https:// server's with the
+upstream's TLS context, its name and certificate verified as requests' are). The verdicts feed
 the servers' state (``ServerState.check_passed`` / ``check_failed``). Servers
 start as up: a fresh gateway serves at once, and a dead server goes down after
 ``unhealthy`` probes.
@@ -20,6 +21,7 @@ import aiohttp
 from .. import __version__
 from ..config.kinds import HealthCheck
 from .servers import ServerState
+from .tls import UpstreamTls
 
 _HEADERS = {"User-Agent": f"gatewayd/{__version__} health check"}
 
@@ -27,10 +29,12 @@ _HEADERS = {"User-Agent": f"gatewayd/{__version__} health check"}
 class HealthChecker:
     """The probing tasks of one upstream object."""
 
-    def __init__(self, check: HealthCheck, servers: Sequence[ServerState], dns_ttl: float) -> None:
+    def __init__(self, check: HealthCheck, servers: Sequence[ServerState], dns_ttl: float,
+                 tls: UpstreamTls | None = None) -> None:
         self.check = check
         self.servers = tuple(servers)
         self._dns_ttl = dns_ttl
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -67,8 +71,13 @@ class HealthChecker:
     async def probe(self, server: ServerState) -> str | None:
         """None when the server passes, else why it did not."""
         assert self._session is not None
+        tls = self._tls if server.tls else None
         try:
-            async with self._session.get(server.url + self.check.path, allow_redirects=False) as r:
+            async with self._session.get(
+                server.url + self.check.path, allow_redirects=False,
+                ssl=tls.context if tls is not None else True,
+                server_hostname=tls.server_hostname(server.host) if tls is not None else None,
+            ) as r:
                 status = r.status
         except asyncio.CancelledError:
             raise
@@ -76,6 +85,8 @@ class HealthChecker:
             return "timeout"
         except aiohttp.ClientConnectorDNSError:
             return "dns"
+        except aiohttp.ClientSSLError:  # the handshake failed, or the certificate's verification
+            return "tls"
         except aiohttp.ClientConnectorError:
             return "connect"
         except (aiohttp.ClientError, OSError) as exc:

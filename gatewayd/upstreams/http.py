@@ -40,13 +40,14 @@ from .balance import Balancer
 from .health import HealthChecker
 from .names import is_address, unresolvable
 from .servers import ServerState, counted_reasons
+from .tls import UpstreamTls, upstream_tls
 
 if TYPE_CHECKING:
     from ..http.server import Request
     from ..proxy.exchange import Route
     from .state import UpstreamExport
 
-_NOTHING_SENT = frozenset(("upstream_connect", "upstream_connect_timeout", "upstream_dns"))
+_NOTHING_SENT = frozenset(("upstream_connect", "upstream_connect_timeout", "upstream_dns", "upstream_tls"))
 _NONE: tuple[ServerState, ...] = ()
 
 
@@ -101,6 +102,7 @@ class HttpUpstream(Upstream):
         self._only = self.servers[0] if len(self.servers) == 1 else None
         self._checker: HealthChecker | None = None
         self._resolver: _CachedResolver | None = None
+        self._tls: UpstreamTls | None = None  # the https:// servers' context, made at start
         self._now: Callable[[], float] = time.monotonic  # the loop's clock once started
         self.retried = 0  # attempts made again on another server
         self.no_healthy = 0  # requests answered 502 no_healthy_server
@@ -108,6 +110,7 @@ class HttpUpstream(Upstream):
     async def start(self) -> None:
         await self._check_names()
         c = self.config
+        self._tls = tls = upstream_tls(c)
         for s in self.servers:
             resolve = None
             if not is_address(s.host):
@@ -122,12 +125,14 @@ class HttpUpstream(Upstream):
                 read_timeout=c.read_timeout,
                 resolve=resolve,
                 turn=self._turn,
+                tls=tls.context if tls is not None and s.tls else None,
+                server_hostname=tls.server_hostname(s.host) if tls is not None and s.tls else None,
             )
         loop = asyncio.get_running_loop()
         self._now = loop.time
         self._balancer = Balancer(c.balance, self.servers, c.fail_timeout, loop.time)
         if c.health_check is not None:
-            self._checker = HealthChecker(c.health_check, self.servers, c.dns_ttl)
+            self._checker = HealthChecker(c.health_check, self.servers, c.dns_ttl, tls)
             self._checker.start()
 
     async def _check_names(self) -> None:
@@ -136,6 +141,11 @@ class HttpUpstream(Upstream):
         failed = await unresolvable([(self.config, self.name)])
         if failed:
             raise failed[0]
+
+    def current(self) -> bool:
+        """Whether the TLS files read at start still hold the same bytes (a reload keeps
+        this upstream only then)."""
+        return self._tls is None or self._tls.current()
 
     @property
     def closed(self) -> bool:

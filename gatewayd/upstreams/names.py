@@ -17,11 +17,12 @@ from ..config.settings import Config, UpstreamConfig
 RESOLVE_TIMEOUT = 5.0  # seconds for each server name
 
 
-class UnresolvableServer(Exception):
-    """A server's host name has no address at start-up (or when a reload builds it)."""
+class KeyProblem(Exception):
+    """What start-up (or a reload) found wrong with what a key of the file names: a
+    server name, a certificate file (``upstreams.tls``); ``str()`` starts with the key."""
 
-    def __init__(self, key: Path, host: str, reason: str) -> None:
-        super().__init__(f'{format_path(key)}: cannot resolve "{host}" ({reason})')
+    def __init__(self, key: Path, message: str) -> None:
+        super().__init__(f"{format_path(key)}: {message}")
         self.key = key
 
     def located(self, config_path: str) -> str:
@@ -32,6 +33,13 @@ class UnresolvableServer(Exception):
         except (OSError, UnicodeDecodeError):
             return f"{config_path}: {self}"
         return f"{config_path}:{line}: {self}"
+
+
+class UnresolvableServer(KeyProblem):
+    """A server's host name has no address at start-up (or when a reload builds it)."""
+
+    def __init__(self, key: Path, host: str, reason: str) -> None:
+        super().__init__(key, f'cannot resolve "{host}" ({reason})')
 
 
 def is_address(host: str) -> bool:

@@ -40,7 +40,7 @@ INF = math.inf
 
 # fail_on's words and the failure reasons (http.client's) each one counts
 FAILURE_KINDS: dict[str, tuple[str, ...]] = {
-    "connect": ("upstream_connect", "upstream_connect_timeout", "upstream_dns"),
+    "connect": ("upstream_connect", "upstream_connect_timeout", "upstream_dns", "upstream_tls"),
     "reset": ("upstream_reset",),
     "timeout": ("upstream_timeout",),
     "invalid": ("upstream_invalid",),
@@ -77,6 +77,7 @@ class ServerState:
         "port",
         "requests",
         "session",
+        "tls",
         "trial",
         "upstream",
         "url",
@@ -88,6 +89,7 @@ class ServerState:
         self.url = server.url
         self.host = server.host
         self.port = server.port
+        self.tls = server.tls
         self.weight = server.weight
         self.session: aiohttp.ClientSession | None = None
         self.in_flight = 0

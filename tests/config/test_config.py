@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,8 +31,8 @@ from hypothesis import strategies as st
 
 from gatewayd import __version__
 from gatewayd.config import kinds as k
-from gatewayd.config.certificates import CertificateList
-from gatewayd.config.loader import ConfigError, applies, dump, load, parse
+from gatewayd.config.certificates import CertificateEntry, CertificateList
+from gatewayd.config.loader import TLS_KEYS, ConfigError, applies, dump, load, parse
 from gatewayd.config.positions import Locator, format_path
 from gatewayd.config.settings import SECTIONS, Config, RouteConfig, UpstreamConfig, settings_of
 
@@ -124,6 +125,7 @@ def printed(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, tuple[Run, R
     files = [*VALID, EXAMPLE]
     prints = gatewayd_batch([(f.parent, ["--print-config", "--config", f.name]) for f in files])
     out = tmp_path_factory.mktemp("printed")
+    shutil.copytree(CONFIGS / "valid" / "certs", out / "certs")  # the files all_keys.toml names
     copies = []
     for f, run in zip(files, prints, strict=True):
         copy = out / f.name
@@ -176,8 +178,9 @@ def test_errors_are_one_line_each_in_line_order(path: Path) -> None:
 
 @pytest.mark.parametrize("path", VALID, ids=_ids(VALID))
 def test_valid_through_loader(path: Path) -> None:
-    config = parse(path.read_text(encoding="utf-8"), path.name)
-    assert parse(dump(config), path.name) == config
+    # the whole path: files the configuration names are found beside it
+    config = parse(path.read_text(encoding="utf-8"), str(path))
+    assert parse(dump(config), str(path)) == config
 
 
 @pytest.mark.parametrize("path", VALID, ids=_ids(VALID))
@@ -202,7 +205,9 @@ def test_all_keys_file_values() -> None:
     c = load(str(CONFIGS / "valid" / "all_keys.toml"))
     assert c.server.listen == (k.ListenEntry("127.0.0.1:8080"), k.ListenEntry("[::1]:8080"))
     assert c.server.addresses == ("127.0.0.1:8080", "[::1]:8080")
-    assert (c.tls.min_version, c.tls.session_tickets, c.tls.certificates) == ("1.3", False, ())
+    assert (c.tls.min_version, c.tls.session_tickets) == ("1.3", False)
+    assert c.tls.certificates == (CertificateEntry("certs/gw.pem", "certs/gw.key",
+                                                   ("gateway.internal", "*.gateway.internal")),)
     assert c.server.workers == "auto"
     assert c.server.max_body_size == 512 * 1024
     assert c.server.keepalive_timeout == 60.0 and isinstance(c.server.keepalive_timeout, float)
@@ -504,7 +509,8 @@ _LISTEN = st.builds(
     "{}:{}".format, st.sampled_from(["127.0.0.1", "0.0.0.0", "localhost", "[::1]", "[::]"]), st.integers(0, 65535)
 )
 _URL = st.builds(
-    "http://{}{}{}".format,
+    "{}://{}{}{}".format,
+    st.sampled_from(["http", "https", "HTTPS"]),
     st.sampled_from(["127.0.0.1", "[::1]", "backend.internal", "Example.COM"]),
     st.sampled_from(["", ":1", ":8080", ":65535"]),
     st.sampled_from(["", "/"]),
@@ -544,14 +550,14 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
         case k.Listen():
             return _LISTEN
         case k.ListenList():
-            # tls = true needs certificates on disk (tests/config/test_tls_config.py)
+            # tls = true needs certificates on disk (tests/http/test_tls*.py)
             table = st.fixed_dictionaries({"address": _LISTEN}, optional={
                 "tls": st.just(False), "proxy_protocol": st.just(False)})
             entries = st.lists(_LISTEN | table, min_size=1, max_size=3,
                                unique_by=lambda e: e if isinstance(e, str) else e["address"])
             return _LISTEN | table | entries
         case CertificateList():
-            return st.just([])  # files on disk: tests/config/test_tls_config.py
+            return st.just([])  # files on disk: tests/http/test_tls*.py
         case k.Networks():
             nets = st.sampled_from(["10.0.0.0/8", "127.0.0.1", "fd00::/8", "192.168.1.0/24", "::1"])
             return st.lists(nets, max_size=3)
@@ -576,6 +582,7 @@ def _optional_keys(cls: type, leave_out: tuple[str, ...] = ()) -> st.SearchStrat
     return st.fixed_dictionaries({}, optional=keys)
 
 
+_NOT_TLS = tuple(f.name for f in settings_of(UpstreamConfig) if f.name not in TLS_KEYS)
 _HANDLERS = st.sampled_from(
     [
         {"handler": "gatewayd.handlers:simulated_io"},
@@ -595,9 +602,14 @@ def _valid_documents(draw: st.DrawFn) -> dict[str, Any]:
         del doc["metrics"]["listen"]
     upstreams = {}
     for name in draw(st.lists(_valid_values(k.Name()), min_size=1, max_size=3, unique=True)):
-        table = draw(_optional_keys(UpstreamConfig, ("servers", "handler", "executor")))
+        table = draw(_optional_keys(UpstreamConfig, ("servers", "handler", "executor", *TLS_KEYS)))
         if draw(st.booleans()):
-            table["servers"] = draw(_valid_values(k.Servers()))
+            table["servers"] = servers = draw(_valid_values(k.Servers()))
+            urls = [servers] if isinstance(servers, str) else [s if isinstance(s, str) else s["url"] for s in servers]
+            if any(u.lower().startswith("https:") for u in urls):  # the TLS keys apply to https:// servers
+                table.update(draw(_optional_keys(UpstreamConfig, (*_NOT_TLS, "tls_client_key"))))
+                if "tls_client_cert" in table:  # a client certificate comes with its key
+                    table["tls_client_key"] = draw(_valid_values(k.Text()))
         else:
             table.update(draw(_HANDLERS))
         upstreams[name] = table

@@ -6,6 +6,7 @@ upstream's servers and their state in ``status`` — against a real gateway.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import sys
 
 import pytest
 
-from ..builders import app_route, free_port, handler_route, route_toml, upstream_toml
+from ..builders import app_route, free_port, gateway_config, handler_route, route_toml, upstream_toml
+from ..certs import client_context, issue, tls_section
 from ..conftest import ROOT, raw_request, status_of, wait_for_sync
 
 CTL = (sys.executable, "-m", "gatewayd.control.cli")
@@ -252,3 +254,50 @@ def test_with_workers(gateway_process):
     assert done.returncode == 0
     assert upstream_section(done.stdout) == [
         f"upstream app: {down.removeprefix('http://')} down (by hand), {up.removeprefix('http://')} up"]
+
+
+# ----------------------------------------------------------------------------- TLS in status
+def tls_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("tls ")]
+
+
+async def test_status_shows_tls_handshakes_and_the_soonest_expiry(start_gateway, upstream, tls_ca, tmp_path):
+    """Two certificates, one expiring in 60 days, one in 5: after a TLS request and a
+    clear-text one on the TLS port, ``status`` has one tls line, at most 80 columns,
+    with the handshakes, the error and the 5-day certificate's date (its path cut from
+    the left); an expired certificate added by a reload says EXPIRED."""
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    later = issue(tls_ca, tmp_path / "certs", "later", "a.example", not_after=now + datetime.timedelta(days=60))
+    soon = issue(tls_ca, tmp_path / "certs", "soon", "b.example", not_after=now + datetime.timedelta(days=5))
+    gw = await start_gateway(app_route(upstream.url), tls=tls_section(later, soon))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=client_context(tls_ca),
+                                                   server_hostname="a.example")
+    writer.write(b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+    assert status_of(await asyncio.wait_for(reader.read(), 5)) == 200
+    writer.close()
+    assert status_of(await raw_request(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")) == 0
+    await asyncio.to_thread(wait_for_sync, lambda: gw.runtime.handshakes.errors == 1)
+    code, out, _ = await ctl("--config", str(gw.config_path), "status")
+    assert code == 0
+    (line,) = tls_lines(out)
+    assert len(line) <= 80, line
+    date = (now + datetime.timedelta(days=5)).strftime("%Y-%m-%d")
+    assert re.fullmatch(rf"tls handshakes 1  errors 1  expires {date} \(4 days left\) …[^ ]*/certs/soon\.pem",
+                        line), line
+    lines = out.splitlines()
+    assert lines.index(line) == 2  # under the process figures, above the routes
+
+    expired = issue(tls_ca, tmp_path / "certs", "old", "c.example",
+                    not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
+    gateway_config(tmp_path, app_route(upstream.url), port=gw.port, tls=tls_section(later, soon, expired))
+    assert (await gw.command({"cmd": "reload"}))["ok"]
+    code, out, _ = await ctl("--config", str(gw.config_path), "status")
+    (line,) = tls_lines(out)
+    assert re.fullmatch(r"tls handshakes 1  errors 1  expires 2020-01-01 \(EXPIRED \d+ days ago\) …[^ ]*/old\.pem",
+                        line), line
+
+
+async def test_status_without_tls_has_no_tls_line(start_gateway, upstream):
+    gw = await start_gateway(app_route(upstream.url))
+    code, out, _ = await ctl("--config", str(gw.config_path), "status")
+    assert code == 0 and tls_lines(out) == []
