@@ -200,13 +200,7 @@ async def test_proxy_protocol_then_tls_on_one_address(start_gateway, upstream, t
     handshake is counted."""
     pem = issue(tls_ca, tmp_path / "certs", "a", "a.example")
     gw = await start_gateway(app_route(upstream.url), tls=tls_section(pem), proxy_protocol=True)
-    sock = socket.create_connection(("127.0.0.1", gw.port))
-    sock.sendall(v2("198.51.100.5"))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock, ssl=client_context(tls_ca), server_hostname="a.example")
-    writer.write(ECHO)
-    response = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
+    response = await tls_after(gw.port, client_context(tls_ca), v2("198.51.100.5"))
     assert forwarded_for(response) == ["10.1.1.1, 198.51.100.5"]
     assert b'["X-Forwarded-Proto", "https"]' in response
     with pytest.raises((ssl.SSLError, ConnectionError)):
@@ -214,6 +208,46 @@ async def test_proxy_protocol_then_tls_on_one_address(start_gateway, upstream, t
             "127.0.0.1", gw.port, ssl=client_context(tls_ca), server_hostname="a.example"), 5)
     await wait_for(lambda: gw.runtime.proxy_headers.refused == 1)
     assert (gw.runtime.handshakes.handshakes, gw.runtime.handshakes.errors) == (1, 0)
+
+
+async def tls_after(port: int, ctx: ssl.SSLContext, *pieces: bytes) -> bytes:
+    """``pieces`` of a header in clear (a pause between them), then TLS and ECHO."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    for i, piece in enumerate(pieces):
+        if i:
+            await asyncio.sleep(0.05)  # a slow sender
+        sock.sendall(piece)
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="a.example")
+    writer.write(ECHO)
+    response = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return response
+
+
+async def test_proxy_protocol_then_tls_under_uvloop_with_workers(tmp_path, upstream, tls_ca):
+    """A gatewayd process (uvloop, workers = 2) on {tls = true, proxy_protocol = true}:
+    headers in pieces, then the handshake: each request goes upstream as https from
+    its header's address; the snapshot counts 6 headers and 6 handshakes."""
+    pem = issue(tls_ca, tmp_path / "certs", "a", "a.example")
+    cfg = gateway_config(tmp_path, app_route(upstream.url), tls=tls_section(pem), proxy_protocol=True, workers=2)
+    port = int(cfg.read_text().split("127.0.0.1:")[1].split('"')[0])
+    gp = GatewayProcess(cfg, tmp_path).start()
+    try:
+        for i in range(1, 7):
+            header = v1("TCP4", f"198.51.100.{i}") if i % 2 else v2(f"198.51.100.{i}")
+            response = await tls_after(port, client_context(tls_ca), header[:7], header[7:])
+            assert forwarded_for(response) == [f"10.1.1.1, 198.51.100.{i}"]
+            assert b'["X-Forwarded-Proto", "https"]' in response
+
+        def counted() -> bool:
+            s = gp.command({"cmd": "snapshot"})["snapshot"]
+            return bool(s["proxy_protocol"]["headers"] == 6 and s["tls"]["handshakes"] == 6)
+
+        await asyncio.to_thread(wait_for_sync, counted, 5)
+        assert "Traceback" not in gp.stderr()
+    finally:
+        gp.stop()
 
 
 def test_check_accepts_proxy_protocol_and_refuses_a_non_boolean(tmp_path):
@@ -243,11 +277,13 @@ async def test_trusted_proxies_are_read_after_the_header(tmp_path, upstream):
     """trusted_proxies = ["198.51.100.0/24"]: 1. a header from 198.51.100.1 (a trusted
     proxy) and X-Forwarded-For 10.1.1.1: the client is 10.1.1.1 2. a header from
     203.0.113.5 (not trusted) and the same X-Forwarded-For: the client is 203.0.113.5
-    3. upstream, both have the header's address appended."""
+    3. upstream, both have the header's address appended. The process runs uvloop,
+    so the headers come in pieces (a slow sender) to wait on its socket too."""
     gp, port, log_path = logging_gateway(tmp_path, upstream.url, trusted_proxies=["198.51.100.0/24"])
     try:
-        assert forwarded_for(await send(port, v1("TCP4", "198.51.100.1") + ECHO)) == ["10.1.1.1, 198.51.100.1"]
-        assert forwarded_for(await send(port, v2("203.0.113.5") + ECHO)) == ["10.1.1.1, 203.0.113.5"]
+        h1, h2 = v1("TCP4", "198.51.100.1"), v2("203.0.113.5")
+        assert forwarded_for(await send(port, h1[:9], h1[9:] + ECHO, pause=0.05)) == ["10.1.1.1, 198.51.100.1"]
+        assert forwarded_for(await send(port, h2[:14], h2[14:], ECHO, pause=0.05)) == ["10.1.1.1, 203.0.113.5"]
         await wait_for(lambda: log_path.exists() and log_path.read_text().count("\n") == 2, timeout=5)
         assert [json.loads(line)["client"] for line in log_path.read_text().splitlines()] == [
             "10.1.1.1", "203.0.113.5"]
