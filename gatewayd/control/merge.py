@@ -20,7 +20,7 @@ from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, Co
 from ..stats.process import GcExport, GcGeneration, GcPause
 from ..upstreams.state import ServerExport
 from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures
-from .protocol import ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
+from .protocol import ClientRow, ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
 
 # Worst first: the merged state of a server is the first any worker reports.
 STATES = ("down", "unhealthy", "ejected", "trial", "kept", "up")
@@ -291,3 +291,20 @@ def _retire_upstreams(retired: Retired, gone: ProcessExport) -> None:
             counts = into["servers"].setdefault(s["url"], dict.fromkeys(_SERVER_COUNTERS, 0))
             for k in _SERVER_COUNTERS:
                 counts[k] += s[k]
+
+
+def top_clients(rows: Sequence[ClientRow], top: int) -> list[ClientRow]:
+    """Rows of several processes summed by client; the ``top`` with the most queue
+    places first, then the most refusals (the ``clients`` command's answer)."""
+    merged: dict[str, ClientRow] = {}
+    for row in rows:
+        one = merged.get(row["client"])
+        if one is None:
+            merged[row["client"]] = dict(row)  # type: ignore[assignment]
+            continue
+        one["queued"] += row["queued"]
+        one["rate_limited"] += row["rate_limited"]
+        one["client_queue_full"] += row["client_queue_full"]
+    ranked = sorted(merged.values(), key=lambda r: (-r["queued"], -(r["rate_limited"] + r["client_queue_full"]),
+                                                   r["client"]))
+    return ranked[:top]

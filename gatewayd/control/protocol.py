@@ -19,7 +19,8 @@ from ..stats.process import GcExport, PauseMs
 from ..upstreams.state import ServerExport, ServerStateSet
 
 PROTOCOL = 1  # the "protocol" hello answers; raised when an answer changes incompatibly
-COMMANDS = "hello, snapshot, subscribe, reload, set_limit, queue, server_state"
+COMMANDS = "hello, snapshot, subscribe, reload, set_limit, queue, clients, server_state"
+CLIENTS_TOP, CLIENTS_MAX = 10, 1000  # the clients command's default and largest ``top``
 
 
 # ----------------------------------------------------------------------------- the snapshot
@@ -202,6 +203,12 @@ class QueueRequest(TypedDict):
     route: str
 
 
+class ClientsRequest(TypedDict):
+    cmd: Literal["clients"]
+    route: str
+    top: int  # how many clients, the most queue places first, then the most refusals
+
+
 class ServerStateRequest(TypedDict):
     cmd: Literal["server_state"]
     upstream: str
@@ -210,7 +217,7 @@ class ServerStateRequest(TypedDict):
 
 
 Request = (HelloRequest | SnapshotRequest | SubscribeRequest | ReloadRequest | SetLimitRequest
-           | QueueRequest | ServerStateRequest)
+           | QueueRequest | ClientsRequest | ServerStateRequest)
 
 
 # ----------------------------------------------------------------------------- answers
@@ -244,6 +251,21 @@ class LimitSet(TypedDict):
     max_queue: int
 
 
+class ClientRow(TypedDict):
+    """One client of a route: its queue places now, and its refusals since start."""
+
+    client: str
+    queued: int
+    rate_limited: int
+    client_queue_full: int
+
+
+class ClientsListed(TypedDict):
+    ok: Literal[True]
+    route: str
+    clients: list[ClientRow]
+
+
 class QueueListed(TypedDict):
     ok: Literal[True]
     route: str
@@ -254,8 +276,9 @@ ServerStateAnswer = ServerStateSet | ErrorAnswer
 ReloadAnswer = ReloadDone | ErrorAnswer
 SetLimitAnswer = LimitSet | ErrorAnswer
 QueueAnswer = QueueListed | ErrorAnswer
+ClientsAnswer = ClientsListed | ErrorAnswer
 Answer = (HelloAnswer | SnapshotAnswer | OkAnswer | ReloadAnswer | SetLimitAnswer | QueueAnswer
-          | ServerStateAnswer)
+          | ClientsAnswer | ServerStateAnswer)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -308,6 +331,13 @@ def check(obj: dict[str, object]) -> Request | str:
         if not isinstance(route, str):
             return "route: expected a route name"
         return {"cmd": "queue", "route": route}
+    if cmd == "clients":
+        route, top = obj.get("route"), obj.get("top", CLIENTS_TOP)
+        if not isinstance(route, str):
+            return "route: expected a route name"
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= CLIENTS_MAX:
+            return f"top: expected an integer from 1 to {CLIENTS_MAX}"
+        return {"cmd": "clients", "route": route, "top": top}
     if cmd == "server_state":
         upstream, server, state = (obj.get(k) for k in ("upstream", "server", "state"))
         if not (isinstance(upstream, str) and isinstance(server, str) and isinstance(state, str)):

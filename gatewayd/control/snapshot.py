@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..stats.metrics import LATENCY_BUCKETS, quantiles_ms_of
 from .encode import snapshot_json, without_histograms
-from .export import XRAY_SUMMARY, export, process_figures, waiters
+from .export import XRAY_SUMMARY, clients, export, process_figures, waiters
 from .merge import retire
 from .present import present, present_route, present_top, route_order, route_order_from, runtime_info
 from .protocol import RouteSnapshot, Snapshot
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..runtime.state import Runtime
 
 __all__ = ["export", "present", "retire", "route_order", "route_order_from", "runtime_info",
-           "snapshot", "snapshot_json", "waiters", "without_histograms"]
+           "snapshot", "snapshot_json", "waiters", "without_histograms", "clients"]
 
 
 class _Entry:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Literal, TypedDict
 
+from .clients import ClientCounts
+
 # Upper bounds, in seconds, of the latency and queue-wait histograms' buckets.
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -149,6 +151,7 @@ class RouteStats:
     __slots__ = (
         "cancelled_in_flight",
         "cancelled_queued",
+        "clients",
         "codes",
         "gateway_latency",
         "latency",
@@ -168,6 +171,7 @@ class RouteStats:
         self.cancelled_queued = 0
         self.cancelled_in_flight = 0
         self.upstream_errors: dict[str, int] = {}
+        self.clients = ClientCounts()  # refusals by client (the ``clients`` command)
         # responses the upstream made; the gateway's own answers go to gateway_latency
         self.latency = Histogram(LATENCY_BUCKETS)
         self.gateway_latency = Histogram(LATENCY_BUCKETS)
