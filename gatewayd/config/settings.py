@@ -133,6 +133,14 @@ class ServerConfig:
         "on SIGTERM, in-flight requests get this long to finish", unit="seconds",
     )
 
+    trusted_proxies: tuple[str, ...] | None = setting(
+        k.Networks(), None,
+        "networks of proxies whose X-Forwarded-For is believed: a request from one of them is "
+        "from the first address, read from the right of X-Forwarded-For, that is not one of "
+        "them; unset: none (the client is the peer, or the PROXY protocol's address)",
+        reload=RELOAD_NEW,
+    )
+
     @property
     def addresses(self) -> tuple[str, ...]:
         """The listen addresses, without their options."""

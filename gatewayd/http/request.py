@@ -22,6 +22,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
+from .forwarded import TrustedProxies
 from .headers import request_fields, response_headers, split_fields
 from .turn import CLIENT_WRITES, Turn
 from .wire import MAX_LINE, MAX_REQUEST_HEADERS, NO_BODY_STATUS
@@ -76,6 +77,7 @@ class Server(Protocol):
     head_timeout: float
     send_timeout: float
     closing: bool
+    trusted_proxies: TrustedProxies | None  # None: X-Forwarded-For is never believed
     heads: dict[tuple[int, str, bytes, int, int], bytes]  # see Request.head_for
     corked: list[Connection]  # the connections with output held for this turn's flush
     bad_requests: int
@@ -199,8 +201,9 @@ class Connection(BaseProtocol):
 class Request:
     """One request, as the gateway sees it; lives until its response is out."""
 
-    __slots__ = ("_chunked", "body_exists", "content", "headers", "keep_alive",
+    __slots__ = ("_chunked", "_client", "body_exists", "content", "headers", "keep_alive",
                  "message", "method", "protocol", "raw_headers", "raw_path", "task", "version")
+    _client: str  # set on first use of ``client`` behind trusted proxies only
 
     def __init__(self, message: RawRequestMessage, payload: StreamReader, protocol: Connection) -> None:
         self.message = message
@@ -233,6 +236,23 @@ class Request:
         protocol = self.protocol
         host = protocol._peer_host  # known after the connection's first request
         return host if host is not None else protocol.peer_host
+
+    @property
+    def client(self) -> str:
+        """The client address (SPEC §10): the peer, or the address its PROXY protocol
+        header carried; behind ``server.trusted_proxies``, the first address from the
+        right of X-Forwarded-For that is not a trusted proxy. The one place it is
+        computed: the access log, the queue X-ray, rate-limit keys and fairness read it."""
+        trusted = self.protocol.server.trusted_proxies
+        if trusted is None:
+            return self.remote or ""
+        try:
+            known: str = self._client
+            return known
+        except AttributeError:  # (left unset in __init__: a gateway without proxies pays nothing)
+            client: str = trusted.client(self.remote or "", self.headers.getall("X-Forwarded-For", ()))
+            self._client = client
+            return client
 
     @property
     def content_length(self) -> int | None:

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from .forwarded import TrustedProxies
 from .request import Cancellable, Connection, Refusal, Request
 from .responses import body_size, prebuilt
 from .server_connection import H1Protocol
@@ -52,6 +53,8 @@ class ServerSettings(Protocol):
     def request_header_timeout(self) -> float: ...
     @property
     def send_timeout(self) -> float: ...
+    @property
+    def trusted_proxies(self) -> tuple[str, ...] | None: ...
 
 
 class H1Server:
@@ -66,6 +69,7 @@ class H1Server:
         # shared with the upstream pools, whose request heads go out first at each turn's end
         self.turn = turn if turn is not None else Turn()
         self.head_timeout = self.send_timeout = self.keepalive_timeout = 0.0
+        self.trusted_proxies: TrustedProxies | None = None
         self.configure(settings)
         self._on_close = on_close
         self.connections: set[Connection] = set()
@@ -99,6 +103,8 @@ class H1Server:
         self.head_timeout = settings.request_header_timeout
         self.send_timeout = settings.send_timeout
         self.keepalive_timeout = settings.keepalive_timeout
+        networks = settings.trusted_proxies
+        self.trusted_proxies = TrustedProxies(networks) if networks else None
 
     def __call__(self) -> H1Protocol:
         if self._sweeper is None:

@@ -71,7 +71,7 @@ class Exchange:
     def client_ip(self) -> str:
         """The client's address as forwarded and logged; "" when unknown. Read where an
         upstream needs it, not stored for every exchange."""
-        return self.request.remote or ""
+        return self.request.client
 
 
 class Sink(Protocol):

@@ -104,7 +104,7 @@ class Gateway:
             route.upstream.enter()
             queued = _Queued(self, request, route, target, start)
             queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
-                                         target, request.remote or "")
+                                         target, request.client)
             request.task = queued
 
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
@@ -240,7 +240,7 @@ class Gateway:
             route.upstream.enter()
             queued = _Queued(self, request, route, target, start, body)
             queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
-                                         target, request.remote or "")
+                                         target, request.client)
             request.task = queued
 
     def _forward_body(self, request: Request, route: Route, target: str, start: float,
@@ -372,7 +372,7 @@ class Gateway:
         headers = request.headers
         version = request.version
         access.write(
-            request.remote or "-", request.method, request.raw_path,
+            request.client or "-", request.method, request.raw_path,
             f"{version.major}.{version.minor}", status, size,
             headers.get("Referer", ""), headers.get("User-Agent", ""),
             route.name if route is not None else "-", self._loop.time() - start, reason,
