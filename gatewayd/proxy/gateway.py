@@ -96,7 +96,7 @@ class Gateway:
         elif gate.queue_full():
             stats.queue_full += 1
             self._refuse(request, route, 503, QUEUE_FULL, start)
-        elif gate.per_client and gate.client_full(request.remote or ""):
+        elif gate.per_client and gate.client_full(request.client):
             self._client_queue_full(request, route, start)
         else:
             # counted from here, queued or not: a replaced upstream closes only after
@@ -233,7 +233,7 @@ class Gateway:
             stats.queue_full += 1
             body.close()
             self._refuse(request, route, 503, QUEUE_FULL, start)
-        elif gate.per_client and gate.client_full(request.remote or ""):
+        elif gate.per_client and gate.client_full(request.client):
             body.close()
             self._client_queue_full(request, route, start)
         else:

@@ -23,11 +23,11 @@ def client(n: int) -> str:
     return f"127.0.0.{n}"
 
 
-async def from_client(port: int, n: int, target: str, timeout: float = 10.0) -> bytes:
+async def from_client(port: int, n: int, target: str, timeout: float = 10.0, headers: str = "") -> bytes:
     """``GET target`` (Connection: close) from 127.0.0.``n``; the bytes received."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(client(n), 0))
     try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode())
         await writer.drain()
         async with asyncio.timeout(timeout):
             return await reader.read()
@@ -191,3 +191,29 @@ async def test_reload_moves_waiters_between_orders(start_gateway, upstream):
     assert [status_of(a) for a in await asyncio.gather(*tasks)] == [200] * 8
     assert arrival_tags(upstream) == ["hold", "a0", "a1", "a2", "a3", "c3", "c4", "c5"]
     assert gate.queued == 0 and len(gate.waiters) == 0 and gate.in_flight == 0
+
+
+async def test_behind_a_trusted_proxy_the_client_is_the_forwarded_one(start_gateway, upstream):
+    """trusted_proxies = 127.0.0.1: every request comes from the proxy's address, each
+    with its own X-Forwarded-For. 1. fair order, one slot held; client 10.0.0.2 queues
+    three (max_queue_per_client = 3: its fourth gets 429), then 10.0.0.3 one 2. the
+    X-ray names the forwarded clients 3. 10.0.0.3 is served second."""
+    gw = await start_gateway(app_route(upstream.url, max_concurrency=1, max_queue=100, queue_timeout=20,
+                                       queue_order="fair", max_queue_per_client=3),
+                             trusted_proxies=["127.0.0.1"])
+    gate = gw.runtime.table.routes["app"].gate
+    tasks = [asyncio.create_task(from_client(gw.port, 1, "/slow?ms=1500&t=hold"))]
+    await wait_for(lambda: upstream.active == 1)
+    for i in range(3):
+        tasks.append(asyncio.create_task(from_client(gw.port, 1, f"/slow?ms=10&t=a{i}",
+                                                     headers="X-Forwarded-For: 10.0.0.2\r\n")))
+        await wait_for(lambda i=i: gate.queued == i + 1)
+    over = await from_client(gw.port, 1, "/slow?ms=10&t=a3", timeout=1, headers="X-Forwarded-For: 10.0.0.2\r\n")
+    assert status_of(over) == 429
+    tasks.append(asyncio.create_task(from_client(gw.port, 1, "/slow?ms=10&t=c3",
+                                                 headers="X-Forwarded-For: 10.0.0.3\r\n")))
+    await wait_for(lambda: gate.queued == 4)
+    xray = await gw.command({"cmd": "queue", "route": "app"})
+    assert [w["client"] for w in xray["waiters"]] == ["10.0.0.2", "10.0.0.3", "10.0.0.2", "10.0.0.2"]
+    assert [status_of(a) for a in await asyncio.gather(*tasks)] == [200] * 5
+    assert arrival_tags(upstream) == ["hold", "a0", "c3", "a1", "a2"]
