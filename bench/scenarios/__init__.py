@@ -11,6 +11,7 @@ from . import (
                admission,
                cancel,
                eject,
+               fairness,
                idle,
                instructions,
                overload,
@@ -37,6 +38,7 @@ SCENARIOS: dict[str, Scenario] = {
     "eject": eject.run,
     "pipeflood": pipeflood.run,
     "uploads": uploads.run,
+    "fairness": fairness.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
