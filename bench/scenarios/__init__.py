@@ -20,6 +20,7 @@ from . import (
                profile,
                reload,
                throughput,
+               tls,
                uploads,
 )
 
@@ -39,7 +40,8 @@ SCENARIOS: dict[str, Scenario] = {
     "pipeflood": pipeflood.run,
     "uploads": uploads.run,
     "fairness": fairness.run,
+    "tls": tls.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
-NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS}
+NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS, "tls": tls.TOOLS}
