@@ -19,7 +19,7 @@ import sys
 from typing import cast
 
 from ..config.loader import ConfigError, parse
-from ..control.snapshot import export, waiters
+from ..control.snapshot import clients, export, waiters
 from ..exits import EXIT_BOOT, EXIT_OK
 from ..runtime.state import Runtime
 from ..stats.process import raise_fd_limit
@@ -159,6 +159,8 @@ class Worker:
             return {"ok": True}
         if command["cmd"] == "queue":
             return {"ok": True, "waiters": waiters(runtime, command["route"])}
+        if command["cmd"] == "clients":
+            return {"ok": True, "clients": clients(runtime, command["route"])}
         if command["cmd"] == "server_state":
             return cast(Answer, set_server_state(runtime.table.upstreams, command["upstream"],
                                                  command["server"], command["state"]))
