@@ -142,6 +142,22 @@ async def test_a_header_in_pieces_and_requests_right_after_it(start_gateway, ups
     assert gw.runtime.proxy_headers.refused == 0
 
 
+async def test_max_connections_per_client_counts_the_header_address(start_gateway, upstream):
+    """max_connections_per_client = 1, every connection from the same TCP peer: 1. one
+    open from 198.51.100.1 (by its header) 2. a second from 198.51.100.1 is answered
+    429 client_connections_full 3. one from 198.51.100.2 is served."""
+    gw = await start_gateway(app_route(upstream.url), proxy_protocol=True, max_connections_per_client=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(v1("TCP4", "198.51.100.1"))
+    await wait_for(lambda: gw.runtime.server.client_connections("198.51.100.1") == 1)
+    try:
+        second = await send(gw.port, v1("TCP4", "198.51.100.1") + ECHO)
+        assert status_of(second) == 429 and b"client_connections_full" in second
+        assert forwarded_for(await send(gw.port, v2("198.51.100.2") + ECHO)) == ["10.1.1.1, 198.51.100.2"]
+    finally:
+        writer.close()
+
+
 BAD = [
     pytest.param(ECHO, id="plain-http"),
     pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 40, id="tls-hello"),
