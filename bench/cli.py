@@ -36,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", default=",".join(DEFAULT),
-                   help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all but profile and instructions)")
+                   help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: {', '.join(DEFAULT)}); "
+                        "tls: keep-alive and new-connection rates, idle memory and overload over HTTPS "
+                        "(gatewayd, nginx, HAProxy; a certificate made for the run)")
     p.add_argument("--proxies", default=",".join(PROXIES), help=f"comma-separated, from: {', '.join(PROXIES)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, short runs (< 2 minutes)")
     p.add_argument("--duration", type=float, help="seconds per measured wrk run (default 8; quick 2)")

@@ -9,6 +9,7 @@ core can offer several thousand requests per second.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import cast
 
 REQUEST = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -37,9 +38,13 @@ class Conn(asyncio.Protocol):
         self._head: tuple[int, bool, int | None, bool] | None = None  # status, keep-alive, length, chunked
 
     @classmethod
-    async def open(cls, port: int, host: str = "127.0.0.1") -> Conn:
+    async def open(cls, port: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> Conn:
+        """Connect (with ``tls``: and complete a TLS handshake, server name localhost)."""
         loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(cls, host, port)
+        if tls is None:
+            _, proto = await loop.create_connection(cls, host, port)
+        else:
+            _, proto = await loop.create_connection(cls, host, port, ssl=tls, server_hostname="localhost")
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -1,10 +1,13 @@
 """Memory per held client connection, gatewayd's side only.
 
-    python -m bench.conn_memory [--connections 10000] [--request]
+    python -m bench.conn_memory [--connections 10000] [--request [--body 100]] [--tls [--lean]]
 
-A Runtime runs in this process (one route to the ``simulated_io`` handler); a
+A Runtime runs in this process (one route to ``sized``, an in-process handler
+that answers at once with ``--body`` bytes, 100 by default); a
 child process opens the connections (and, with ``--request``, sends one request
-on each and reads its answer), then holds them. Reported: RSS growth per
+on each and reads its answer), then holds them; with ``--tls`` the listener
+terminates TLS (an ECDSA P-256 certificate made for the run) and every
+connection completes a handshake first. Reported: RSS growth per
 connection, and the Python objects each connection added (by type), so a
 change in the protocol's footprint shows where it comes from.
 """
@@ -20,22 +23,35 @@ import subprocess
 import sys
 import tempfile
 
+from aiohttp import web
+
 from gatewayd.config.loader import parse
 from gatewayd.process.single import new_loop
 from gatewayd.runtime.state import Runtime
 
+from .tls_memory import malloc_in_use
+
 CLIENT = r"""
-import socket, sys
-port, n, send = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+import socket, ssl, sys
+port, n, send, tls, body = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1", int(sys.argv[5])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
 socks = []
 for _ in range(n):
     s = socket.create_connection(("127.0.0.1", port))
+    if tls:
+        s = ctx.wrap_socket(s, server_hostname="localhost")
     if send:
-        s.sendall(b"GET /?ms=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /?ms=0&size=%d HTTP/1.1\r\nHost: x\r\n\r\n" % body)
     socks.append(s)
 for s in socks:
-    if send:
-        s.recv(65536)
+    got = b""
+    while send and (b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + body):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
 print("ready", flush=True)
 sys.stdin.readline()
 """
@@ -55,32 +71,56 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def measure(connections: int, request: bool) -> None:
+async def sized(request: web.BaseRequest) -> web.StreamResponse:
+    """The handler conn_memory's route uses: ``?size=N`` bytes of body (default 100), at once."""
+    size = request.query.get("size", "100")
+    return web.Response(body=b"x" * min(int(size) if size.isdigit() else 100, 1 << 24),
+                        content_type="text/plain")
+
+
+async def measure(connections: int, request: bool, tls: bool = False, body: int = 100) -> None:
     folder = tempfile.mkdtemp(prefix="gatewayd-connmem-")
     port = free_port()
+    listen = f'{{address = "127.0.0.1:{port}", tls = true}}' if tls else f'"127.0.0.1:{port}"'
+    tls_table = ""
+    if tls:
+        from pathlib import Path
+
+        from . import certs
+        pem = certs.make(Path(folder), "ecdsa")
+        tls_table = f"""
+[tls]
+min_version = "1.2"
+session_tickets = true
+[[tls.certificates]]
+cert = "{pem.cert}"
+key = "{pem.key}"
+"""
     text = f"""
 [server]
-listen = ["127.0.0.1:{port}"]
+listen = [{listen}]
 max_connections = {connections + 100}
 [control]
 socket = "{folder}/gw.sock"
 [log]
 access_log = "off"
 [upstreams.h]
-handler = "gatewayd.handlers:simulated_io"
+handler = "bench.conn_memory:sized"
 [[routes]]
 name = "r"
 path_prefix = "/"
 upstream = "h"
-"""
+""" + tls_table
     runtime = Runtime(parse(text, "conn_memory.toml"))
     await runtime.start()
     try:
         gc.collect()
         rss_before = rss_kib()
+        malloc_before = malloc_in_use()
         before = collections.Counter(type(o).__name__ for o in gc.get_objects())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", CLIENT, str(port), str(connections), "1" if request else "0",
+            sys.executable, "-c", CLIENT, str(port), str(connections), "1" if request else "0", "1" if tls else "0",
+            str(body),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert proc.stdin is not None and proc.stdout is not None
         try:
@@ -93,6 +133,7 @@ upstream = "h"
             await asyncio.sleep(0.5)
             gc.collect()
             rss_after = rss_kib()
+            malloc_after = malloc_in_use()
             after = collections.Counter(type(o).__name__ for o in gc.get_objects())
         finally:
             proc.stdin.write(b"\n")
@@ -100,8 +141,11 @@ upstream = "h"
             await proc.wait()
     finally:
         await runtime.shutdown(1.0)
-    print(f"connections held: {connections}{' (one request each)' if request else ''}")
+    print(f"connections held: {connections}{' over TLS' if tls else ''}"
+          f"{f' (one request each, a {body:,}-byte answer)' if request else ''}")
     print(f"RSS growth: {(rss_after - rss_before) / connections:.2f} KiB per connection")
+    print(f"malloc growth: {(malloc_after - malloc_before) / 1024 / connections:.2f} KiB per connection "
+          "(C allocations: OpenSSL, uvloop, Python objects over 512 bytes)")
     print("objects added per connection:")
     added = {k: (after[k] - before[k]) / connections for k in after
              if after[k] - before[k] >= connections // 2}
@@ -113,10 +157,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--request", action="store_true", help="send one request on each first")
+    parser.add_argument("--body", type=int, default=100, help="with --request: the answer's body size")
+    parser.add_argument("--tls", action="store_true", help="a TLS listener: a handshake on each first")
+    parser.add_argument("--lean", action="store_true",
+                        help="with --tls: bench/tls_lean.py's opener instead of uvloop's TLS transport")
     args = parser.parse_args()
+    if args.lean:
+        from .gatewayd_tlslean import patch
+        patch()
     loop = new_loop()
     try:
-        loop.run_until_complete(measure(args.connections, args.request))
+        loop.run_until_complete(measure(args.connections, args.request, args.tls, args.body))
     finally:
         loop.close()
 

@@ -64,14 +64,17 @@ class Context:
     def say(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    def wrk(self, server: Server, connections: int, seconds: float, timeout: float = 2.0) -> wrk.WrkResult:
-        return wrk.run(server.port, connections, seconds, self.env.tmp, self.env.load_cpu, timeout=timeout)
+    def wrk(self, server: Server, connections: int, seconds: float, timeout: float = 2.0,
+            headers: tuple[str, ...] = ()) -> wrk.WrkResult:
+        return wrk.run(server.port, connections, seconds, self.env.tmp, self.env.load_cpu, timeout=timeout,
+                       scheme=server.scheme, headers=headers)
 
     def measure(self, server: Server, connections: int, seconds: float | None = None,
-                timeout: float = 2.0) -> Measured:
-        """wrk against ``server``, with the server's CPU time read from /proc around it."""
+                timeout: float = 2.0, headers: tuple[str, ...] = ()) -> Measured:
+        """wrk against ``server`` (over TLS if it is https), with the server's CPU time read
+        from /proc around it."""
         before: Usage = server.proc.usage()
-        result = self.wrk(server, connections, seconds or self.options.duration, timeout)
+        result = self.wrk(server, connections, seconds or self.options.duration, timeout, headers)
         used = server.proc.usage() - before
         return Measured(result, used.cpu, used.waited)
 

@@ -16,6 +16,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .certs import Pem
 from .deps import tool
 from .procs import Proc, Processes, free_port
 
@@ -64,6 +65,7 @@ class Server:
     port: int
     config: Path | None
     workdir: Path
+    scheme: str = "http"  # https: the server terminates TLS on ``port``
 
 
 # ----------------------------------------------------------------------------- upstreams
@@ -83,38 +85,63 @@ def nginx_upstream(env: Env) -> Server:
     return _start_nginx(env, "upstream-nginx", d, conf, port, env.load_cpu)
 
 
-def python_upstream(env: Env, delay: float, slots: int) -> Server:
-    """bench.upstream: answers after ``delay`` s, at most ``slots`` at once (load CPU)."""
+def python_upstream(env: Env, delay: float, slots: int, report: float = 0.0) -> Server:
+    """bench.upstream: answers after ``delay`` s, at most ``slots`` at once (load CPU); with
+    ``report``, it logs its count of served requests that often (see ``served_rate``)."""
     d = env.folder("upstream-py")
     port = free_port()
     argv = [env.python, "-m", "bench.upstream", "--port", str(port), "--delay", str(delay),
             "--slots", str(slots)]
+    if report:
+        argv += ["--report", str(report)]
     proc = env.procs.start("upstream-py", argv, env.load_cpu, cwd=_repo())
     proc.wait_port(port)
     return Server("upstream-py", proc, port, None, d)
 
 
+def served_rate(upstream: Server, start: float, end: float) -> float:
+    """Requests per second a ``report``-ing python_upstream served between two
+    ``time.monotonic()`` instants (the samples closest inside them); NaN with fewer than two."""
+    samples = []
+    for line in upstream.proc.log.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "served" and parts[1] == str(upstream.proc.pid):
+            t, n = float(parts[2]), int(parts[3])
+            if start <= t <= end:
+                samples.append((t, n))
+    if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+        return float("nan")
+    return (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+
+
 # ----------------------------------------------------------------------------- proxies
 def start_proxy(env: Env, kind: str, upstream_port: int, limits: Limits | None = None,
-                nogate: bool = False) -> Server:
-    """Start the proxy ``kind`` (one of PROXIES) in front of ``upstream_port``."""
+                nogate: bool = False, tls: Pem | None = None) -> Server:
+    """Start the proxy ``kind`` (one of PROXIES) in front of ``upstream_port``; with ``tls``,
+    its listener terminates TLS with that certificate (TLS 1.2 and 1.3, session tickets on).
+    ``gatewayd-lean`` (TLS only): gatewayd with bench/tls_lean.py's TLS opener."""
     limits = limits or Limits()
     if kind == "gatewayd":
-        return gatewayd(env, upstream_port, limits, nogate=nogate)
+        return gatewayd(env, upstream_port, limits, nogate=nogate, tls=tls)
+    if kind == "gatewayd-lean" and tls is not None:
+        return gatewayd(env, upstream_port, limits, tls=tls, module="bench.gatewayd_tlslean")
     if kind == "nginx":
-        return nginx_proxy(env, upstream_port)
+        return nginx_proxy(env, upstream_port, tls=tls)
     if kind == "haproxy":
-        return haproxy(env, upstream_port, limits)
-    if kind == "naive":
+        return haproxy(env, upstream_port, limits, tls=tls)
+    if kind == "naive" and tls is None:
         return naive(env, upstream_port)
-    raise ValueError(kind)
+    raise ValueError(kind if tls is None else f"{kind} over TLS")
 
 
-def gatewayd_head(port: int, upstream_port: int, sock: Path, access_log: str = "off") -> str:
-    """The [server], [control], [log] and upstream tables every gatewayd run uses."""
+def gatewayd_head(port: int, upstream_port: int, sock: Path, access_log: str = "off",
+                  tls: Pem | None = None) -> str:
+    """The [server], [control], [log] and upstream tables every gatewayd run uses (and [tls]
+    with a TLS listener)."""
+    listen = f'{{address = "127.0.0.1:{port}", tls = true}}' if tls else f'"127.0.0.1:{port}"'
     return textwrap.dedent(f"""\
         [server]
-        listen = ["127.0.0.1:{port}"]
+        listen = [{listen}]
         workers = 1
         max_connections = 15000
         keepalive_timeout = 75.0
@@ -130,14 +157,26 @@ def gatewayd_head(port: int, upstream_port: int, sock: Path, access_log: str = "
         [upstreams.up]
         servers = ["http://127.0.0.1:{upstream_port}"]
         max_connections = 1000
+    """) + (_gatewayd_tls(tls) if tls else "")
+
+
+def _gatewayd_tls(tls: Pem) -> str:
+    return textwrap.dedent(f"""
+        [tls]
+        min_version = "1.2"
+        session_tickets = true
+
+        [[tls.certificates]]
+        cert = "{tls.cert}"
+        key = "{tls.key}"
     """)
 
 
-def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits) -> str:
+def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits, tls: Pem | None = None) -> str:
     """The route every scenario measures; ``$GATEWAYD_ROUTE_KEYS`` (TOML lines) adds keys
     to it, to measure what a feature costs: ``GATEWAYD_ROUTE_KEYS='rate_limit = {rate =
     1e6, burst = 1000000}' bench/run --scenarios instructions``."""
-    return gatewayd_head(port, upstream_port, sock) + textwrap.dedent(f"""
+    return gatewayd_head(port, upstream_port, sock, tls=tls) + textwrap.dedent(f"""
         [[routes]]
         name = "{ROUTE}"
         path_prefix = "/"
@@ -148,23 +187,31 @@ def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits) -
     """) + os.environ.get("GATEWAYD_ROUTE_KEYS", "") + "\n"
 
 
-def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False) -> Server:
-    """gatewayd, one worker; ``nogate`` swaps the admission gate for a no-op (bench only)."""
+def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False, tls: Pem | None = None,
+             module: str | None = None) -> Server:
+    """gatewayd, one worker; ``nogate`` swaps the admission gate for a no-op (bench only);
+    ``module``: another entry point that patches gatewayd first (bench.gatewayd_tlslean)."""
     d = env.folder("gatewayd")
     port = free_port()
     conf = d / "gatewayd.toml"
-    conf.write_text(gatewayd_config(port, upstream_port, d / "gatewayd.sock", limits))
-    module = "bench.gatewayd_nogate" if nogate else "gatewayd"
+    conf.write_text(gatewayd_config(port, upstream_port, d / "gatewayd.sock", limits, tls))
+    module = module or ("bench.gatewayd_nogate" if nogate else "gatewayd")
     argv = [env.python, "-m", module, "--config", str(conf)]
-    proc = env.procs.start("gatewayd-nogate" if nogate else "gatewayd", argv, env.proxy_cpu, cwd=_repo())
+    name = "gatewayd" if module == "gatewayd" else module.removeprefix("bench.").replace("_", "-")
+    proc = env.procs.start(name, argv, env.proxy_cpu, cwd=_repo())
     proc.wait_port(port)
-    return Server("gatewayd", proc, port, conf, d)
+    return Server("gatewayd", proc, port, conf, d, _scheme(tls))
 
 
-def nginx_proxy(env: Env, upstream_port: int) -> Server:
-    """nginx ``proxy_pass`` with upstream keep-alive, one worker."""
+def nginx_proxy(env: Env, upstream_port: int, tls: Pem | None = None) -> Server:
+    """nginx ``proxy_pass`` with upstream keep-alive, one worker; ``tls``: ``listen ... ssl``."""
     d = env.folder("nginx")
     port = free_port()
+    ssl = textwrap.indent(textwrap.dedent(f"""
+        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_tickets on;"""), " " * 12) if tls else ""
     conf = _nginx_main(d, f"""
         upstream up {{
             server 127.0.0.1:{upstream_port};
@@ -173,7 +220,7 @@ def nginx_proxy(env: Env, upstream_port: int) -> Server:
             keepalive_timeout 60s;
         }}
         server {{
-            listen 127.0.0.1:{port} backlog=4096;
+            listen 127.0.0.1:{port}{" ssl" if tls else ""} backlog=4096;{ssl}
             keepalive_requests 1000000;
             keepalive_timeout 75s;
             location / {{
@@ -184,11 +231,12 @@ def nginx_proxy(env: Env, upstream_port: int) -> Server:
             }}
         }}
     """)
-    return _start_nginx(env, "nginx", d, conf, port, env.proxy_cpu)
+    return _start_nginx(env, "nginx", d, conf, port, env.proxy_cpu, _scheme(tls))
 
 
-def haproxy(env: Env, upstream_port: int, limits: Limits) -> Server:
-    """HAProxy ``mode http``, one thread; limits become ``maxconn`` and ``timeout queue``."""
+def haproxy(env: Env, upstream_port: int, limits: Limits, tls: Pem | None = None) -> Server:
+    """HAProxy ``mode http``, one thread; limits become ``maxconn`` and ``timeout queue``;
+    ``tls``: ``bind ... ssl crt``."""
     d = env.folder("haproxy")
     port = free_port()
     server_opts = f" maxconn {limits.max_concurrency}" if limits.binding else ""
@@ -211,7 +259,7 @@ def haproxy(env: Env, upstream_port: int, limits: Limits) -> Server:
             timeout queue {limits.queue_timeout:g}s
 
         frontend fe
-            bind 127.0.0.1:{port}
+            bind 127.0.0.1:{port}{f" ssl crt {tls.combined} alpn http/1.1" if tls else ""}
             default_backend be
 
         backend be
@@ -220,7 +268,7 @@ def haproxy(env: Env, upstream_port: int, limits: Limits) -> Server:
     """))
     proc = env.procs.start("haproxy", [tool("haproxy"), "-db", "-f", str(conf)], env.proxy_cpu)
     proc.wait_port(port)
-    return Server("haproxy", proc, port, conf, d)
+    return Server("haproxy", proc, port, conf, d, _scheme(tls))
 
 
 def naive(env: Env, upstream_port: int) -> Server:
@@ -295,8 +343,13 @@ def _as_root() -> str:
     return "\n        user root;" if os.geteuid() == 0 else ""
 
 
-def _start_nginx(env: Env, name: str, d: Path, conf: Path, port: int, cpu: int | None) -> Server:
+def _start_nginx(env: Env, name: str, d: Path, conf: Path, port: int, cpu: int | None,
+                 scheme: str = "http") -> Server:
     argv = [tool("nginx"), "-p", f"{d}/", "-e", str(d / "logs" / "error.log"), "-c", str(conf)]
     proc = env.procs.start(name, argv, cpu)
     proc.wait_port(port)
-    return Server("nginx", proc, port, conf, d)
+    return Server("nginx", proc, port, conf, d, scheme)
+
+
+def _scheme(tls: Pem | None) -> str:
+    return "https" if tls else "http"

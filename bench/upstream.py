@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -174,12 +175,17 @@ def main() -> None:
     p.add_argument("--delay", type=float, default=0.0, help="service time, seconds")
     p.add_argument("--slots", type=int, default=0, help="requests served at once (0: no limit)")
     p.add_argument("--hold", type=float, default=5.0, help="how long /hold/<id> requests are held")
+    p.add_argument("--report", type=float, default=0.0,
+                   help="every this many seconds print 'served PID MONOTONIC COUNT' (0: never)")
     args = p.parse_args()
 
     async def serve() -> None:
         up = Upstream(args.delay, args.slots, args.hold)
         await up.start(args.port)
-        await asyncio.Event().wait()
+        while True:
+            if args.report:
+                print(f"served {os.getpid()} {time.monotonic():.4f} {up.served}", flush=True)
+            await asyncio.sleep(args.report or 3600)
 
     from .aio import run
 

@@ -73,10 +73,15 @@ def script(folder: Path) -> Path:
 
 
 def run(port: int, connections: int, seconds: float, folder: Path, cpu: int | None,
-        threads: int = 1, timeout: float = 2.0, path: str = "/") -> WrkResult:
-    """One wrk run against 127.0.0.1:port; bounded by ``seconds`` plus a margin."""
+        threads: int = 1, timeout: float = 2.0, path: str = "/", scheme: str = "http",
+        headers: tuple[str, ...] = ()) -> WrkResult:
+    """One wrk run against 127.0.0.1:port; bounded by ``seconds`` plus a margin. ``scheme``
+    https: over TLS (wrk resumes no session: each new connection is a full handshake)."""
     argv = [tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-            f"--timeout={timeout:g}s", "-s", str(script(folder)), f"http://127.0.0.1:{port}{path}"]
+            f"--timeout={timeout:g}s", "-s", str(script(folder))]
+    for h in headers:
+        argv += ["-H", h]
+    argv.append(f"{scheme}://127.0.0.1:{port}{path}")
     out = subprocess.run(pinned(cpu, argv), capture_output=True, text=True,
                          timeout=seconds + timeout + 30, check=False)
     return parse(out.stdout + out.stderr)

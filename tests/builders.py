@@ -71,13 +71,14 @@ def handler_route(name: str = "demo", handler: str = SIMULATED_IO, **route_keys:
 
 
 def gateway_config(tmp_path: Path, body: str, port: int | None = None, *, tls: str = "",
-                   **server: Any) -> Path:
+                   proxy_protocol: bool = False, **server: Any) -> Path:
     """Write a config file: ``body`` holds upstreams and routes; [server], [control]
     and [log] are filled in with a free port, a socket in ``tmp_path`` and no access log.
     ``tls``: a [tls] section (tests/certs.py ``tls_section``); the port then listens
-    with TLS."""
+    with TLS. ``proxy_protocol``: the port reads a PROXY protocol header first."""
     port = port or free_port()
-    listen = f'[{{address = "127.0.0.1:{port}", tls = true}}]' if tls else f'["127.0.0.1:{port}"]'
+    options = (", tls = true" if tls else "") + (", proxy_protocol = true" if proxy_protocol else "")
+    listen = f'[{{address = "127.0.0.1:{port}"{options}}}]' if options else f'["127.0.0.1:{port}"]'
     text = (
         f'[server]\nlisten = {listen}\n{lines(server)}\n'
         f'[control]\nsocket = "gw.sock"\n\n'

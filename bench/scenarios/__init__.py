@@ -11,6 +11,7 @@ from . import (
                admission,
                cancel,
                eject,
+               fairness,
                idle,
                instructions,
                overload,
@@ -19,6 +20,7 @@ from . import (
                profile,
                reload,
                throughput,
+               tls,
                uploads,
 )
 
@@ -37,7 +39,9 @@ SCENARIOS: dict[str, Scenario] = {
     "eject": eject.run,
     "pipeflood": pipeflood.run,
     "uploads": uploads.run,
+    "fairness": fairness.run,
+    "tls": tls.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
-NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS}
+NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS, "tls": tls.TOOLS}

@@ -11,6 +11,7 @@ are not in any process's RSS and are not counted.
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from ..aio import run as run_async
 from ..client import Conn
@@ -48,16 +49,16 @@ def run(ctx: Context) -> list[Table]:
     return [table]
 
 
-async def _hold(server: Server, n: int) -> tuple[int, int]:
-    """Open ``n`` connections with one answered request each; return how many are still
-    open a second later and the proxy's RSS then; close them."""
+async def _hold(server: Server, n: int, tls: ssl.SSLContext | None = None) -> tuple[int, int]:
+    """Open ``n`` connections (over ``tls`` if given) with one answered request each; return
+    how many are still open a second later and the proxy's RSS then; close them."""
     conns: list[Conn] = []
     answered: list[Conn] = []
     gate = asyncio.Semaphore(PARALLEL)
 
     async def one() -> None:
         async with gate:
-            conn = await Conn.open(server.port)
+            conn = await Conn.open(server.port, tls=tls)
             conns.append(conn)
             await asyncio.wait_for(conn.request(b"/"), 10.0)
             answered.append(conn)

@@ -352,7 +352,7 @@ class ListenList(Kind):
     (a single string is accepted)."""
 
     describe = ('an array of one or more addresses "host:port" or tables '
-                '{address = "host:port", tls = true}')
+                '{address = "host:port", tls = true, proxy_protocol = true}')
 
     def parse(self, value: Any) -> tuple[ListenEntry, ...]:
         single = isinstance(value, (str, dict))
@@ -379,7 +379,8 @@ class ListenList(Kind):
         if isinstance(item, str):
             return ListenEntry(Listen().parse(item))
         if not isinstance(item, dict):
-            raise _expected('an address "host:port" or a table {address = "host:port", tls = true}', item)
+            raise _expected('an address "host:port" or a table '
+                            '{address = "host:port", tls = true, proxy_protocol = true}', item)
         for key in item:
             if key not in _LISTEN_OPTIONS:
                 raise _expected("only the keys " + ", ".join(_LISTEN_OPTIONS), key, (key,))
@@ -395,8 +396,6 @@ class ListenList(Kind):
                 flags[key] = Bool().parse(item.get(key, False))
             except Invalid as exc:
                 raise Invalid(str(exc), (key,)) from None
-        if flags["proxy_protocol"]:
-            raise _expected("false (this version does not read the PROXY protocol)", True, ("proxy_protocol",))
         return ListenEntry(address, **flags)
 
     def dump(self, value: Any) -> Any:

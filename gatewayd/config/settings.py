@@ -52,9 +52,10 @@ class ServerConfig:
     listen: tuple[k.ListenEntry, ...] = setting(
         k.ListenList(), (k.ListenEntry("127.0.0.1:8080"),),
         'addresses the gateway accepts clients on: "host:port", or {address = "host:port", '
-        "tls = true} for TLS with the certificates of [tls] (proxy_protocol must be false)",
-        reload="new addresses are bound before removed ones close; tls on or off applies to "
-               "connections accepted after the reload",
+        "tls = true, proxy_protocol = true}: tls for TLS with the certificates of [tls], "
+        "proxy_protocol for a PROXY protocol header first on every connection (see PROXY PROTOCOL)",
+        reload="new addresses are bound before removed ones close; tls or proxy_protocol on or "
+               "off applies to connections accepted after the reload",
     )
     workers: int | str = setting(
         k.Workers(), 1, 'worker processes; "auto" starts one per CPU',
@@ -66,6 +67,13 @@ class ServerConfig:
     max_connections: int = setting(
         k.Int(1, 10_000_000), 10000,
         "open client connections for the whole gateway; accepting pauses at the limit",
+    )
+    max_connections_per_client: int = setting(
+        k.Int(0, 10_000_000), 0,
+        "open connections one client address may hold (0 = no cap); one more is answered 429 "
+        "client_connections_full and closed at once. With N workers each enforces its share "
+        "(at least 1) on the connections the kernel gives it",
+        reload="applied in place on reload; connections already open are counted, none is closed",
     )
     backlog: int = setting(
         k.Int(1, 65535), 1024, "listen backlog (capped by net.core.somaxconn)",
@@ -358,6 +366,18 @@ class RouteConfig:
     )
     retry_after: int = setting(
         k.Int(0, 86400), 1, "value of the Retry-After header on this route's 503s", unit="seconds"
+    )
+    queue_order: str = setting(
+        k.Choice(("fifo", "fair")), "fifo",
+        'the order in which waiters get freed slots: "fifo" (first come, first served) or "fair" '
+        "(round-robin across the client addresses that wait, FIFO within one)",
+        reload="applied in place on reload: the waiters move to the new order, none is lost",
+    )
+    max_queue_per_client: int = setting(
+        k.Int(0, 1_000_000), 0,
+        "queue places one client address may hold on this route (0 = no cap); one more "
+        "request is answered 429 client_queue_full. With N workers each enforces its share "
+        "(at least 1)",
     )
     rate_limit: RateLimit | None = setting(  # noqa: RUF009 (a frozen dataclass)
         RateLimitTable(), None,

@@ -185,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
     command("snapshot", "the full snapshot as JSON")
     q = command("queue", "a route's waiters, oldest first")
     q.add_argument("route")
+    cl = command("clients", "a route's clients: the most queue places, then the most refused")
+    cl.add_argument("route")
+    cl.add_argument("--top", type=int, default=10, metavar="N", help="how many (default 10)")
     sl = command("set-limit", "change a route's limits until the next reload")
     sl.add_argument("route")
     sl.add_argument("concurrency", nargs="?", type=int, help="max_concurrency")
@@ -247,6 +250,8 @@ def run(argv: list[str] | None) -> int:
         request: Request = {"cmd": "snapshot"}
     elif cmd == "queue":
         request = {"cmd": "queue", "route": args.route}
+    elif cmd == "clients":
+        request = {"cmd": "clients", "route": args.route, "top": args.top}
     elif cmd == "set-limit":
         mc = args.concurrency if args.concurrency is not None else args.concurrency_opt
         if mc is None and args.queue is None:
@@ -285,6 +290,11 @@ def run(argv: list[str] | None) -> int:
         print(f"{len(waiters)} waiting on route {args.route}")
         for w in waiters:
             print(f"{w['wait_ms'] / 1000:8.3f}s  {w['method']:<7} {w['path']}  from {w['client']}")
+    elif cmd == "clients":
+        rows = answer.get("clients", [])
+        print(f"{'client':<39} {'queued':>7} {'rate_limited':>12} {'queue_full':>10}")
+        for c in rows:
+            print(f"{c['client']:<39} {c['queued']:>7} {c['rate_limited']:>12} {c['client_queue_full']:>10}")
     elif cmd == "set-limit":
         print(f"route {answer['route']}: max_concurrency {answer['max_concurrency']}, "
               f"max_queue {answer['max_queue']} (until the next reload)")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypedDict
 from ..stats.metrics import Counts, RouteCounters
 from ..stats.process import GcExport, cpu_seconds, fd_limit, open_fds, rss_bytes
 from ..upstreams.state import UpstreamExport
-from .protocol import LoopLag, TlsSnapshot, Waiter
+from .protocol import ClientRow, LoopLag, ProxyProtocolSnapshot, TlsSnapshot, Waiter
 
 if TYPE_CHECKING:
     from ..proxy.exchange import Upstream
@@ -47,6 +47,7 @@ class ProcessFigures(TypedDict):
     connections: int
     accepted: int
     bad_requests: int
+    client_connections_refused: int  # over max_connections_per_client
     unrouted: Counts
     deferred_reads: int
     tasks: int
@@ -59,6 +60,7 @@ class ProcessFigures(TypedDict):
     generation: int
     upstreams: dict[str, UpstreamExport]
     tls: TlsSnapshot  # this process's handshakes; the certificates of its generation
+    proxy_protocol: ProxyProtocolSnapshot  # this process's PROXY protocol headers
 
 
 class ProcessExport(ProcessFigures):
@@ -80,6 +82,29 @@ def waiters(runtime: Runtime, route: str, limit: int | None = None) -> list[Wait
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def clients(runtime: Runtime, route: str) -> list[ClientRow]:
+    """This process's clients of a route: queue places now (counted from the X-ray's
+    waiters) and refusals since start; every client with any, unsorted."""
+    r = runtime.table.routes.get(route)
+    if r is None:
+        return []
+    rows: dict[str, ClientRow] = {}
+
+    def row(client: str) -> ClientRow:
+        found = rows.get(client)
+        if found is None:
+            found = rows[client] = {"client": client, "queued": 0, "rate_limited": 0,
+                                    "client_queue_full": 0}
+        return found
+    for w in r.gate.waiters:
+        row(w.client)["queued"] += 1
+    for client, refused in r.stats.clients.export().items():
+        one = row(client)
+        one["rate_limited"] += refused.get("rate_limited", 0)
+        one["client_queue_full"] += refused.get("client_queue_full", 0)
+    return list(rows.values())
 
 
 def export(runtime: Runtime) -> ProcessExport:
@@ -107,6 +132,7 @@ def process_figures(runtime: Runtime) -> ProcessFigures:
         "connections": runtime.connections,
         "accepted": runtime.acceptor.accepted,
         "bad_requests": runtime.server.bad_requests,
+        "client_connections_refused": runtime.server.client_connections_refused,
         "unrouted": {str(c): n for c, n in runtime.server.unrouted.items()},
         "deferred_reads": runtime.server.deferred_reads,
         "tasks": runtime.tasks.live,
@@ -119,6 +145,8 @@ def process_figures(runtime: Runtime) -> ProcessFigures:
         "generation": runtime.generation,
         "upstreams": export_upstreams(runtime.table.upstreams),
         "tls": export_tls(runtime),
+        "proxy_protocol": {"headers": runtime.proxy_headers.received,
+                           "refused": runtime.proxy_headers.refused},
     }
 
 

@@ -20,7 +20,7 @@ from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, Co
 from ..stats.process import GcExport, GcGeneration, GcPause
 from ..upstreams.state import ServerExport
 from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures
-from .protocol import ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
+from .protocol import ClientRow, ProxyProtocolSnapshot, ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
 
 # Worst first: the merged state of a server is the first any worker reports.
 STATES = ("down", "unhealthy", "ejected", "trial", "kept", "up")
@@ -43,6 +43,8 @@ class Retired(TypedDict, total=False):
     routes: dict[str, RouteCounters]
     upstreams: dict[str, RetiredUpstream]
     tls: Counts  # handshakes, handshake_errors
+    proxy_protocol: Counts  # headers, refused
+    client_connections_refused: int
 
 
 def empty_histogram(bounds: tuple[float, ...]) -> HistogramExport:
@@ -75,7 +77,7 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
     parts: list[RouteCounters] = [*live, gone] if gone is not None else list(live)
     responses = {c: 0 for c in RESPONSE_CLASSES}
     codes: Counts = {}
-    rejected = {"queue_full": 0, "queue_timeout": 0, "rate_limited": 0}
+    rejected = {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0, "rate_limited": 0}
     errors: Counts = {}
     latency: HistogramExport | None = None
     own: HistogramExport | None = None
@@ -191,6 +193,17 @@ def merge_tls(exports: Sequence[ProcessFigures], retired: Retired | None) -> Tls
             "certificates": certificates}
 
 
+def merge_proxy_protocol(exports: Sequence[ProcessFigures], retired: Retired | None) -> ProxyProtocolSnapshot:
+    """PROXY protocol headers and refusals summed over the workers, those that exited
+    included."""
+    counts: Counts = dict((retired or {}).get("proxy_protocol", {}))
+    for e in exports:
+        figures = e.get("proxy_protocol")
+        if figures is not None:
+            add_counts(counts, {"headers": figures["headers"], "refused": figures["refused"]})
+    return {"headers": counts.get("headers", 0), "refused": counts.get("refused", 0)}
+
+
 # ----------------------------------------------------------------------------- upstreams
 def merge_upstreams(exports: Sequence[ProcessFigures], retired: Retired | None = None
                     ) -> list[UpstreamSnapshot]:
@@ -254,9 +267,15 @@ def retire(retired: Retired, gone: ProcessExport) -> None:
     """Keep the counters of a worker that exited (its gauges go with it)."""
     _retire_upstreams(retired, gone)
     add_counts(retired.setdefault("unrouted", {}), gone.get("unrouted", {}))
+    retired["client_connections_refused"] = (retired.get("client_connections_refused", 0)
+                                             + gone.get("client_connections_refused", 0))
     tls = gone.get("tls")
     if tls is not None:
         add_counts(retired.setdefault("tls", {}), {k: tls[k] for k in _TLS_COUNTERS})
+    proxied = gone.get("proxy_protocol")
+    if proxied is not None:
+        add_counts(retired.setdefault("proxy_protocol", {}),
+                   {"headers": proxied["headers"], "refused": proxied["refused"]})
     routes = retired.setdefault("routes", {})
     for name, r in gone.get("routes", {}).items():
         into = routes.get(name)
@@ -291,3 +310,20 @@ def _retire_upstreams(retired: Retired, gone: ProcessExport) -> None:
             counts = into["servers"].setdefault(s["url"], dict.fromkeys(_SERVER_COUNTERS, 0))
             for k in _SERVER_COUNTERS:
                 counts[k] += s[k]
+
+
+def top_clients(rows: Sequence[ClientRow], top: int) -> list[ClientRow]:
+    """Rows of several processes summed by client; the ``top`` with the most queue
+    places first, then the most refusals (the ``clients`` command's answer)."""
+    merged: dict[str, ClientRow] = {}
+    for row in rows:
+        one = merged.get(row["client"])
+        if one is None:
+            merged[row["client"]] = dict(row)  # type: ignore[assignment]
+            continue
+        one["queued"] += row["queued"]
+        one["rate_limited"] += row["rate_limited"]
+        one["client_queue_full"] += row["client_queue_full"]
+    ranked = sorted(merged.values(), key=lambda r: (-r["queued"], -(r["rate_limited"] + r["client_queue_full"]),
+                                                   r["client"]))
+    return ranked[:top]

@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, TypedDict
 from ..stats.metrics import LATENCY_BUCKETS, Counts, HistogramExport, Quantiles, quantiles_ms
 from .encode import route_object
 from .export import ProcessExport, ProcessFigures
-from .merge import Retired, merge_gc, merge_route, merge_tls, merge_unrouted, merge_upstreams, worker_totals
+from .merge import (
+    Retired,
+    merge_gc,
+    merge_proxy_protocol,
+    merge_route,
+    merge_tls,
+    merge_unrouted,
+    merge_upstreams,
+    worker_totals,
+)
 from .protocol import RouteSnapshot, RuntimeInfo, Snapshot, Waiter, WorkerSnapshot
 
 if TYPE_CHECKING:
@@ -136,6 +145,7 @@ def present_top(runtime_info: RuntimeInfo, exports: Sequence[ProcessFigures],
         "open_fds": e["open_fds"], "fd_limit": e["fd_limit"], "cpu_s": e["cpu_s"],
         "generation": e["generation"], "accepted": e["accepted"],
         "bad_requests": e.get("bad_requests", 0), "deferred_reads": e.get("deferred_reads", 0),
+        "client_connections_refused": e.get("client_connections_refused", 0),
         "gc_pause_ms": e["gc"]["pause_ms"],
         "requests": t[0], "in_flight": t[1], "queued": t[2],
     } for e, t in zip(exports, totals, strict=True)]
@@ -152,7 +162,10 @@ def present_top(runtime_info: RuntimeInfo, exports: Sequence[ProcessFigures],
         "fd_limit": min((e["fd_limit"] for e in exports), default=0),
         "routes": routes,
         "unrouted": merge_unrouted(exports, retired),
+        "client_connections_refused": sum(e.get("client_connections_refused", 0) for e in exports)
+        + (retired or {}).get("client_connections_refused", 0),
         "upstreams": merge_upstreams(exports, retired),
         "tls": merge_tls(exports, retired),
+        "proxy_protocol": merge_proxy_protocol(exports, retired),
         "workers": workers,
     }

@@ -54,8 +54,7 @@ class SnapshotCollector(Collector):
         limit = GaugeMetricFamily("gatewayd_route_max_concurrency", "Concurrency limit",
                                   labels=["route"])
         qlimit = GaugeMetricFamily("gatewayd_route_max_queue", "Queue limit", labels=["route"])
-        rejected = CounterMetricFamily("gatewayd_rejected",
-                                       "Requests refused before the upstream: 503 sheds, 429 rate_limited",
+        rejected = CounterMetricFamily("gatewayd_rejected", "Requests refused or shed (503, 429) by reason",
                                        labels=["route", "reason"])
         cancelled = CounterMetricFamily("gatewayd_cancelled", "Requests whose client left",
                                         labels=["route"])
@@ -134,7 +133,22 @@ class SnapshotCollector(Collector):
                 ureq.add_metric(labels, srv.get("requests", 0))
                 ufail.add_metric(labels, srv.get("failures", 0))
         yield from (up, ureq, ufail)
+        yield CounterMetricFamily("gatewayd_client_connections_refused",
+                                  "Connections closed over max_connections_per_client",
+                                  value=s.get("client_connections_refused", 0))
         yield from _tls(s)
+        yield _proxy_protocol(s)
+
+
+def _proxy_protocol(s: Snapshot) -> Metric:
+    """PROXY protocol headers by result, always (zeros without such a listener)."""
+    figures = s.get("proxy_protocol")
+    headers = CounterMetricFamily("gatewayd_proxy_protocol_headers",
+                                  "PROXY protocol headers by result (refused: malformed, missing or late)",
+                                  labels=["result"])
+    headers.add_metric(["ok"], figures["headers"] if figures else 0)
+    headers.add_metric(["refused"], figures["refused"] if figures else 0)
+    return headers
 
 
 def _tls(s: Snapshot) -> Iterator[Metric]:

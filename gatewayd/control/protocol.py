@@ -19,7 +19,8 @@ from ..stats.process import GcExport, PauseMs
 from ..upstreams.state import ServerExport, ServerStateSet
 
 PROTOCOL = 1  # the "protocol" hello answers; raised when an answer changes incompatibly
-COMMANDS = "hello, snapshot, subscribe, reload, set_limit, queue, server_state"
+COMMANDS = "hello, snapshot, subscribe, reload, set_limit, queue, clients, server_state"
+CLIENTS_TOP, CLIENTS_MAX = 10, 1000  # the clients command's default and largest ``top``
 
 
 # ----------------------------------------------------------------------------- the snapshot
@@ -58,7 +59,7 @@ class RouteSnapshot(TypedDict):
     gateway_answers: int  # answers the gateway made itself (sheds, refusals, errors)
     responses: Counts  # by class: 1xx ... 5xx
     codes: Counts  # by status code
-    rejected: Counts  # queue_full, queue_timeout, rate_limited
+    rejected: Counts  # queue_full, queue_timeout, client_queue_full, rate_limited
     cancelled: int
     cancelled_queued: int
     cancelled_in_flight: int
@@ -101,6 +102,7 @@ class WorkerSnapshot(TypedDict):
     generation: int
     accepted: int
     bad_requests: int
+    client_connections_refused: int  # connections over max_connections_per_client
     deferred_reads: int
     gc_pause_ms: PauseMs
     requests: int
@@ -123,6 +125,14 @@ class TlsSnapshot(TypedDict):
     handshakes: int  # completed
     handshake_errors: int  # failed, timed out, or plain text on a TLS port
     certificates: list[CertificateSnapshot]
+
+
+class ProxyProtocolSnapshot(TypedDict):
+    """The PROXY protocol on listeners with ``proxy_protocol = true``, since start (summed
+    over the workers, those that exited included); zeros without such a listener."""
+
+    headers: int  # valid headers read
+    refused: int  # connections closed for want of one: malformed, missing or late
 
 
 class RuntimeInfo(TypedDict):
@@ -158,8 +168,10 @@ class Snapshot(RuntimeInfo):
     fd_limit: int
     routes: list[RouteSnapshot]
     unrouted: Counts  # answers given without a route, by status code
+    client_connections_refused: int  # connections over max_connections_per_client (429, closed)
     upstreams: list[UpstreamSnapshot]
     tls: TlsSnapshot
+    proxy_protocol: ProxyProtocolSnapshot
     workers: list[WorkerSnapshot]
 
 
@@ -202,6 +214,12 @@ class QueueRequest(TypedDict):
     route: str
 
 
+class ClientsRequest(TypedDict):
+    cmd: Literal["clients"]
+    route: str
+    top: int  # how many clients, the most queue places first, then the most refusals
+
+
 class ServerStateRequest(TypedDict):
     cmd: Literal["server_state"]
     upstream: str
@@ -210,7 +228,7 @@ class ServerStateRequest(TypedDict):
 
 
 Request = (HelloRequest | SnapshotRequest | SubscribeRequest | ReloadRequest | SetLimitRequest
-           | QueueRequest | ServerStateRequest)
+           | QueueRequest | ClientsRequest | ServerStateRequest)
 
 
 # ----------------------------------------------------------------------------- answers
@@ -244,6 +262,21 @@ class LimitSet(TypedDict):
     max_queue: int
 
 
+class ClientRow(TypedDict):
+    """One client of a route: its queue places now, and its refusals since start."""
+
+    client: str
+    queued: int
+    rate_limited: int
+    client_queue_full: int
+
+
+class ClientsListed(TypedDict):
+    ok: Literal[True]
+    route: str
+    clients: list[ClientRow]
+
+
 class QueueListed(TypedDict):
     ok: Literal[True]
     route: str
@@ -254,8 +287,9 @@ ServerStateAnswer = ServerStateSet | ErrorAnswer
 ReloadAnswer = ReloadDone | ErrorAnswer
 SetLimitAnswer = LimitSet | ErrorAnswer
 QueueAnswer = QueueListed | ErrorAnswer
+ClientsAnswer = ClientsListed | ErrorAnswer
 Answer = (HelloAnswer | SnapshotAnswer | OkAnswer | ReloadAnswer | SetLimitAnswer | QueueAnswer
-          | ServerStateAnswer)
+          | ClientsAnswer | ServerStateAnswer)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -308,6 +342,13 @@ def check(obj: dict[str, object]) -> Request | str:
         if not isinstance(route, str):
             return "route: expected a route name"
         return {"cmd": "queue", "route": route}
+    if cmd == "clients":
+        route, top = obj.get("route"), obj.get("top", CLIENTS_TOP)
+        if not isinstance(route, str):
+            return "route: expected a route name"
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= CLIENTS_MAX:
+            return f"top: expected an integer from 1 to {CLIENTS_MAX}"
+        return {"cmd": "clients", "route": route, "top": top}
     if cmd == "server_state":
         upstream, server, state = (obj.get(k) for k in ("upstream", "server", "state"))
         if not (isinstance(upstream, str) and isinstance(server, str) and isinstance(state, str)):

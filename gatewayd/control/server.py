@@ -26,6 +26,7 @@ from .encode import snapshot_json, without_histograms
 from .protocol import (
     PROTOCOL,
     Answer,
+    ClientsAnswer,
     ErrorAnswer,
     QueueAnswer,
     ReloadAnswer,
@@ -54,6 +55,7 @@ class Controller(Protocol):
     async def set_limit(self, route: str, max_concurrency: int | None,
                         max_queue: int | None) -> SetLimitAnswer: ...
     async def queue(self, route: str) -> QueueAnswer: ...
+    async def clients(self, route: str, top: int) -> ClientsAnswer: ...
     async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer: ...
 
 
@@ -257,6 +259,8 @@ class ControlServer:
                 return await c.set_limit(req["route"], req.get("max_concurrency"), req.get("max_queue"))
             if req["cmd"] == "queue":
                 return await c.queue(req["route"])
+            if req["cmd"] == "clients":
+                return await c.clients(req["route"], req["top"])
             if req["cmd"] == "server_state":
                 return await c.server_state(req["upstream"], req["server"], req["state"])
         except Exception as exc:  # a command must never take the connection down

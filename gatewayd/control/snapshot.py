@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..stats.metrics import LATENCY_BUCKETS, quantiles_ms_of
 from .encode import snapshot_json, without_histograms
-from .export import XRAY_SUMMARY, export, process_figures, waiters
+from .export import XRAY_SUMMARY, clients, export, process_figures, waiters
 from .merge import retire
 from .present import present, present_route, present_top, route_order, route_order_from, runtime_info
 from .protocol import RouteSnapshot, Snapshot
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..runtime.state import Runtime
 
 __all__ = ["export", "present", "retire", "route_order", "route_order_from", "runtime_info",
-           "snapshot", "snapshot_json", "waiters", "without_histograms"]
+           "snapshot", "snapshot_json", "waiters", "without_histograms", "clients"]
 
 
 class _Entry:
@@ -76,7 +76,8 @@ class Presenter:
             lat, own, qw = s.latency, s.gateway_latency, s.queue_wait
             nw = len(g.waiters)
             key = (rc, s, mc, mq, s.requests, lat.count, own.count, qw.count, s.queue_full, s.queue_timeout,
-                   s.rate_limited, s.cancelled_queued, s.cancelled_in_flight, sum(errs.values()) if errs else 0,
+                   s.client_queue_full, s.rate_limited, s.cancelled_queued, s.cancelled_in_flight,
+                   sum(errs.values()) if errs else 0,
                    g.in_flight, nw)
             requests += s.requests
             in_flight += g.in_flight
@@ -113,7 +114,8 @@ class Presenter:
                 oldest, xray, s.requests,
                 {"1xx": resp[1], "2xx": resp[2], "3xx": resp[3], "4xx": resp[4], "5xx": resp[5]},
                 {str(c): n for c, n in s.codes.items()},
-                {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout, "rate_limited": s.rate_limited},
+                {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout,
+                 "client_queue_full": s.client_queue_full, "rate_limited": s.rate_limited},
                 s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, own_h, qw_h, qw_q)
             new[name] = _Entry(key, route)
             out.append(route)

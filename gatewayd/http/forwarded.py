@@ -37,6 +37,10 @@ class TrustedProxies:
     def __bool__(self) -> bool:
         return bool(self._networks)
 
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return tuple(str(n) for n in self._networks)
+
     def trusts(self, address: str) -> bool:
         known = self._known.get(address)
         if known is not None:

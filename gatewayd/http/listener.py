@@ -7,11 +7,11 @@ one by one on reload.
 
 The transport seam: each listen address has an ``Opener``, which turns an
 accepted socket into a connection the HTTP protocol reads: ``PLAIN`` (TCP as it
-is) or ``tls.TlsOpener`` (a handshake first). The PROXY protocol (SPEC §10)
-will be an opener of its own that reads its header, then hands on to an inner
-opener. The runtime chooses each address's opener from its listen entry and
-sets it again on every reload (new certificates); the acceptor keeps the
-connection count whatever the opener does.
+is), ``tls.TlsOpener`` (a handshake first), or ``proxy_protocol.ProxyOpener``
+(a PROXY protocol header, SPEC §10, then an inner opener of the two others).
+The runtime chooses each address's opener from its listen entry and sets it
+again on every reload (new certificates); the acceptor keeps the connection
+count whatever the opener does.
 """
 
 from __future__ import annotations

@@ -129,6 +129,13 @@ class Connection(BaseProtocol):
             self._peer = self.transport.get_extra_info("peername")
         return self._peer
 
+    def set_peer(self, host: str, port: int) -> None:
+        """The client is ``host:port``, not the TCP peer (a PROXY protocol header said
+        so): set before ``connection_made``, so every request, the access log and
+        X-Forwarded-For see it."""
+        self._peer = (host, port)
+        self._peer_host = host
+
     @property
     def sockname(self) -> Any:
         return self.transport.get_extra_info("sockname") if self.transport is not None else None

@@ -15,7 +15,7 @@ _REASON_TEXT = {
     405: b"405 method not allowed\n",
     408: b"408 request body timed out\n",
     413: b"413 request body too large\n",
-    429: b"429 too many requests, retry later\n",
+    429: b"429 too many requests\n",
     431: b"431 request header fields too large\n",
     500: b"500 internal error\n",
     502: b"502 bad gateway\n",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .listener import ProtocolFactory
+from .tls_transport import READ_SIZE, TlsSocketTransport
 from .x509 import facts, first_pem_certificate
 
 log = logging.getLogger("gatewayd")
@@ -157,45 +158,43 @@ class Terminator:
 
 class _Secure:
     """The protocol factory for TLS connections: marks each connection secure (its
-    requests go upstream with ``X-Forwarded-Proto: https``) and remembers whether a
-    protocol was made at all (after that, the connection is the protocol's)."""
+    requests go upstream with ``X-Forwarded-Proto: https``) before connection_made."""
 
-    __slots__ = ("factory", "made")
+    __slots__ = ("factory",)
 
     def __init__(self, factory: ProtocolFactory) -> None:
         self.factory = factory
-        self.made = False
 
     def __call__(self) -> asyncio.Protocol:
         protocol = self.factory()
         protocol.secure = True  # type: ignore[attr-defined]
-        self.made = True
         return protocol
 
 
 class TlsOpener:
     """Completes the TLS handshake (within the terminator's timeout), then hands the
-    connection to the HTTP protocol."""
+    connection to the HTTP protocol on a ``TlsSocketTransport`` (OpenSSL on the
+    socket: see tls_transport.py for why not the loop's TLS transport)."""
 
     waits_for_peer = True
 
     def __init__(self, terminator: Terminator) -> None:
         self.terminator = terminator
+        # one loop thread: every connection's reads land here before they are copied out
+        self._scratch = bytearray(READ_SIZE)
 
     async def open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                    factory: ProtocolFactory) -> object:
         t = self.terminator
-        secure = _Secure(factory)
         try:
-            await loop.connect_accepted_socket(
-                secure, conn, ssl=t.context, ssl_handshake_timeout=t.handshake_timeout)
+            transport = TlsSocketTransport(loop, conn, t.context, self._scratch)
+            async with asyncio.timeout(t.handshake_timeout):
+                await transport.handshake()
         except asyncio.CancelledError:
-            if secure.made:  # the handshake had finished: the connection is HTTP's now
-                t.counts.handshakes += 1
-                return None
             raise
         except Exception:
             t.counts.errors += 1
             raise
         t.counts.handshakes += 1
+        transport.start(_Secure(factory)())
         return None

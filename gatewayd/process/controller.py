@@ -11,7 +11,17 @@ import logging
 from typing import Protocol
 
 from ..config.settings import Config
-from ..control.protocol import QueueAnswer, ReloadAnswer, ServerStateAnswer, SetLimitAnswer, Snapshot, Waiter
+from ..control.merge import top_clients
+from ..control.protocol import (
+    ClientRow,
+    ClientsAnswer,
+    QueueAnswer,
+    ReloadAnswer,
+    ServerStateAnswer,
+    SetLimitAnswer,
+    Snapshot,
+    Waiter,
+)
 from ..runtime.limits import Overrides
 from ..runtime.reload import Reloadable, reload
 from . import notify
@@ -42,6 +52,9 @@ class Backend(Reloadable, Protocol):
 
     async def waiters(self, route: str) -> list[Waiter]:
         """The route's waiters, longest waiting first."""
+
+    async def clients(self, route: str) -> list[ClientRow]:
+        """The route's clients in every process (``export.clients``), unsorted."""
 
     async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer:
         """Set a server up or down by hand; the control answer."""
@@ -88,6 +101,12 @@ class GatewayController:
         if not self._known(route):
             return {"ok": False, "error": no_route(route, self.backend.config)}
         return {"ok": True, "route": route, "waiters": await self.backend.waiters(route)}
+
+    async def clients(self, route: str, top: int) -> ClientsAnswer:
+        if not self._known(route):
+            return {"ok": False, "error": no_route(route, self.backend.config)}
+        return {"ok": True, "route": route,
+                "clients": top_clients(await self.backend.clients(route), top)}
 
     async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer:
         return await self.backend.server_state(upstream, server, state)

@@ -14,7 +14,7 @@ import socket
 from typing import Any, Literal, NotRequired, TypedDict
 
 from ..control.export import ProcessExport
-from ..control.protocol import Waiter
+from ..control.protocol import ClientRow, Waiter
 
 # Snapshots of many routes are large; one line may be several MiB.
 LINE_LIMIT = 64 * 1024 * 1024
@@ -87,7 +87,14 @@ class ServerState(TypedDict):
     state: str
 
 
-Command = Prepare | Commit | Abort | SetLimit | Share | Queue | ServerState
+class Clients(TypedDict):
+    """The route's clients in this worker (reply: ``clients``)."""
+
+    cmd: Literal["clients"]
+    route: str
+
+
+Command = Prepare | Commit | Abort | SetLimit | Share | Queue | Clients | ServerState
 
 
 class Call(TypedDict):
@@ -103,6 +110,7 @@ class Answer(TypedDict):
     ok: bool
     error: NotRequired[str]
     waiters: NotRequired[list[Waiter]]  # queue
+    clients: NotRequired[list[ClientRow]]  # clients
     upstream: NotRequired[str]  # server_state
     servers: NotRequired[list[str]]
     state: NotRequired[str]

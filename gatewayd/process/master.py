@@ -33,7 +33,7 @@ from ..config.loader import ConfigError, parse, read_text
 from ..config.settings import Config, worker_count
 from ..control.export import ProcessExport
 from ..control.merge import Retired
-from ..control.protocol import RuntimeInfo, ServerStateAnswer, Snapshot, Waiter
+from ..control.protocol import ClientRow, RuntimeInfo, ServerStateAnswer, Snapshot, Waiter
 from ..control.snapshot import present, retire, route_order_from
 from ..exits import EXIT_BOOT, EXIT_CONFIG
 from ..proxy.ratelimit import RateTable
@@ -290,6 +290,10 @@ class Master:
                                        "max_concurrency": max_concurrency, "max_queue": max_queue})
         errors = [a.get("error", "") for a in answers if not a["ok"]]
         return "; ".join(errors) if errors else None
+
+    async def clients(self, route: str) -> list[ClientRow]:
+        answers = await self.call_all({"cmd": "clients", "route": route})
+        return [row for a in answers if a["ok"] for row in a.get("clients", [])]
 
     async def waiters(self, route: str) -> list[Waiter]:
         answers = await self.call_all({"cmd": "queue", "route": route})

@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable
 
 from ..config.settings import Config
-from ..control.protocol import ServerStateAnswer, Snapshot, Waiter
-from ..control.snapshot import snapshot, waiters
+from ..control.protocol import ClientRow, ServerStateAnswer, Snapshot, Waiter
+from ..control.snapshot import clients, snapshot, waiters
 from ..runtime.limits import Overrides
 from ..runtime.reload import LastReload
 from ..runtime.state import Runtime
@@ -83,6 +83,9 @@ class RuntimeBackend:
 
     async def waiters(self, route: str) -> list[Waiter]:
         return waiters(self.runtime, route)
+
+    async def clients(self, route: str) -> list[ClientRow]:
+        return clients(self.runtime, route)
 
     async def server_state(self, upstream: str, server: str, state: str) -> ServerStateAnswer:
         return set_server_state(self.runtime.table.upstreams, upstream, server, state)

@@ -19,7 +19,7 @@ import sys
 from typing import cast
 
 from ..config.loader import ConfigError, parse
-from ..control.snapshot import export, waiters
+from ..control.snapshot import clients, export, waiters
 from ..exits import EXIT_BOOT, EXIT_OK
 from ..proxy.ratelimit import RateTable, TableMismatch
 from ..runtime.state import Runtime
@@ -166,6 +166,8 @@ class Worker:
             return {"ok": True}
         if command["cmd"] == "queue":
             return {"ok": True, "waiters": waiters(runtime, command["route"])}
+        if command["cmd"] == "clients":
+            return {"ok": True, "clients": clients(runtime, command["route"])}
         if command["cmd"] == "server_state":
             return cast(Answer, set_server_state(runtime.table.upstreams, command["upstream"],
                                                  command["server"], command["state"]))

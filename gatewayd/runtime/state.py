@@ -18,6 +18,7 @@ from .. import __version__
 from ..config.settings import Config, RouteConfig, ServerConfig
 from ..http.bodymemory import BodyMemory
 from ..http.listener import PLAIN, Acceptor, Opener, bind
+from ..http.proxy_protocol import ProxyHeaderCounts, ProxyOpener
 from ..http.server import H1Server
 from ..http.tls import Certificate, CertificateProblem, HandshakeCounts, Terminator, TlsOpener, load_certificate
 from ..http.turn import Turn
@@ -83,6 +84,7 @@ class Runtime:
         self.overrides = Overrides()
         self.pending: Pending | None = None  # a reload prepared, not yet committed
         self.handshakes = HandshakeCounts()  # TLS, across reloads
+        self.proxy_headers = ProxyHeaderCounts()  # the PROXY protocol, across reloads
         self.certificates: tuple[Certificate, ...] = ()  # the generation's, for the snapshot
         self.serving = Serving(
             config.server,
@@ -108,6 +110,11 @@ class Runtime:
     # -- limits divided among workers ------------------------------------------------
     def _share(self, total: int, minimum: int) -> int:
         return share(total, self.worker_index, self.worker_count, minimum)
+
+    def _per_client(self, total: int) -> int:
+        """This worker's share of a per-client cap (0: none). A client's connections
+        spread over the workers as the kernel hashes them, so each enforces its share."""
+        return self._share(total, 1) if total else 0
 
     def _route_limits(self, rc: RouteConfig) -> tuple[int, int]:
         mc, mq = self.overrides.limits(rc)
@@ -162,10 +169,15 @@ class Runtime:
                 if cert.expired:
                     log.warning("tls.certificates: %s expired on %s", cert.name,
                                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(cert.not_after)))
-        opener: Opener = PLAIN
+        timeout = config.server.request_header_timeout
+        secure: Opener = PLAIN
         if any(e.tls for e in config.server.listen):
-            opener = TlsOpener(Terminator(certificates, config.server.request_header_timeout, self.handshakes))
-        openers = {e.address: opener if e.tls else PLAIN for e in config.server.listen}
+            secure = TlsOpener(Terminator(certificates, timeout, self.handshakes))
+        openers: dict[str, Opener] = {}
+        for e in config.server.listen:
+            inner = secure if e.tls else PLAIN
+            openers[e.address] = (ProxyOpener(inner, timeout, self.proxy_headers)
+                                  if e.proxy_protocol else inner)
         return openers, tuple(certificates)
 
     def _server(self, config: Config) -> H1Server:
@@ -344,7 +356,9 @@ class Runtime:
     def _apply_limits(self) -> None:
         for route in self.table.routes.values():
             route.gate.set_limits(*self._route_limits(route.config))
+            route.gate.set_policy(route.config.queue_order, self._per_client(route.config.max_queue_per_client))
         self.acceptor.set_limit(self._share(self.config.server.max_connections, 1))
+        self.server.set_client_limit(self._per_client(self.config.server.max_connections_per_client))
         self.body_memory.limit = self._share(self.config.server.request_buffer_memory, 0)
 
     def set_share(self, index: int, count: int) -> None:

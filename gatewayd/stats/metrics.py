@@ -10,6 +10,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Literal, TypedDict
 
+from .clients import ClientCounts
+
 # Upper bounds, in seconds, of the latency and queue-wait histograms' buckets.
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -47,7 +49,8 @@ class Quantiles(TypedDict):
 class RouteCounters(TypedDict):
     """A route's counters and histograms, as :meth:`RouteStats.export` gives them:
     all summable over workers. ``responses`` by class (``RESPONSE_CLASSES``),
-    ``codes`` by status, ``rejected`` by reason (queue_full, queue_timeout, rate_limited),
+    ``codes`` by status, ``rejected`` by reason (queue_full, queue_timeout, client_queue_full,
+    rate_limited),
     ``upstream_errors`` by reason. ``latency`` holds the responses the upstream
     made (its count is the route's ``served``), ``gateway_latency`` the answers the
     gateway made itself (sheds, refusals, errors it answered: ``gateway_answers``)."""
@@ -149,6 +152,8 @@ class RouteStats:
     __slots__ = (
         "cancelled_in_flight",
         "cancelled_queued",
+        "client_queue_full",
+        "clients",
         "codes",
         "gateway_latency",
         "latency",
@@ -166,10 +171,12 @@ class RouteStats:
         self.codes: dict[int, int] = {}
         self.queue_full = 0
         self.queue_timeout = 0
+        self.client_queue_full = 0  # 429: the client held max_queue_per_client places already
         self.rate_limited = 0  # 429s of the route's rate_limit
         self.cancelled_queued = 0
         self.cancelled_in_flight = 0
         self.upstream_errors: dict[str, int] = {}
+        self.clients = ClientCounts()  # refusals by client (the ``clients`` command)
         # responses the upstream made; the gateway's own answers go to gateway_latency
         self.latency = Histogram(LATENCY_BUCKETS)
         self.gateway_latency = Histogram(LATENCY_BUCKETS)
@@ -219,6 +226,7 @@ class RouteStats:
             "responses": dict(zip(RESPONSE_CLASSES, self.responses[1:], strict=True)),
             "codes": {str(c): n for c, n in self.codes.items()},
             "rejected": {"queue_full": self.queue_full, "queue_timeout": self.queue_timeout,
+                         "client_queue_full": self.client_queue_full,
                          "rate_limited": self.rate_limited},
             "cancelled_queued": self.cancelled_queued,
             "cancelled_in_flight": self.cancelled_in_flight,

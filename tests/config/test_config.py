@@ -555,7 +555,7 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
         case k.ListenList():
             # tls = true needs certificates on disk (tests/http/test_tls*.py)
             table = st.fixed_dictionaries({"address": _LISTEN}, optional={
-                "tls": st.just(False), "proxy_protocol": st.just(False)})
+                "tls": st.just(False), "proxy_protocol": st.booleans()})
             entries = st.lists(_LISTEN | table, min_size=1, max_size=3,
                                unique_by=lambda e: e if isinstance(e, str) else e["address"])
             return _LISTEN | table | entries

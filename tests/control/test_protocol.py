@@ -15,7 +15,7 @@ REFUSED = [
     (b"[1]", "expected a JSON object"),
     (b'{"cmd": 1}', 'expected a "cmd" string'),
     (b'{"cmd": "nope"}', "unknown cmd 'nope'; expected one of hello, snapshot, subscribe, reload, "
-                         "set_limit, queue, server_state"),
+                         "set_limit, queue, clients, server_state"),
     (b'{"cmd": "subscribe", "interval": 0.01}', "interval: expected seconds >= 0.05 and <= 3600"),
     (b'{"cmd": "subscribe", "interval": true}', "interval: expected seconds >= 0.05 and <= 3600"),
     (b'{"cmd": "reload", "dry_run": 1}', "dry_run: expected true or false"),

@@ -281,3 +281,42 @@ async def test_admission_and_cancellation_work_over_tls(start_gateway, upstream,
     status, _, _ = await other.get()
     assert status == 200
     other.close()
+
+
+async def test_a_large_answer_to_a_slow_reader_arrives_whole(start_gateway, upstream, pems, tls_ca):
+    """8 MiB through TLS to a client that reads 64 KiB at a time with pauses: every byte
+    arrives (the transport's writes that OpenSSL could not finish are repeated, flow
+    control pauses the response), then the connection serves another request."""
+    gw = await start_gateway(app_route(upstream.url), tls=tls_section(pems["a"]))
+    client = await connect(gw.port, client_context(tls_ca))
+    size = 8 * 1024 * 1024
+    client.writer.write(f"GET /big?bytes={size} HTTP/1.1\r\nHost: example\r\n\r\n".encode())
+    head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    got = 0
+    while got < size:
+        chunk = await asyncio.wait_for(client.reader.read(65536), 5)
+        assert chunk
+        got += len(chunk)
+        if got < 1024 * 1024:
+            await asyncio.sleep(0.002)  # slow at first: the gateway's buffer fills and it waits
+    assert got == size
+    assert (await client.get())[0] == 200
+    client.close()
+
+
+async def test_uploads_and_pipelined_requests_over_tls(start_gateway, upstream, pems, tls_ca):
+    """A 1 MiB body arrives upstream intact; three requests written at once (one TLS
+    record or several) are answered in order."""
+    gw = await start_gateway(app_route(upstream.url), tls=tls_section(pems["a"]))
+    client = await connect(gw.port, client_context(tls_ca))
+    body = bytes(range(256)) * 4096
+    status, _, answer = await client.get(b"POST /echo HTTP/1.1\r\nHost: example\r\n"
+                                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert status == 200 and json.loads(answer)["body"].encode("latin-1") == body
+    client.writer.write(b"".join(f"GET /echo?n={i} HTTP/1.1\r\nHost: example\r\n\r\n".encode()
+                                 for i in range(3)))
+    targets = [json.loads((await read_response(client.reader))[2])["target"] for _ in range(3)]
+    assert targets == ["/echo?n=0", "/echo?n=1", "/echo?n=2"]
+    client.close()
+    await wait_for(lambda: gw.runtime.connections == 0)

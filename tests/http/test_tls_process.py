@@ -75,15 +75,6 @@ def test_a_tls_listener_needs_certificates(tmp_path):
     assert started.returncode == EX_CONFIG and "server.listen[0].tls" in started.stderr
 
 
-def test_proxy_protocol_is_refused_until_it_is_read(tmp_path):
-    path = gateway_config(tmp_path, app_route("http://127.0.0.1:1"))
-    path.write_text(path.read_text().replace(
-        'listen = ["127.0.0.1:', 'listen = [{address = "127.0.0.1:1", proxy_protocol = true}, "127.0.0.1:'))
-    run = check(path)
-    assert run.returncode == EX_CONFIG
-    assert "server.listen[0].proxy_protocol: expected false" in run.stderr
-
-
 async def _hammer(port: int, ctx: ssl.SSLContext, stop: asyncio.Event, statuses: list[int],
                   served: set[bytes]) -> None:
     """New TLS connections one after another, a request on each, until ``stop``."""

@@ -220,6 +220,8 @@ def _in_force(runtime: Runtime) -> dict[str, Any]:
     reads, the server's own copies (its public figures), the limits it divided."""
     server = {k: v for k, v in vars(runtime.server).items()
               if not k.startswith("_") and type(v) in (int, float)}
+    trusted = runtime.server.trusted_proxies
+    server["trusted_proxies"] = trusted.networks if trusted is not None else None
     return {"serving": dataclasses.replace(runtime.serving.server, listen=()), "server": server,
             "max_connections": runtime.acceptor.limit, "buffer_memory": runtime.body_memory.limit}
 
@@ -236,6 +238,8 @@ async def test_every_server_setting_is_applied_by_a_reload(start_gateway, upstre
     if name == "listen":
         port = free_port()
         changed: dict[str, Any] = {}
+    elif name == "trusted_proxies":  # None: no "other" value of its type to derive
+        changed = {name: ["10.0.0.0/8"]}
     else:
         changed = {name: _other(getattr(gw.runtime.config.server, name))}
     path = gateway_config(tmp_path, two_upstreams(upstream.url, upstream.url), port=port, **changed)
