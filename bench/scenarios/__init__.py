@@ -11,6 +11,7 @@ from . import (
                admission,
                cancel,
                eject,
+               fairness,
                idle,
                instructions,
                overload,
@@ -38,6 +39,7 @@ SCENARIOS: dict[str, Scenario] = {
     "eject": eject.run,
     "pipeflood": pipeflood.run,
     "uploads": uploads.run,
+    "fairness": fairness.run,
     "tls": tls.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")

@@ -66,6 +66,13 @@ class ServerConfig:
         k.Int(1, 10_000_000), 10000,
         "open client connections for the whole gateway; accepting pauses at the limit",
     )
+    max_connections_per_client: int = setting(
+        k.Int(0, 10_000_000), 0,
+        "open connections one client address may hold (0 = no cap); one more is answered 429 "
+        "client_connections_full and closed at once. With N workers each enforces its share "
+        "(at least 1) on the connections the kernel gives it",
+        reload="applied in place on reload; connections already open are counted, none is closed",
+    )
     backlog: int = setting(
         k.Int(1, 65535), 1024, "listen backlog (capped by net.core.somaxconn)",
         reload="applies to addresses bound after the reload"
@@ -357,6 +364,18 @@ class RouteConfig:
     )
     retry_after: int = setting(
         k.Int(0, 86400), 1, "value of the Retry-After header on this route's 503s", unit="seconds"
+    )
+    queue_order: str = setting(
+        k.Choice(("fifo", "fair")), "fifo",
+        'the order in which waiters get freed slots: "fifo" (first come, first served) or "fair" '
+        "(round-robin across the client addresses that wait, FIFO within one)",
+        reload="applied in place on reload: the waiters move to the new order, none is lost",
+    )
+    max_queue_per_client: int = setting(
+        k.Int(0, 1_000_000), 0,
+        "queue places one client address may hold on this route (0 = no cap); one more "
+        "request is answered 429 client_queue_full. With N workers each enforces its share "
+        "(at least 1)",
     )
 
 

@@ -47,6 +47,7 @@ class ProcessFigures(TypedDict):
     connections: int
     accepted: int
     bad_requests: int
+    client_connections_refused: int  # over max_connections_per_client
     unrouted: Counts
     deferred_reads: int
     tasks: int
@@ -130,6 +131,7 @@ def process_figures(runtime: Runtime) -> ProcessFigures:
         "connections": runtime.connections,
         "accepted": runtime.acceptor.accepted,
         "bad_requests": runtime.server.bad_requests,
+        "client_connections_refused": runtime.server.client_connections_refused,
         "unrouted": {str(c): n for c, n in runtime.server.unrouted.items()},
         "deferred_reads": runtime.server.deferred_reads,
         "tasks": runtime.tasks.live,

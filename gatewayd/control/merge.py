@@ -43,6 +43,7 @@ class Retired(TypedDict, total=False):
     routes: dict[str, RouteCounters]
     upstreams: dict[str, RetiredUpstream]
     tls: Counts  # handshakes, handshake_errors
+    client_connections_refused: int
 
 
 def empty_histogram(bounds: tuple[float, ...]) -> HistogramExport:
@@ -75,7 +76,7 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
     parts: list[RouteCounters] = [*live, gone] if gone is not None else list(live)
     responses = {c: 0 for c in RESPONSE_CLASSES}
     codes: Counts = {}
-    rejected = {"queue_full": 0, "queue_timeout": 0}
+    rejected = {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0}
     errors: Counts = {}
     latency: HistogramExport | None = None
     own: HistogramExport | None = None
@@ -254,6 +255,8 @@ def retire(retired: Retired, gone: ProcessExport) -> None:
     """Keep the counters of a worker that exited (its gauges go with it)."""
     _retire_upstreams(retired, gone)
     add_counts(retired.setdefault("unrouted", {}), gone.get("unrouted", {}))
+    retired["client_connections_refused"] = (retired.get("client_connections_refused", 0)
+                                             + gone.get("client_connections_refused", 0))
     tls = gone.get("tls")
     if tls is not None:
         add_counts(retired.setdefault("tls", {}), {k: tls[k] for k in _TLS_COUNTERS})

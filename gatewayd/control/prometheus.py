@@ -54,7 +54,7 @@ class SnapshotCollector(Collector):
         limit = GaugeMetricFamily("gatewayd_route_max_concurrency", "Concurrency limit",
                                   labels=["route"])
         qlimit = GaugeMetricFamily("gatewayd_route_max_queue", "Queue limit", labels=["route"])
-        rejected = CounterMetricFamily("gatewayd_rejected", "Requests shed with 503",
+        rejected = CounterMetricFamily("gatewayd_rejected", "Requests refused or shed (503, 429) by reason",
                                        labels=["route", "reason"])
         cancelled = CounterMetricFamily("gatewayd_cancelled", "Requests whose client left",
                                         labels=["route"])
@@ -133,6 +133,9 @@ class SnapshotCollector(Collector):
                 ureq.add_metric(labels, srv.get("requests", 0))
                 ufail.add_metric(labels, srv.get("failures", 0))
         yield from (up, ureq, ufail)
+        yield CounterMetricFamily("gatewayd_client_connections_refused",
+                                  "Connections closed over max_connections_per_client",
+                                  value=s.get("client_connections_refused", 0))
         yield from _tls(s)
 
 

@@ -59,7 +59,7 @@ class RouteSnapshot(TypedDict):
     gateway_answers: int  # answers the gateway made itself (sheds, refusals, errors)
     responses: Counts  # by class: 1xx ... 5xx
     codes: Counts  # by status code
-    rejected: Counts  # queue_full, queue_timeout
+    rejected: Counts  # queue_full, queue_timeout, client_queue_full
     cancelled: int
     cancelled_queued: int
     cancelled_in_flight: int
@@ -102,6 +102,7 @@ class WorkerSnapshot(TypedDict):
     generation: int
     accepted: int
     bad_requests: int
+    client_connections_refused: int  # connections over max_connections_per_client
     deferred_reads: int
     gc_pause_ms: PauseMs
     requests: int
@@ -159,6 +160,7 @@ class Snapshot(RuntimeInfo):
     fd_limit: int
     routes: list[RouteSnapshot]
     unrouted: Counts  # answers given without a route, by status code
+    client_connections_refused: int  # connections over max_connections_per_client (429, closed)
     upstreams: list[UpstreamSnapshot]
     tls: TlsSnapshot
     workers: list[WorkerSnapshot]

@@ -76,7 +76,7 @@ class Presenter:
             lat, own, qw = s.latency, s.gateway_latency, s.queue_wait
             nw = len(g.waiters)
             key = (rc, s, mc, mq, s.requests, lat.count, own.count, qw.count, s.queue_full, s.queue_timeout,
-                   s.cancelled_queued, s.cancelled_in_flight, sum(errs.values()) if errs else 0,
+                   s.client_queue_full, s.cancelled_queued, s.cancelled_in_flight, sum(errs.values()) if errs else 0,
                    g.in_flight, nw)
             requests += s.requests
             in_flight += g.in_flight
@@ -113,7 +113,8 @@ class Presenter:
                 oldest, xray, s.requests,
                 {"1xx": resp[1], "2xx": resp[2], "3xx": resp[3], "4xx": resp[4], "5xx": resp[5]},
                 {str(c): n for c, n in s.codes.items()},
-                {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout},
+                {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout,
+                 "client_queue_full": s.client_queue_full},
                 s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, own_h, qw_h, qw_q)
             new[name] = _Entry(key, route)
             out.append(route)

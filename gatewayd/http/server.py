@@ -26,6 +26,7 @@ from typing import Protocol
 
 from .forwarded import TrustedProxies
 from .request import Cancellable, Connection, Refusal, Request
+from .responses import body_size, prebuilt
 from .server_connection import H1Protocol
 from .turn import CLIENT_READS, Turn
 
@@ -38,6 +39,9 @@ __all__ = ["Cancellable", "H1Protocol", "H1Server", "Refusal", "Request"]
 READS_PER_TURN = 16
 SWEEP_INTERVAL = 1.0  # seconds between the keep-alive sweeps over the idle connections
 PARSER_IDLE = 2.0  # seconds idle after which a connection's parser is dropped (made again on its next bytes)
+CLIENT_CONNECTIONS_FULL = "client_connections_full"
+# a connection over max_connections_per_client gets this, unasked, and is closed
+_TOO_MANY_CONNECTIONS = prebuilt(429, CLIENT_CONNECTIONS_FULL, None, True)
 
 
 class ServerSettings(Protocol):
@@ -86,6 +90,11 @@ class H1Server:
         self._sweeper: asyncio.TimerHandle | None = None
         self.sweeps = 0
         self.corked: list[Connection] = []  # connections with output held for this turn's flush
+        # max_connections_per_client (this worker's share; 0: none, and nothing is counted)
+        self.client_limit = 0
+        self.client_connections_refused = 0
+        self._by_client: dict[str, int] = {}  # open connections by client address, while a cap is set
+        self._counted: dict[Connection, str] = {}  # the address each counted connection is counted under
 
     def configure(self, settings: ServerSettings) -> None:
         """Take the settings in force (at start and at every reload). They are copied
@@ -201,13 +210,64 @@ class H1Server:
         codes[status] = codes.get(status, 0) + 1
 
     def opened(self, protocol: Connection) -> None:
+        if self.client_limit and not self._count_client(protocol):
+            return
         self.connections.add(protocol)
 
     def closed(self, protocol: Connection) -> None:
         self.connections.discard(protocol)
+        if self._counted:
+            self._uncount_client(protocol)
         self._on_close()
         if not self.connections and self._empty is not None:
             self._empty.set()
+
+    # -- open connections per client (max_connections_per_client) -----------------------
+    def set_client_limit(self, limit: int) -> None:
+        """Cap the open connections of one client address (0: no cap). Set at start and
+        on every reload; the connections open when a cap is set are counted then, none
+        is closed; without a cap nothing is counted."""
+        if limit and not self.client_limit:
+            for protocol in self.connections:
+                host = protocol.peer_host or ""
+                self._by_client[host] = self._by_client.get(host, 0) + 1
+                self._counted[protocol] = host
+        elif not limit:
+            self._by_client.clear()
+            self._counted.clear()
+        self.client_limit = limit
+
+    def _count_client(self, protocol: Connection) -> bool:
+        """Count a new connection under its client address (the peer's, or the one a
+        PROXY protocol header gave); over the cap it is answered 429 and closed."""
+        host = protocol.peer_host or ""
+        n = self._by_client.get(host, 0)
+        if n >= self.client_limit:
+            self.client_connections_refused += 1
+            self.count_unrouted(429)
+            if self.log_refusal is not None:
+                self.log_refusal(host or "-", "-", "-", "-", 429, body_size(429), CLIENT_CONNECTIONS_FULL, 0.0)
+            transport = protocol.transport
+            if transport is not None:
+                transport.write(_TOO_MANY_CONNECTIONS)
+                transport.close()
+            return False
+        self._by_client[host] = n + 1
+        self._counted[protocol] = host
+        return True
+
+    def _uncount_client(self, protocol: Connection) -> None:
+        host = self._counted.pop(protocol, None)
+        if host is not None:
+            n = self._by_client[host] - 1
+            if n:
+                self._by_client[host] = n
+            else:
+                del self._by_client[host]
+
+    def client_connections(self, host: str) -> int:
+        """Open connections counted under ``host`` (0 without a cap)."""
+        return self._by_client.get(host, 0)
 
     async def shutdown(self, timeout: float) -> None:
         """Close idle connections now and the others once their response is out;

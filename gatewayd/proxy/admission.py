@@ -12,9 +12,10 @@ The policy seam. The gate owns counting, timers and waking; what may change
 from route to route is pluggable without touching it:
 
 - the queue order: a ``Discipline`` (push, pop, remove, len, iterate) chosen by
-  name from ``ORDERS``; ``Fifo`` is today's only one. A fair (round-robin per
-  client, SPEC §10) or priority order (SPEC §12) is a class beside it and one
-  entry in ``ORDERS``; the gate never looks inside a discipline.
+  name from ``ORDERS``: ``Fifo``, and ``Fair`` (round-robin across clients, FIFO
+  within one, SPEC §10). A priority order (SPEC §12) is a class beside them and
+  one entry in ``ORDERS``; the gate never looks inside a discipline. ``set_policy``
+  changes a gate's order in place (a reload), moving its waiters over.
 - the limit: ``limit`` is a plain int read on the fast path, moved only by
   ``set_limits`` (reload, ``set_limit``; an adaptive controller, SPEC §13, is
   one more caller), which admits waiters at once when it rises.
@@ -23,18 +24,24 @@ from route to route is pluggable without touching it:
   as its answer: the queue timeout today, ``preempted`` or ``deadline`` next. A
   rule that refuses an arrival with a status of its own (``client_queue_full``,
   ``overloaded``) is asked by the gateway between ``try_enter`` and ``enqueue``,
-  where that status is answered and counted.
+  where that status is answered and counted. ``client_full`` is the per-client
+  bound (``max_queue_per_client``): the gateway asks it only when ``per_client``
+  is set, and only then does a FIFO queue count its waiters by client
+  (``Counted``; ``Fair`` keeps them by client anyway).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from operator import attrgetter
 from typing import Protocol
 
 ADMITTED = None
 QUEUE_FULL = "queue_full"
 QUEUE_TIMEOUT = "queue_timeout"
+CLIENT_QUEUE_FULL = "client_queue_full"
 
 
 class Waiter:
@@ -80,6 +87,15 @@ class Discipline(Protocol):
         ...
 
 
+class CountsClients(Discipline, Protocol):
+    """A discipline that knows how many queue places each client holds (the per-client
+    bound asks it)."""
+
+    def holding(self, client: str) -> int:
+        """Queue places ``client`` holds now."""
+        ...
+
+
 class Fifo:
     """First in, first out (SPEC §3)."""
 
@@ -111,24 +127,158 @@ class Fifo:
         return next(iter(self._waiters), None)
 
 
-# The queue orders by name (the names SPEC §10's ``queue_order`` will take);
-# every route uses "fifo" until that key exists.
+class Fair:
+    """Round-robin across clients, first in, first out within one (SPEC §10): the
+    next slot goes to the first client of a ring of the clients that wait, which
+    then moves to the ring's end (or leaves it, its last waiter gone); a client
+    that starts waiting joins at the end. A client with 400 waiters thus gets one
+    slot in each round, as does a client with one.
+
+    One ordered dict, client -> that client's waiters (an ordered dict too), in
+    ring order: push, pop and remove are O(1). ``oldest`` looks at each waiting
+    client's first waiter: O(clients), asked by snapshots only."""
+
+    __slots__ = ("_clients", "_count")
+
+    def __init__(self) -> None:
+        self._clients: OrderedDict[str, OrderedDict[Waiter, None]] = OrderedDict()
+        self._count = 0
+
+    def push(self, waiter: Waiter) -> None:
+        clients = self._clients
+        mine = clients.get(waiter.client)
+        if mine is None:
+            mine = clients[waiter.client] = OrderedDict()
+        mine[waiter] = None
+        self._count += 1
+
+    def pop(self) -> Waiter:
+        clients = self._clients
+        client, mine = next(iter(clients.items()))
+        waiter = mine.popitem(last=False)[0]
+        if mine:
+            clients.move_to_end(client)
+        else:
+            del clients[client]
+        self._count -= 1
+        return waiter
+
+    def remove(self, waiter: Waiter) -> bool:
+        mine = self._clients.get(waiter.client)
+        if mine is None or mine.pop(waiter, False) is not None:
+            return False
+        if not mine:
+            del self._clients[waiter.client]
+        self._count -= 1
+        return True
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Waiter]:
+        """Admission order: each waiting client's first waiter in ring order, then
+        each one's second, and so on (what ``pop`` would give if nobody came or went)."""
+        rounds = [iter(mine) for mine in self._clients.values()]
+        while rounds:
+            left = []
+            for it in rounds:
+                waiter = next(it, None)
+                if waiter is not None:
+                    yield waiter
+                    left.append(it)
+            rounds = left
+
+    def oldest(self) -> Waiter | None:
+        firsts = [next(iter(mine)) for mine in self._clients.values()]
+        return min(firsts, key=_since) if firsts else None
+
+    def holding(self, client: str) -> int:
+        mine = self._clients.get(client)
+        return 0 if mine is None else len(mine)
+
+
+class Counted:
+    """Another discipline (FIFO) with its waiters counted by client: what a route with
+    ``max_queue_per_client`` and an order that does not count by itself uses, so
+    that a route without the bound counts nothing."""
+
+    __slots__ = ("_counts", "inner")
+
+    def __init__(self, inner: Discipline) -> None:
+        self.inner = inner
+        self._counts: dict[str, int] = {}
+        for waiter in inner:  # (a bound set on a route with waiters)
+            self._counts[waiter.client] = self._counts.get(waiter.client, 0) + 1
+
+    def push(self, waiter: Waiter) -> None:
+        self.inner.push(waiter)
+        counts = self._counts
+        counts[waiter.client] = counts.get(waiter.client, 0) + 1
+
+    def _out(self, client: str) -> None:
+        counts = self._counts
+        n = counts[client] - 1
+        if n:
+            counts[client] = n
+        else:
+            del counts[client]
+
+    def pop(self) -> Waiter:
+        waiter = self.inner.pop()
+        self._out(waiter.client)
+        return waiter
+
+    def remove(self, waiter: Waiter) -> bool:
+        if not self.inner.remove(waiter):
+            return False
+        self._out(waiter.client)
+        return True
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[Waiter]:
+        return iter(self.inner)
+
+    def oldest(self) -> Waiter | None:
+        return self.inner.oldest()
+
+    def holding(self, client: str) -> int:
+        return self._counts.get(client, 0)
+
+
+_since = attrgetter("since")
+
+# The queue orders by name: the values of a route's ``queue_order`` (SPEC §10).
 ORDERS: dict[str, Callable[[], Discipline]] = {
     "fifo": Fifo,
+    "fair": Fair,
 }
+
+
+def discipline(order: str, per_client: int) -> Discipline:
+    """The discipline for ``order``; one that counts waiters by client if ``per_client``
+    (a bound on them) is set and the order does not count them itself."""
+    made = ORDERS[order]()
+    if per_client and not hasattr(made, "holding"):
+        return Counted(made)
+    return made
 
 
 class Gate:
     """At most ``limit`` holders; up to ``max_queue`` waiters, in the order of its
-    ``Discipline`` (``waiters``)."""
+    ``Discipline`` (``waiters``); at most ``per_client`` of them from one client when
+    it is set (0: no bound)."""
 
-    __slots__ = ("_loop", "in_flight", "limit", "max_queue", "queued", "waiters")
+    __slots__ = ("_loop", "in_flight", "limit", "max_queue", "order", "per_client", "queued", "waiters")
 
-    def __init__(self, limit: int, max_queue: int, order: str = "fifo") -> None:
+    def __init__(self, limit: int, max_queue: int, order: str = "fifo", per_client: int = 0) -> None:
         self.limit = limit
         self.max_queue = max_queue
         self.in_flight = 0
-        self.waiters: Discipline = ORDERS[order]()
+        self.order = order
+        self.per_client = per_client
+        self.waiters: Discipline = discipline(order, per_client)
         self.queued = 0  # len(waiters), kept here: the fast path and a shed call no method
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -141,6 +291,12 @@ class Gate:
 
     def queue_full(self) -> bool:
         return self.queued >= self.max_queue
+
+    def client_full(self, client: str) -> bool:
+        """Whether ``client`` holds ``per_client`` queue places already; asked only when
+        ``per_client`` is set (the discipline then counts by client)."""
+        waiters: CountsClients = self.waiters  # type: ignore[assignment]
+        return waiters.holding(client) >= self.per_client
 
     def enqueue(self, wake: Callable[[str | None], bool | None], timeout: float, method: str, path: str,
                 client: str) -> Waiter:
@@ -212,6 +368,26 @@ class Gate:
         if max_queue is not None:
             self.max_queue = max_queue
         self._admit()
+
+    def set_policy(self, order: str, per_client: int) -> None:
+        """Change the queue order and the per-client bound in place (a reload). A new
+        discipline takes every waiter over, in arrival order (FIFO within each client
+        whatever the orders), so nobody waiting is lost or jumps ahead of an earlier
+        waiter of its own client; a lower bound drops nobody already waiting."""
+        counted = bool(per_client)
+        self.per_client = per_client
+        waiters = self.waiters
+        if order == self.order:
+            if counted and not hasattr(waiters, "holding"):
+                self.waiters = Counted(waiters)
+            elif not counted and isinstance(waiters, Counted):
+                self.waiters = waiters.inner  # a route without the bound counts nothing
+            return
+        new = discipline(order, per_client)
+        for waiter in sorted(waiters, key=_since):
+            new.push(waiter)
+        self.waiters = new
+        self.order = order
 
     def oldest_wait(self, now: float) -> float:
         """Seconds the longest waiter has waited; 0 when nobody waits."""

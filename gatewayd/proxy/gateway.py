@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from ..http.body import BodyTimeout, BodyTooLarge, BufferFull, RequestBody
 from ..http.checks import Refused, origin_target
 from ..http.responses import body_size, prebuilt
-from .admission import ADMITTED, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
+from .admission import ADMITTED, CLIENT_QUEUE_FULL, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .exchange import Exchange, UpstreamFailure, raising
 
 if TYPE_CHECKING:
@@ -96,6 +96,8 @@ class Gateway:
         elif gate.queue_full():
             stats.queue_full += 1
             self._refuse(request, route, 503, QUEUE_FULL, start)
+        elif gate.per_client and gate.client_full(request.client):
+            self._client_queue_full(request, route, start)
         else:
             # counted from here, queued or not: a replaced upstream closes only after
             # the last request that chose it is done
@@ -231,6 +233,9 @@ class Gateway:
             stats.queue_full += 1
             body.close()
             self._refuse(request, route, 503, QUEUE_FULL, start)
+        elif gate.per_client and gate.client_full(request.client):
+            body.close()
+            self._client_queue_full(request, route, start)
         else:
             route.upstream.enter()
             queued = _Queued(self, request, route, target, start, body)
@@ -242,6 +247,14 @@ class Gateway:
                       body: RequestBody) -> None:
         ex = Exchange(request, route, route.forward_path(target), start, body)
         self.handover(ex, route.upstream.serve(ex))
+
+    def _client_queue_full(self, request: Request, route: Route, start: float) -> None:
+        """The request's client holds its route's ``max_queue_per_client`` queue places
+        already (SPEC §10): 429, never queued."""
+        stats = route.stats
+        stats.client_queue_full += 1
+        stats.clients.count(request.client, CLIENT_QUEUE_FULL)
+        self._refuse(request, route, 429, CLIENT_QUEUE_FULL, start)
 
     def _refuse(self, request: Request, route: Route, status: int, reason: str, start: float) -> None:
         """Answer without forwarding (413, 503): the body, if any, is not read further.

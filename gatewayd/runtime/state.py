@@ -106,6 +106,11 @@ class Runtime:
     def _share(self, total: int, minimum: int) -> int:
         return share(total, self.worker_index, self.worker_count, minimum)
 
+    def _per_client(self, total: int) -> int:
+        """This worker's share of a per-client cap (0: none). A client's connections
+        spread over the workers as the kernel hashes them, so each enforces its share."""
+        return self._share(total, 1) if total else 0
+
     def _route_limits(self, rc: RouteConfig) -> tuple[int, int]:
         mc, mq = self.overrides.limits(rc)
         return self._share(mc, 1), self._share(mq, 0)
@@ -340,7 +345,9 @@ class Runtime:
     def _apply_limits(self) -> None:
         for route in self.table.routes.values():
             route.gate.set_limits(*self._route_limits(route.config))
+            route.gate.set_policy(route.config.queue_order, self._per_client(route.config.max_queue_per_client))
         self.acceptor.set_limit(self._share(self.config.server.max_connections, 1))
+        self.server.set_client_limit(self._per_client(self.config.server.max_connections_per_client))
         self.body_memory.limit = self._share(self.config.server.request_buffer_memory, 0)
 
     def set_share(self, index: int, count: int) -> None:

@@ -49,7 +49,7 @@ class Quantiles(TypedDict):
 class RouteCounters(TypedDict):
     """A route's counters and histograms, as :meth:`RouteStats.export` gives them:
     all summable over workers. ``responses`` by class (``RESPONSE_CLASSES``),
-    ``codes`` by status, ``rejected`` by reason (queue_full, queue_timeout),
+    ``codes`` by status, ``rejected`` by reason (queue_full, queue_timeout, client_queue_full),
     ``upstream_errors`` by reason. ``latency`` holds the responses the upstream
     made (its count is the route's ``served``), ``gateway_latency`` the answers the
     gateway made itself (sheds, refusals, errors it answered: ``gateway_answers``)."""
@@ -151,6 +151,7 @@ class RouteStats:
     __slots__ = (
         "cancelled_in_flight",
         "cancelled_queued",
+        "client_queue_full",
         "clients",
         "codes",
         "gateway_latency",
@@ -168,6 +169,7 @@ class RouteStats:
         self.codes: dict[int, int] = {}
         self.queue_full = 0
         self.queue_timeout = 0
+        self.client_queue_full = 0  # 429: the client held max_queue_per_client places already
         self.cancelled_queued = 0
         self.cancelled_in_flight = 0
         self.upstream_errors: dict[str, int] = {}
@@ -220,7 +222,8 @@ class RouteStats:
             "requests": self.requests,
             "responses": dict(zip(RESPONSE_CLASSES, self.responses[1:], strict=True)),
             "codes": {str(c): n for c, n in self.codes.items()},
-            "rejected": {"queue_full": self.queue_full, "queue_timeout": self.queue_timeout},
+            "rejected": {"queue_full": self.queue_full, "queue_timeout": self.queue_timeout,
+                         "client_queue_full": self.client_queue_full},
             "cancelled_queued": self.cancelled_queued,
             "cancelled_in_flight": self.cancelled_in_flight,
             "upstream_errors": dict(self.upstream_errors),

@@ -65,3 +65,18 @@ def test_refusal_counts_stay_bounded_and_keep_the_heaviest():
     assert kept["192.0.2.1"] == {"rate_limited": 10_000}
     counts.count("192.0.2.1", "client_queue_full")
     assert counts.export()["192.0.2.1"] == {"rate_limited": 10_000, "client_queue_full": 1}
+
+
+async def test_client_queue_full_refusals_are_counted_per_client(start_gateway, upstream):
+    """max_queue_per_client = 1: 127.0.0.7 asks three times while the slot is held; two
+    are refused 429 client_queue_full, and the clients command counts them against it."""
+    gw = await start_gateway(app_route(upstream.url, max_concurrency=1, max_queue_per_client=1))
+    _, holder = await asyncio.open_connection("127.0.0.1", gw.port)
+    holder.write(b"GET /slow?ms=5000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await wait_for(lambda: upstream.active == 1)
+    writers = await _queue_from(gw.port, "127.0.0.7", 3)
+    await wait_for(lambda: gw.runtime.table.routes["app"].stats.client_queue_full == 2)
+    answer = await gw.command({"cmd": "clients", "route": "app"})
+    assert answer["clients"] == [{"client": "127.0.0.7", "queued": 1, "rate_limited": 0, "client_queue_full": 2}]
+    for w in [holder, *writers]:
+        w.close()

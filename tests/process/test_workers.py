@@ -351,7 +351,9 @@ async def test_control_commands_answer_as_one_process_does(gateway_process, upst
     gp = gateway_process(app(upstream.url, 2), workers=2)
     port = port_of(gp)
     await asyncio.to_thread(wait_for_workers, gp, 2)
-    tasks = [asyncio.create_task(fresh_get(port, "/slow?ms=1500")) for _ in range(8)]
+    # 1 s each: when the kernel gives all 8 to one worker, the last still ends within
+    # queue_timeout and the client's 10 s (1.5 s each did not, 0 from a loaded machine)
+    tasks = [asyncio.create_task(fresh_get(port, "/slow?ms=1000")) for _ in range(8)]
 
     def queued() -> dict | None:
         answer = gp.command({"cmd": "queue", "route": "app"})
