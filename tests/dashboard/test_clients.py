@@ -82,17 +82,25 @@ async def _queue_from(port: int, source: str, n: int) -> list[asyncio.StreamWrit
 
 async def test_the_clients_pane_shows_who_holds_the_queue_and_polls_only_while_shown(
         start_gateway, upstream, tmp_path: Path) -> None:
-    """1. route slow (one slot) held by a 8 s request; 127.0.0.5 queues 3 requests,
-    127.0.0.6 one 2. the dashboard, through a relay counting commands, never asks for
-    clients while the pane is hidden 3. cursor on slow, `c`: the pane replaces the
-    events and draws 127.0.0.5 with 3 places first, then 127.0.0.6 with 1 4. while
-    shown, about one clients command a second, not one a snapshot 5. `c` again: the
-    events are back and no clients command is sent any more."""
-    gw = await start_gateway(body(upstream.url))
+    """1. route slow (one slot, max_queue_per_client 3) held by a 8 s request;
+    127.0.0.5 sends 4 requests: 3 queue, the 4th is refused 429 client_queue_full;
+    127.0.0.6 queues one 2. the dashboard, through a relay counting commands, never
+    asks for clients while the pane is hidden 3. cursor on slow, `c`: the pane replaces
+    the events and draws 127.0.0.5 with 3 places and 1 capped first, then 127.0.0.6
+    with 1; under it the route's 429 total 4. while shown, about one clients command a
+    second, not one a snapshot 5. `c` again: the events are back and no clients
+    command is sent any more."""
+    gw = await start_gateway(body(upstream.url).replace("queue_timeout = 10.0", "queue_timeout = 10.0\n"
+                                                        "max_queue_per_client = 3"))
     _, holder = await asyncio.open_connection("127.0.0.1", gw.port)
     holder.write(b"GET /slow/hold?ms=8000 HTTP/1.1\r\nHost: x\r\n\r\n")
     await wait_for(lambda: upstream.active == 1)
-    writers = [holder, *await _queue_from(gw.port, "127.0.0.5", 3), *await _queue_from(gw.port, "127.0.0.6", 1)]
+    writers = [holder, *await _queue_from(gw.port, "127.0.0.5", 3)]
+    await wait_for(lambda: gw.runtime.table.routes["slow"].gate.queued == 3, timeout=10)
+    refused_reader, refused = await asyncio.open_connection("127.0.0.1", gw.port, local_addr=("127.0.0.5", 0))
+    refused.write(b"GET /slow/q?ms=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(refused_reader.readline(), 10)).startswith(b"HTTP/1.1 429")
+    writers += [refused, *await _queue_from(gw.port, "127.0.0.6", 1)]
     app = DashboardApp(tmp_path / "relay.sock", interval=0.1)
     try:
         async with relay(gw.socket_path, tmp_path / "relay.sock") as seen, app.run_test(size=SIZE):
@@ -110,7 +118,8 @@ async def test_the_clients_pane_shows_who_holds_the_queue_and_polls_only_while_s
             assert pane.border_title == "Clients: slow"
             lines = [line.split() for line in drawn(pane).splitlines() if line.strip()]
             assert lines[0] == ["client", "queued", "limited", "capped"]
-            assert lines[1] == ["127.0.0.5", "3", "0", "0"] and lines[2] == ["127.0.0.6", "1", "0", "0"]
+            assert lines[1] == ["127.0.0.5", "3", "0", "1"] and lines[2] == ["127.0.0.6", "1", "0", "0"]
+            await wait_for(lambda: "capped 1" in str(pane.border_subtitle), timeout=5)
 
             polls, snapshots, start = seen["clients"], seen["snapshot"], time.monotonic()
             await wait_for(lambda: seen["snapshot"] >= snapshots + 25, timeout=15)
