@@ -26,7 +26,8 @@ from gatewayd.exits import EXIT_CONFIG
 
 from . import fmt
 from .client import Feed
-from .messages import CommandReply, Connected, Disconnected, QueueReceived, SnapshotReceived
+from .clients import ClientsPane, unknown_command
+from .messages import ClientsReceived, CommandReply, Connected, Disconnected, QueueReceived, SnapshotReceived
 from .model import (
     SORT_COLUMNS,
     Event,
@@ -41,6 +42,7 @@ from .model import (
     most_pressed,
     num_at,
     ordered,
+    reports_refusals,
     route_views,
     server_views,
     totals,
@@ -52,14 +54,13 @@ from .socketpath import ConfigProblem, socket_from_config
 from .trends import Trends
 from .widgets import (
     COLUMNS,
-    NARROW,
-    WIDE_WIDTH,
+    WIDE_429,
     EventPane,
     HelpScreen,
     StatusBar,
     Summary,
     XRay,
-    narrow_cells,
+    layout,
     row_cells,
 )
 
@@ -77,6 +78,7 @@ class DashboardApp(App[int]):
         Binding("minus", "limit(-1)", "-limit"),
         Binding("l", "limits", "Limits"),
         Binding("u", "upstreams", "Upstreams"),
+        Binding("c", "clients", "Clients"),
         Binding("a", "follow", "X-ray auto", show=False),
         Binding("s", "sort", "Sort"),
         Binding("S", "reverse", "Reverse", show=False),
@@ -107,6 +109,9 @@ class DashboardApp(App[int]):
         self._trends_drawn = 0.0
         self.xray_pinned = False  # the operator picked the X-ray's route (moved the cursor)
         self.xray_route: str | None = None
+        self._table_width = 0  # cells the routes table's columns may take
+        self._refusals = False  # the gatewayd counts 429 refusals: the wide layout may show them
+        self.clients_answer: tuple[str, dict[str, Any]] | None = None  # the last clients answer, and its route
 
     # -- layout --------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -118,6 +123,7 @@ class DashboardApp(App[int]):
         self.upstream_pane = UpstreamPane(id="upstreams")
         self.xray = XRay(id="xray")
         self.event_pane = EventPane(id="events")
+        self.clients_pane = ClientsPane(id="clients")
         yield self.status_bar
         yield self.summary
         yield self.table
@@ -126,6 +132,7 @@ class DashboardApp(App[int]):
             yield self.upstream_pane
             yield self.xray
             yield self.event_pane
+            yield self.clients_pane
         yield Footer()
 
     def on_mount(self) -> None:
@@ -133,6 +140,7 @@ class DashboardApp(App[int]):
         self.event_pane.border_title = "Events"
         self.upstream_pane.border_title = "Upstreams"
         self.upstream_pane.display = False
+        self.clients_pane.display = False
         self.table.focus()
         self._show_sort()
         self._show_status()
@@ -142,8 +150,12 @@ class DashboardApp(App[int]):
 
     def on_resize(self, event: events.Resize) -> None:
         # the routes table's border takes 2 cells, its scroll bar 1
-        wide = event.size.width >= WIDE_WIDTH + 3
-        self.table.set_columns(COLUMNS if wide else NARROW, row_cells if wide else narrow_cells)
+        self._table_width = event.size.width - 3
+        self._set_layout()
+
+    def _set_layout(self) -> None:
+        """The routes table's columns for the terminal's width and what the gatewayd counts."""
+        self.table.set_columns(*layout(self._table_width, self._refusals))
         self._show_sort()
 
     def toast(self, message: str, title: str = "", severity: SeverityLevel = "information",
@@ -189,6 +201,9 @@ class DashboardApp(App[int]):
         self.window.push(sample)
         base = self.window.base()
         self.views = route_views(sample, base)
+        if reports_refusals(self.views) != self._refusals:
+            self._refusals = not self._refusals
+            self._set_layout()
         self.now = totals(sample, base)
         self.history.add(self.now)
         self.last = sample
@@ -200,6 +215,11 @@ class DashboardApp(App[int]):
         self.full_queue = (msg.route, msg.waiters)
         if not self.paused:
             self._show_xray()
+
+    def on_clients_received(self, msg: ClientsReceived) -> None:
+        self.clients_answer = (msg.route, msg.reply)
+        if not self.paused:
+            self._show_clients()
 
     def on_command_reply(self, msg: CommandReply) -> None:
         req, rep = msg.request, msg.reply
@@ -238,6 +258,7 @@ class DashboardApp(App[int]):
             self._trends_drawn = now
             self.trends.show(self.history, self.now)
         self._show_xray()
+        self._show_clients()
         self.upstream_pane.show(server_views(self.last))
         self._show_status()
 
@@ -253,6 +274,18 @@ class DashboardApp(App[int]):
             listed = waiters(self.full_queue[1])
         self.xray.show(route, listed, queued, following=auto is not None)
 
+    def _show_clients(self) -> None:
+        if not self.clients_pane.display:
+            return
+        route = self.table.selected
+        answer = None
+        if self.clients_answer is not None:
+            asked, reply = self.clients_answer
+            # an older gatewayd's "unknown cmd" holds for every route
+            if asked == route or unknown_command(reply):
+                answer = reply
+        self.clients_pane.show(route, answer, dig(find_route(self.last, route), "rejected"))
+
     def _show_status(self) -> None:
         icon = {"ok": "●", "down": "✖", "waiting": "…"}[self.state]
         extras = [] if self.state != "ok" else ["? help"]
@@ -267,7 +300,7 @@ class DashboardApp(App[int]):
             table.border_title = title
 
     def _sort_label(self) -> str:
-        label = next(c.label for c in COLUMNS if c.key == self.sort_column)
+        label = next(c.label for c in WIDE_429 if c.key == self.sort_column)
         ascending = (self.sort_column == "name") != self.sort_reverse
         return f"{label} {'▲' if ascending else '▼'}"
 
@@ -326,6 +359,9 @@ class DashboardApp(App[int]):
         if msg.by_user:
             self.xray_pinned = True
         self._show_xray()
+        if self.clients_pane.display:
+            self.feed.watch_clients(self.table.selected)
+            self._show_clients()
 
     def action_follow(self) -> None:
         self.xray_pinned = False
@@ -336,6 +372,14 @@ class DashboardApp(App[int]):
         self.trends.display = not self.upstream_pane.display
         if self.trends.display:
             self.trends.show(self.history, self.now)
+
+    def action_clients(self) -> None:
+        """Show the top clients of the route under the cursor in place of the events
+        (asked for about once a second while shown, never while hidden), and back."""
+        shown = self.clients_pane.display = not self.clients_pane.display
+        self.event_pane.display = not shown
+        self.feed.watch_clients(self.table.selected if shown else None)
+        self._show_clients()
 
     def action_limits(self) -> None:
         route = self.table.selected

@@ -2,7 +2,8 @@
 
 One :class:`Feed` owns one connection: it asks for a snapshot every
 ``interval`` seconds, and between two snapshots sends the commands the app
-queued (reload, set_limit) and the X-ray's ``queue`` request, one at a time,
+queued (reload, set_limit), the X-ray's ``queue`` request and, about once a
+second while the clients pane is shown, the ``clients`` request, one at a time,
 each answered before the next. It posts what it learns as messages; when the
 daemon is gone it says so and tries again with a growing delay.
 """
@@ -19,7 +20,8 @@ from typing import Any
 
 from textual.message import Message
 
-from .messages import CommandReply, Connected, Disconnected, QueueReceived, SnapshotReceived
+from .clients import CLIENTS_EVERY, CLIENTS_TOP, unknown_command
+from .messages import ClientsReceived, CommandReply, Connected, Disconnected, QueueReceived, SnapshotReceived
 from .model import dig, number
 
 READ_LIMIT = 64 * 1024 * 1024  # a snapshot of many routes is one long line
@@ -27,6 +29,7 @@ REQUEST_TIMEOUT = 5.0  # a daemon that does not answer within this counts as gon
 COMMAND_TIMEOUT = 60.0  # a reload may take a while (new upstreams, binds)
 BACKOFF_MIN = 0.25
 BACKOFF_MAX = 2.0
+WAKE: dict[str, Any] = {}  # put among the commands: look again at what is due (the clients pane opened)
 
 
 class ProtocolError(Exception):
@@ -94,6 +97,18 @@ class Feed:
         self.xray_route: str | None = None  # set by the app: the selected route
         self.connected = False
         self._commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._clients_route: str | None = None  # the clients pane's route; None while it is hidden
+        self._clients_asked: tuple[str, float] | None = None  # route and loop time of the last clients request
+        self._clients_unknown = False  # this connection's gatewayd has no clients command
+
+    def watch_clients(self, route: str | None) -> None:
+        """Ask for ``route``'s clients about once a second from now on (at once for a
+        new route); None: stop asking (the pane is hidden)."""
+        if route == self._clients_route:
+            return
+        self._clients_route = route
+        if route is not None and self.connected:
+            self._commands.put_nowait(WAKE)
 
     def send(self, request: dict[str, Any]) -> None:
         """Queue a command; its answer comes back as :class:`CommandReply`."""
@@ -132,6 +147,7 @@ class Feed:
     async def _serve(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
+        self._clients_asked, self._clients_unknown = None, False  # another gatewayd, maybe a newer one
         while True:
             answer = await conn.request({"cmd": "snapshot"})
             snap = answer.get("snapshot")
@@ -141,10 +157,16 @@ class Feed:
             await self._xray(conn, snap)
             next_tick = max(next_tick + self.interval, loop.time())
             while (left := next_tick - loop.time()) > 0:
+                due = self._clients_due(loop.time())
+                if due is not None and due <= 0:
+                    await self._clients(conn)
+                    continue
                 try:
-                    request = await asyncio.wait_for(self._commands.get(), left)
+                    request = await asyncio.wait_for(self._commands.get(), left if due is None else min(left, due))
                 except TimeoutError:
-                    break
+                    continue
+                if request is WAKE:
+                    continue
                 try:
                     reply = await conn.request(request, COMMAND_TIMEOUT)
                 except (OSError, TimeoutError, ValueError, ProtocolError) as exc:
@@ -166,7 +188,28 @@ class Feed:
         if answer.get("ok") is True and isinstance(answer.get("waiters"), list):
             self.post(QueueReceived(route, answer["waiters"]))
 
+    def _clients_due(self, now: float) -> float | None:
+        """Seconds until the next clients request (0 or less: now); None: none to send."""
+        route = self._clients_route
+        if route is None or self._clients_unknown:
+            return None
+        if self._clients_asked is None or self._clients_asked[0] != route:
+            return 0.0
+        return self._clients_asked[1] + CLIENTS_EVERY - now
+
+    async def _clients(self, conn: Connection) -> None:
+        route = self._clients_route
+        if route is None:
+            return
+        self._clients_asked = (route, asyncio.get_running_loop().time())
+        answer = await conn.request({"cmd": "clients", "route": route, "top": CLIENTS_TOP})
+        # an older gatewayd will not learn the command on this connection: stop asking
+        self._clients_unknown = unknown_command(answer)
+        self.post(ClientsReceived(route, answer))
+
     def _fail_queued(self) -> None:
         while not self._commands.empty():
             request = self._commands.get_nowait()
+            if request is WAKE:
+                continue
             self.post(CommandReply(request, {"ok": False, "error": "connection lost before the answer"}))

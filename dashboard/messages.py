@@ -47,3 +47,12 @@ class CommandReply(Message):
 
     request: dict[str, Any]
     reply: dict[str, Any]
+
+
+@dataclass
+class ClientsReceived(Message):
+    """The answer to the ``clients`` command for the clients pane's route (``ok``
+    false too: an older gatewayd says ``unknown cmd``)."""
+
+    route: str
+    reply: dict[str, Any]

@@ -119,6 +119,10 @@ class RouteView:
     cancelled: float | None
     upstream_errors: float | None
     error_rps: float | None  # upstream errors per second
+    # 429s for a client's own excess; None from a gatewayd (or a route) that does not count them
+    rate_limited: float | None = None
+    client_queue_full: float | None = None
+    refused_rps: float | None = None  # both per second
 
     def sort_value(self, column: str) -> Any:
         return getattr(self, column, None)
@@ -135,6 +139,19 @@ def _rejected(r: dict[str, Any]) -> tuple[float | None, float | None, float | No
     full, tmo = number(rej.get("queue_full")), number(rej.get("queue_timeout"))
     both = None if full is None and tmo is None else (full or 0.0) + (tmo or 0.0)
     return full, tmo, both
+
+
+def _refused(r: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """rate_limited, client_queue_full and their sum (None only when both are missing)."""
+    rej = _table(r, "rejected")
+    limited, capped = number(rej.get("rate_limited")), number(rej.get("client_queue_full"))
+    both = None if limited is None and capped is None else (limited or 0.0) + (capped or 0.0)
+    return limited, capped, both
+
+
+def reports_refusals(views: Iterable[RouteView]) -> bool:
+    """Whether any route counts 429 refusals (a gatewayd that knows them)."""
+    return any(v.rate_limited is not None or v.client_queue_full is not None for v in views)
 
 
 def _shed(r: dict[str, Any]) -> float | None:
@@ -169,6 +186,7 @@ def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
     for r in cur.routes():
         old = before.get(r["name"], {})
         full, tmo, rejected = _rejected(r)
+        limited, capped, refused = _refused(r)
         errors = number(r.get("upstream_errors"))
         latency = _table(r, "latency_ms")
         out.append(RouteView(
@@ -189,12 +207,15 @@ def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
             cancelled=number(r.get("cancelled")),
             upstream_errors=errors,
             error_rps=rate(errors, number(old.get("upstream_errors")), dt),
+            rate_limited=limited,
+            client_queue_full=capped,
+            refused_rps=rate(refused, _refused(old)[2], dt),
         ))
     return out
 
 
 SORT_COLUMNS = ("name", "in_flight", "queued", "oldest_wait_ms", "served_rps", "shed_rps", "p50", "p99",
-                "queue_full", "queue_timeout", "cancelled", "upstream_errors")
+                "queue_full", "queue_timeout", "cancelled", "upstream_errors", "rate_limited", "client_queue_full")
 
 
 def pressure(v: RouteView) -> tuple[float, float]:

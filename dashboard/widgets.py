@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from rich.table import Table
@@ -17,7 +18,7 @@ from .panes import servers_summary
 from .routetable import Cell, Column
 
 # --------------------------------------------------------------------------- routes table
-# Two layouts of the same rows. WIDE needs WIDE_WIDTH cells inside the border; a
+# Layouts of the same rows (see layout()). WIDE needs WIDE_WIDTH cells inside the border; a
 # narrower terminal (80x24) gets NARROW: every figure an operator needs in an
 # incident on one line, the oldest waiter's age in the X-ray, the 503s summed in
 # shed/s, cancellations and upstream errors as totals.
@@ -46,6 +47,13 @@ NARROW = (
     Column("cancelled", "Cancel", 6),
     Column("upstream_errors", "UpErr", 5),
 )
+# With a gatewayd that counts 429 refusals and a terminal wide enough, the wide
+# layout and the 429 totals by reason; else those are in the clients pane (c).
+WIDE_429 = (
+    *COLUMNS,
+    Column("rate_limited", "429 rate", 8),
+    Column("client_queue_full", "429 cap", 8),
+)
 BAR = 7
 
 
@@ -55,6 +63,7 @@ def width_of(columns: tuple[Column, ...]) -> int:
 
 
 WIDE_WIDTH = width_of(COLUMNS)
+WIDE_429_WIDTH = width_of(WIDE_429)
 
 
 def _load_style(value: float | None, limit: float | None) -> str:
@@ -89,6 +98,22 @@ def row_cells(v: RouteView) -> tuple[Cell, ...]:
     cells["queue_full"] = (fmt.count(v.queue_full), rejecting)
     cells["queue_timeout"] = (fmt.count(v.queue_timeout), rejecting)
     return tuple(cells[c.key] for c in COLUMNS)
+
+
+def row_cells_429(v: RouteView) -> tuple[Cell, ...]:
+    """The wide row and the route's 429 totals by reason, in WIDE_429 order."""
+    refusing = "bold red" if v.refused_rps else ""
+    return (*row_cells(v), (fmt.count(v.rate_limited), refusing), (fmt.count(v.client_queue_full), refusing))
+
+
+def layout(width: int, refusals: bool) -> tuple[tuple[Column, ...], Callable[[RouteView], tuple[Cell, ...]]]:
+    """The routes table's columns for a table ``width`` cells wide (inside its border
+    and scroll bar); ``refusals``: the gatewayd counts 429 refusals."""
+    if refusals and width >= WIDE_429_WIDTH:
+        return WIDE_429, row_cells_429
+    if width >= WIDE_WIDTH:
+        return COLUMNS, row_cells
+    return NARROW, narrow_cells
 
 
 def narrow_cells(v: RouteView) -> tuple[Cell, ...]:
@@ -284,6 +309,7 @@ HELP = """\
   [b]+[/b] / [b]=[/b]    raise its max_concurrency by 1   [b]-[/b]  lower it by 1; live until the next reload
   [b]a[/b]        the X-ray follows the most pressed route again (moving the cursor picks one)
   [b]u[/b]        the upstreams' servers and their state in place of the trends, and back
+  [b]c[/b]        the selected route's top clients in place of the events, and back
   [b]s[/b]        sort by the next column      [b]S[/b]  reverse the order (or click a header)
   [b]p[/b]        pause / resume the screen (data keeps being collected)
   [b]?[/b]        this help                     [b]q[/b]  quit
@@ -291,11 +317,14 @@ HELP = """\
 [b]Routes[/b]  in flight / max_concurrency, queued / max_queue, (wide: the oldest waiter's age),
   served/s (answered by the upstream) and shed/s (answered by the gateway: 503s, errors)
   over the last second, p50 and p99 of served requests, (wide: 503 totals by reason),
-  cancellations and upstream errors (totals; red while rising).
+  cancellations and upstream errors (totals; red while rising); 158 columns and more:
+  429 totals by reason when the gatewayd counts them (else under the clients pane).
 [b]X-ray[/b]   the waiters of the most pressed route (deepest queue, then oldest waiter),
   or of the route under the cursor once you move it.
 [b]Trends[/b]  the last minutes, one point an update: req/s, queued requests (all routes),
   event-loop lag, GC pause milliseconds per second.
+[b]Clients[/b] who floods the selected route: the most queue places now, then the most 429s since
+  start (limited: rate_limited, capped: client_queue_full); asked for once a second while shown.
 [b]Events[/b]  reloads with their changes or error, limit changes, connection lost and restored.
 
 Press [b]?[/b] or [b]Esc[/b] to close."""
