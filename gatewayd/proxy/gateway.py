@@ -117,9 +117,11 @@ class Gateway:
     def _rate_limited(self, request: Request, route: Route, start: float, wait: int) -> None:
         """A request over its route's rate_limit: 429 with its key's Retry-After (``wait``
         seconds), at arrival: no body read, never queued, never forwarded."""
-        route.stats.rate_limited += 1
+        stats = route.stats
+        stats.rate_limited += 1
+        stats.clients.count(request.client, RATE_LIMITED)  # (the clients command: who is flooding)
         answer(request, 429, RATE_LIMITED, str(wait))
-        route.stats.answered(429, self._loop.time() - start)
+        stats.answered(429, self._loop.time() - start)
         if self.serving.access_log.enabled:
             self._log(request, route, 429, body_size(429), start, RATE_LIMITED)
         request.protocol.finish(request)

@@ -157,6 +157,23 @@ async def test_routes_count_their_own_keys(start_gateway, upstream):
         await c.close()
 
 
+async def test_clients_command_names_the_rate_limited_clients(start_gateway, upstream):
+    """1. rate 0.2/s, burst 1 2. 127.0.0.8 sends four requests (three refused), 127.0.0.9
+    two (one refused) 3. the clients command ranks 127.0.0.8 first with 3 rate_limited."""
+    gw = await start_gateway(limited(upstream.url, 0.2, 1))
+    a, b = Client(gw.url, "127.0.0.8"), Client(gw.url, "127.0.0.9")
+    try:
+        assert [(await a.get())[0] for _ in range(4)] == [200, 429, 429, 429]
+        assert [(await b.get())[0] for _ in range(2)] == [200, 429]
+    finally:
+        await a.close()
+        await b.close()
+    answer = await gw.command({"cmd": "clients", "route": "app"})
+    assert answer["clients"] == [
+        {"client": "127.0.0.8", "queued": 0, "rate_limited": 3, "client_queue_full": 0},
+        {"client": "127.0.0.9", "queued": 0, "rate_limited": 1, "client_queue_full": 0}]
+
+
 async def test_reload_changes_the_rate_at_once(start_gateway, upstream):
     """1. rate 0.2/s, burst 1: admitted, then 429 with Retry-After 5 2. a reload raises
     the rate to 100/s: the key's next request is admitted at once (it owes at most one
