@@ -1,6 +1,6 @@
 """Memory per held client connection, gatewayd's side only.
 
-    python -m bench.conn_memory [--connections 10000] [--request [--body 100]] [--tls [--lean]]
+    python -m bench.conn_memory [--connections 10000] [--request [--body 100]] [--tls] [--batches 1]
 
 A Runtime runs in this process (one route to ``sized``, an in-process handler
 that answers at once with ``--body`` bytes, 100 by default); a
@@ -9,7 +9,14 @@ on each and reads its answer), then holds them; with ``--tls`` the listener
 terminates TLS (an ECDSA P-256 certificate made for the run) and every
 connection completes a handshake first. Reported: RSS growth per
 connection, and the Python objects each connection added (by type), so a
-change in the protocol's footprint shows where it comes from.
+change in the protocol's footprint shows where it comes from; twice: half a
+second after the last connection is held, and again once every connection has
+been idle past PARSER_IDLE and the server's sweep has dropped its HTTP parser.
+Memory freed by the sweep stays in the process's RSS (CPython's small-object
+arenas, glibc's heap) while other live objects share its pages; with
+``--batches 2`` a second batch opened after the sweep reuses it, and its growth
+is what one more idle connection costs a server whose idle connections are
+swept.
 """
 
 from __future__ import annotations
@@ -22,14 +29,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 from aiohttp import web
 
 from gatewayd.config.loader import parse
+from gatewayd.http.server import PARSER_IDLE, SWEEP_INTERVAL
 from gatewayd.process.single import new_loop
 from gatewayd.runtime.state import Runtime
 
 from .tls_memory import malloc_in_use
+
+SETTLE = PARSER_IDLE + SWEEP_INTERVAL + 1.0  # past the idle time after which the sweep drops a parser
 
 CLIENT = r"""
 import socket, ssl, sys
@@ -78,7 +89,7 @@ async def sized(request: web.BaseRequest) -> web.StreamResponse:
                         content_type="text/plain")
 
 
-async def measure(connections: int, request: bool, tls: bool = False, body: int = 100) -> None:
+async def measure(connections: int, request: bool, tls: bool = False, body: int = 100, batches: int = 1) -> None:
     folder = tempfile.mkdtemp(prefix="gatewayd-connmem-")
     port = free_port()
     listen = f'{{address = "127.0.0.1:{port}", tls = true}}' if tls else f'"127.0.0.1:{port}"'
@@ -99,7 +110,7 @@ key = "{pem.key}"
     text = f"""
 [server]
 listen = [{listen}]
-max_connections = {connections + 100}
+max_connections = {connections * batches + 100}
 [control]
 socket = "{folder}/gw.sock"
 [log]
@@ -113,44 +124,60 @@ upstream = "h"
 """ + tls_table
     runtime = Runtime(parse(text, "conn_memory.toml"))
     await runtime.start()
+    procs: list[asyncio.subprocess.Process] = []
+    samples: list[tuple[str, Sample]] = []
     try:
         gc.collect()
-        rss_before = rss_kib()
-        malloc_before = malloc_in_use()
-        before = collections.Counter(type(o).__name__ for o in gc.get_objects())
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", CLIENT, str(port), str(connections), "1" if request else "0", "1" if tls else "0",
-            str(body),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
+        start = sample()
+        for batch in range(1, batches + 1):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", CLIENT, str(port), str(connections), "1" if request else "0",
+                "1" if tls else "0", str(body), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            procs.append(proc)
+            assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), 120)
             if not line.startswith(b"ready"):
                 raise SystemExit("the client process failed")
             async with asyncio.timeout(30):
-                while runtime.connections < connections:
+                while runtime.connections < connections * batch:
                     await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
-            gc.collect()
-            rss_after = rss_kib()
-            malloc_after = malloc_in_use()
-            after = collections.Counter(type(o).__name__ for o in gc.get_objects())
-        finally:
+            samples.append((f"batch {batch}, 0.5 s after its last connection", sample()))
+            await asyncio.sleep(SETTLE)  # every parser dropped by the sweep
+            samples.append((f"batch {batch}, {SETTLE:g} s later, past the parser sweep", sample()))
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None
             proc.stdin.write(b"\n")
             await proc.stdin.drain()
             await proc.wait()
-    finally:
         await runtime.shutdown(1.0)
-    print(f"connections held: {connections}{' over TLS' if tls else ''}"
+    print(f"connections held: {connections} per batch{' over TLS' if tls else ''}"
           f"{f' (one request each, a {body:,}-byte answer)' if request else ''}")
-    print(f"RSS growth: {(rss_after - rss_before) / connections:.2f} KiB per connection")
-    print(f"malloc growth: {(malloc_after - malloc_before) / 1024 / connections:.2f} KiB per connection "
-          "(C allocations: OpenSSL, uvloop, Python objects over 512 bytes)")
-    print("objects added per connection:")
-    added = {k: (after[k] - before[k]) / connections for k in after
-             if after[k] - before[k] >= connections // 2}
-    for name, per in sorted(added.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:28s} {per:.2f}")
+    base = start
+    for when, now in samples:
+        print(f"{when} (growth since {'the start' if base is start else 'the previous batch was swept'}):")
+        print(f"  RSS growth: {(now.rss - base.rss) / connections:.2f} KiB per connection")
+        print(f"  malloc growth: {(now.malloc - base.malloc) / 1024 / connections:.2f} KiB per connection "
+              "(C allocations: OpenSSL, uvloop, Python objects over 512 bytes)")
+        print("  objects added per connection:")
+        added = {k: (now.objects[k] - base.objects[k]) / connections for k in now.objects
+                 if now.objects[k] - base.objects[k] >= connections // 2}
+        for name, per in sorted(added.items(), key=lambda kv: -kv[1]):
+            print(f"    {name:28s} {per:.2f}")
+        if "past the parser sweep" in when:
+            base = now
+
+
+class Sample(NamedTuple):
+    rss: int  # KiB
+    malloc: int  # bytes
+    objects: collections.Counter[str]  # Python objects by type
+
+
+def sample() -> Sample:
+    gc.collect()
+    return Sample(rss_kib(), malloc_in_use(), collections.Counter(type(o).__name__ for o in gc.get_objects()))
 
 
 def main() -> None:
@@ -159,15 +186,14 @@ def main() -> None:
     parser.add_argument("--request", action="store_true", help="send one request on each first")
     parser.add_argument("--body", type=int, default=100, help="with --request: the answer's body size")
     parser.add_argument("--tls", action="store_true", help="a TLS listener: a handshake on each first")
-    parser.add_argument("--lean", action="store_true",
-                        help="with --tls: bench/tls_lean.py's opener instead of uvloop's TLS transport")
+    parser.add_argument("--batches", type=int, default=1,
+                        help="batches of --connections, each opened once the previous one's parsers were "
+                             "dropped (their memory is then reused: the cost of a connection in a server "
+                             "whose idle connections are swept)")
     args = parser.parse_args()
-    if args.lean:
-        from .gatewayd_tlslean import patch
-        patch()
     loop = new_loop()
     try:
-        loop.run_until_complete(measure(args.connections, args.request, args.tls, args.body))
+        loop.run_until_complete(measure(args.connections, args.request, args.tls, args.body, args.batches))
     finally:
         loop.close()
 

@@ -118,13 +118,10 @@ def served_rate(upstream: Server, start: float, end: float) -> float:
 def start_proxy(env: Env, kind: str, upstream_port: int, limits: Limits | None = None,
                 nogate: bool = False, tls: Pem | None = None) -> Server:
     """Start the proxy ``kind`` (one of PROXIES) in front of ``upstream_port``; with ``tls``,
-    its listener terminates TLS with that certificate (TLS 1.2 and 1.3, session tickets on).
-    ``gatewayd-lean`` (TLS only): gatewayd with bench/tls_lean.py's TLS opener."""
+    its listener terminates TLS with that certificate (TLS 1.2 and 1.3, session tickets on)."""
     limits = limits or Limits()
     if kind == "gatewayd":
         return gatewayd(env, upstream_port, limits, nogate=nogate, tls=tls)
-    if kind == "gatewayd-lean" and tls is not None:
-        return gatewayd(env, upstream_port, limits, tls=tls, module="bench.gatewayd_tlslean")
     if kind == "nginx":
         return nginx_proxy(env, upstream_port, tls=tls)
     if kind == "haproxy":
@@ -187,15 +184,13 @@ def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits, t
     """) + os.environ.get("GATEWAYD_ROUTE_KEYS", "") + "\n"
 
 
-def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False, tls: Pem | None = None,
-             module: str | None = None) -> Server:
-    """gatewayd, one worker; ``nogate`` swaps the admission gate for a no-op (bench only);
-    ``module``: another entry point that patches gatewayd first (bench.gatewayd_tlslean)."""
+def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False, tls: Pem | None = None) -> Server:
+    """gatewayd, one worker; ``nogate`` swaps the admission gate for a no-op (bench only)."""
     d = env.folder("gatewayd")
     port = free_port()
     conf = d / "gatewayd.toml"
     conf.write_text(gatewayd_config(port, upstream_port, d / "gatewayd.sock", limits, tls))
-    module = module or ("bench.gatewayd_nogate" if nogate else "gatewayd")
+    module = "bench.gatewayd_nogate" if nogate else "gatewayd"
     argv = [env.python, "-m", module, "--config", str(conf)]
     name = "gatewayd" if module == "gatewayd" else module.removeprefix("bench.").replace("_", "-")
     proc = env.procs.start(name, argv, env.proxy_cpu, cwd=_repo())

@@ -2,8 +2,10 @@
 
 After a short warm-up (so allocator pools and upstream connections exist), the
 harness reads the proxy's RSS (all its processes), opens N connections, sends
-one request on each, reads the answer and leaves the connection open; a second
-later it checks they are all still open and reads the RSS again.
+one request on each, reads the answer and leaves the connection open; SETTLE
+seconds after the last answer (past gatewayd's PARSER_IDLE, so its sweep has
+dropped the HTTP parser of every connection, as on any connection idle for a
+while) it checks they are all still open and reads the RSS again.
 RSS per connection = delta / connections still open. Kernel socket buffers
 are not in any process's RSS and are not counted.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from gatewayd.http.server import PARSER_IDLE, SWEEP_INTERVAL
+
 from ..aio import run as run_async
 from ..client import Conn
 from ..context import Context
@@ -20,6 +24,9 @@ from ..report import Table, ratio
 from ..servers import Server, start_proxy
 
 PARALLEL = 200
+# gatewayd drops an idle connection's parser once it has been idle PARSER_IDLE, at its next
+# sweep (one every SWEEP_INTERVAL): wait past both, and a second more
+SETTLE = PARSER_IDLE + SWEEP_INTERVAL + 1.0
 
 
 def run(ctx: Context) -> list[Table]:
@@ -51,7 +58,7 @@ def run(ctx: Context) -> list[Table]:
 
 async def _hold(server: Server, n: int, tls: ssl.SSLContext | None = None) -> tuple[int, int]:
     """Open ``n`` connections (over ``tls`` if given) with one answered request each; return
-    how many are still open a second later and the proxy's RSS then; close them."""
+    how many are still open SETTLE seconds later and the proxy's RSS then; close them."""
     conns: list[Conn] = []
     answered: list[Conn] = []
     gate = asyncio.Semaphore(PARALLEL)
@@ -65,7 +72,7 @@ async def _hold(server: Server, n: int, tls: ssl.SSLContext | None = None) -> tu
 
     await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(SETTLE)
         held = sum(1 for c in answered if not c.closed)
         return held, server.proc.usage().rss
     finally:

@@ -17,9 +17,6 @@ nginx upstream as the throughput scenario, one core each, the load on the other.
   (1,000 req/s capacity) and limits: goodput as a share of capacity, over the
   whole run and steady (the backend's own count from 2 s in, after the
   handshakes).
-
-``gatewayd-lean`` (bench/tls_lean.py's opener patched into gatewayd) runs
-whenever gatewayd does: the prototype measured beside the real thing.
 """
 
 from __future__ import annotations
@@ -43,9 +40,7 @@ from . import idle, overload
 
 TOOLS = ("hey",)
 
-PROXIES = ("gatewayd", "gatewayd-lean", "nginx", "haproxy")
-# gatewayd-lean: gatewayd with bench/tls_lean.py's opener (OpenSSL on the socket), a prototype
-# measured beside the real thing; it runs whenever gatewayd does
+PROXIES = ("gatewayd", "nginx", "haproxy")
 KEEPALIVE = 50
 NEW = 50
 OVERLOAD_SKIP = 2.0  # seconds of the overload run left out of the steady goodput (the handshakes)
@@ -61,8 +56,7 @@ def client_context() -> ssl.SSLContext:
 
 
 def run(ctx: Context) -> list[Table]:
-    chosen = set(ctx.options.proxies) | ({"gatewayd-lean"} if "gatewayd" in ctx.options.proxies else set())
-    proxies = [p for p in PROXIES if p in chosen]
+    proxies = [p for p in PROXIES if p in ctx.options.proxies]
     pem = certs.make(ctx.env.tmp / "tls", "ecdsa")
     upstream = ctx.upstream()
     keep: dict[str, list[Measured]] = {k: [] for k in proxies}
@@ -155,7 +149,7 @@ def _idle_table(ctx: Context, proxies: list[str], pem: certs.Pem) -> Table:
 
 
 def _overload_table(ctx: Context, proxies: list[str], pem: certs.Pem) -> Table:
-    kinds = [k for k in proxies if k in (*overload.PROXIES, "gatewayd-lean")]
+    kinds = [k for k in proxies if k in overload.PROXIES]
     seconds = ctx.options.overload_duration
     table = Table(
         f"TLS overload, closed loop: wrk -c2000 over HTTPS for {seconds:g} s, backend of "

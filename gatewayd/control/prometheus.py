@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from ..http.addresses import parse_hostport
+from ..http.addresses import in_networks, parse_hostport
 from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, HistogramExport
 from .protocol import Snapshot
 
@@ -201,7 +201,7 @@ class MetricsListener:
             await self._runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        if self._allow is not None and not _allowed(request.remote, self._allow):
+        if self._allow is not None and not (request.remote and in_networks(request.remote, self._allow)):
             return web.Response(status=403, text="403 forbidden\n")
         body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -214,16 +214,3 @@ class MetricsListener:
         if self._ready():
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
-
-
-def _allowed(remote: str | None, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    if not remote:
-        return False
-    try:
-        address = ipaddress.ip_address(remote.partition("%")[0])
-    except ValueError:
-        return False
-    # an IPv4 client of a listener on "::" shows as ::ffff:a.b.c.d
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in n for n in networks)

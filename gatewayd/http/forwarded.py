@@ -16,11 +16,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from .addresses import Network, in_networks
+
 # more hops than any real chain of proxies; an X-Forwarded-For of thousands of
 # entries costs at most this many parses
 MAX_HOPS = 32
 
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class TrustedProxies:
@@ -29,7 +30,7 @@ class TrustedProxies:
     __slots__ = ("_known", "_networks")
 
     def __init__(self, networks: Iterable[str]) -> None:
-        self._networks: tuple[_Network, ...] = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        self._networks: tuple[Network, ...] = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
         # address text -> trusted or not: a gateway sees the same few proxies all day;
         # bounded, so a flood of distinct addresses cannot grow it
         self._known: dict[str, bool] = {}
@@ -45,13 +46,7 @@ class TrustedProxies:
         known = self._known.get(address)
         if known is not None:
             return known
-        try:
-            ip = ipaddress.ip_address(address.partition("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        trusted = any(ip in n for n in self._networks)
+        trusted = in_networks(address, self._networks)
         if len(self._known) < 4096:
             self._known[address] = trusted
         return trusted

@@ -182,12 +182,13 @@ class TlsOpener:
         self.terminator = terminator
         # one loop thread: every connection's reads land here before they are copied out
         self._scratch = bytearray(READ_SIZE)
+        self._view = memoryview(self._scratch)
 
     async def open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                    factory: ProtocolFactory) -> object:
         t = self.terminator
         try:
-            transport = TlsSocketTransport(loop, conn, t.context, self._scratch)
+            transport = TlsSocketTransport(loop, conn, t.context, self._scratch, self._view)
             async with asyncio.timeout(t.handshake_timeout):
                 await transport.handshake()
         except asyncio.CancelledError:

@@ -47,14 +47,14 @@ class TlsSocketTransport(asyncio.Transport):
                  "_view", "_waiter", "_writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, context: ssl.SSLContext,
-                 scratch: bytearray) -> None:
+                 scratch: bytearray, view: memoryview) -> None:
         # (no BaseTransport.__init__: its _extra dict would go unused)
         self._loop = loop
         # the accepted socket is detached into the SSLSocket, which owns the descriptor now
         self._tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         self._fd = self._tls.fileno()
         self._scratch = scratch
-        self._view = memoryview(scratch)
+        self._view = view  # of ``scratch``, shared: one view per connection was 240 bytes more
         self._protocol: Any = None
         self._closing = False
         self._lost = False
