@@ -60,7 +60,9 @@ class Echo(asyncio.Protocol):
     def connection_made(self, t):
         self.t = t
     def data_received(self, data):
-        if data.startswith(b"FLOOD "):
+        if data.startswith(b"GET "):  # nginx's upgrade request
+            self.t.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        elif data.startswith(b"FLOOD "):
             asyncio.get_running_loop().create_task(self.flood(int(data.split()[1])))
         else:
             self.t.write(data)
@@ -83,18 +85,28 @@ CLIENT = r"""
 import asyncio, json, os, socket, sys, time, uvloop
 os.sched_setaffinity(0, {int(sys.argv[3])})
 port, mode, arg = int(sys.argv[1]), sys.argv[2], sys.argv[4:]
+HTTP = os.environ.get("TUNNEL_HTTP") == "1"  # through nginx: an upgrade request and its 101 first
+REQ = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+def upgrade(s):
+    if HTTP:
+        s.sendall(REQ)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += s.recv(4096)
+    return s
 async def main():
     loop = asyncio.get_running_loop()
     if mode == "idle":
         socks = []
         for _ in range(int(arg[0])):
-            socks.append(socket.create_connection(("127.0.0.1", port)))
+            socks.append(upgrade(socket.create_connection(("127.0.0.1", port))))
         print("ready", flush=True)
         await loop.run_in_executor(None, sys.stdin.readline)
         return
     if mode == "echo":
         n, seconds = int(arg[0]), float(arg[1])
-        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
+        conns = [await asyncio.open_connection(sock=upgrade(socket.create_connection(("127.0.0.1", port))))
+                 for _ in range(n)]
         msg = b"m" * 64
         count = 0
         stop = False
@@ -116,7 +128,7 @@ async def main():
         print(json.dumps({"round_trips": n0, "seconds": elapsed}), flush=True)
         return
     if mode == "flood":
-        s = socket.create_connection(("127.0.0.1", port))
+        s = upgrade(socket.create_connection(("127.0.0.1", port)))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         time.sleep(0.3)
         s.sendall(b"FLOOD %d" % int(arg[0]))
@@ -426,12 +438,85 @@ class Child:
             self.p.wait()
 
 
+class Nginx:
+    """nginx as the proxy under test (``map $http_upgrade`` WebSocket proxying, 1 worker on CPU 0),
+    answering the same commands as the proxy child by reading its worker's /proc."""
+
+    def __init__(self, port: int, up_port: int) -> None:
+        import tempfile
+        from pathlib import Path
+
+        from .deps import tool
+        from .servers import _nginx_main
+        d = Path(tempfile.mkdtemp(prefix="gatewayd-tunnel-nginx-"))
+        conf = _nginx_main(d, f"""
+            map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+            server {{
+                listen {PROXY_HOST}:{port} backlog=4096;
+                location / {{
+                    proxy_pass http://{UPSTREAM_HOST}:{up_port};
+                    proxy_http_version 1.1;
+                    proxy_set_header Upgrade $http_upgrade;
+                    proxy_set_header Connection $connection_upgrade;
+                    proxy_read_timeout 600s;
+                    proxy_send_timeout 600s;
+                }}
+            }}
+            """)
+        self.p = subprocess.Popen(["taskset", "-c", "0", tool("nginx"), "-p", f"{d}/", "-e",
+                                   str(d / "logs" / "error.log"), "-c", str(conf)])
+        for _ in range(100):
+            time.sleep(0.05)
+            kids = self._children()
+            if kids:
+                break
+        self.worker = kids[0]
+        self.cmd = ""
+
+    def _children(self) -> list[int]:
+        try:
+            with open(f"/proc/{self.p.pid}/task/{self.p.pid}/children") as fh:
+                return [int(x) for x in fh.read().split()]
+        except OSError:
+            return []
+
+    def line(self) -> str:
+        return "ready"
+
+    def send(self, text: str) -> None:
+        self.cmd = text
+
+    def json(self) -> dict[str, Any]:
+        if self.cmd.startswith("sample"):
+            time.sleep(0.5)
+        w = self.worker
+        rss = 0
+        with open(f"/proc/{w}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+        with open(f"/proc/{w}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return {"rss": rss, "malloc": 0, "cpu": cpu, "fds": len(os.listdir(f"/proc/{w}/fd"))}
+
+    def stop(self) -> None:
+        self.p.terminate()
+        self.p.wait(10)
+
+
 def run_design(design: str, tunnels: int, busy: int, seconds: float, flood_mib: int) -> dict[str, Any]:
     up_port, port = free_port(UPSTREAM_HOST), free_port(PROXY_HOST)
     upstream = Child([sys.executable, "-c", UPSTREAM, str(up_port), "1"])
     upstream.line()
-    px = Child([sys.executable, "-m", "bench.tunnel_memory", "--serve", design, "--port", str(port),
-                "--upstream-port", str(up_port)])
+    px: Child | Nginx
+    if design == "nginx":
+        os.environ["TUNNEL_HTTP"] = "1"
+        px = Nginx(port, up_port)
+    else:
+        os.environ.pop("TUNNEL_HTTP", None)
+        px = Child([sys.executable, "-m", "bench.tunnel_memory", "--serve", design, "--port", str(port),
+                    "--upstream-port", str(up_port)])
     px.line()
     result: dict[str, Any] = {"design": design}
     try:
@@ -488,7 +573,7 @@ def run_design(design: str, tunnels: int, busy: int, seconds: float, flood_mib: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tunnels", type=int, default=2000)
-    parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument("--designs", default=",".join(DESIGNS), help=f"any of {','.join(DESIGNS)}, and nginx")
     parser.add_argument("--busy", type=int, default=200, help="tunnels in the echo rate test (0: skip)")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--flood-mib", type=int, default=200, help="the back-pressure test's flood (0: skip)")
@@ -512,12 +597,16 @@ def main() -> None:
         rows.append(row)
     print()
     print("| design | RSS KiB/tunnel | malloc KiB/tunnel | fds/tunnel | echo round trips/s "
-          f"({args.busy} tunnels) | CPU µs/round trip | RSS growth, {args.flood_mib} MiB to a stopped reader |")
+          f"({args.busy} tunnels) | CPU µs/round trip | "
+          f"{args.flood_mib} MiB to a stopped reader: RSS (malloc) growth |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['design']} | {r['rss_kib']:.2f} | {r['malloc_kib']:.2f} | {r['fds_per_tunnel']:.1f} | "
+        nginx = r["design"] == "nginx"  # its worker's malloc is not read
+        malloc = "-" if nginx else f"{r['malloc_kib']:.2f}"
+        flood_malloc = "" if nginx else f" ({r.get('flood_malloc_growth_kib', 0):,.0f} KiB)"
+        print(f"| {r['design']} | {r['rss_kib']:.2f} | {malloc} | {r['fds_per_tunnel']:.1f} | "
               f"{r.get('round_trips_s', 0):,.0f} | {r.get('cpu_us_rt', 0):.1f} | "
-              f"{r.get('flood_rss_growth_kib', 0):,} KiB |")
+              f"{r.get('flood_rss_growth_kib', 0):,} KiB{flood_malloc} |")
 
 
 if __name__ == "__main__":
