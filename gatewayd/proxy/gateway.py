@@ -120,11 +120,7 @@ class Gateway:
         stats = route.stats
         stats.rate_limited += 1
         stats.clients.count(request.client, RATE_LIMITED)  # (the clients command: who is flooding)
-        answer(request, 429, RATE_LIMITED, str(wait))
-        stats.answered(429, self._loop.time() - start)
-        if self.serving.access_log.enabled:
-            self._log(request, route, 429, body_size(429), start, RATE_LIMITED)
-        request.protocol.finish(request)
+        self._refuse(request, route, 429, RATE_LIMITED, start, str(wait))
 
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
         """An admitted request without a body, holding its slot: served inline where its
@@ -275,13 +271,15 @@ class Gateway:
         stats.clients.count(request.client, CLIENT_QUEUE_FULL)
         self._refuse(request, route, 429, CLIENT_QUEUE_FULL, start)
 
-    def _refuse(self, request: Request, route: Route, status: int, reason: str, start: float) -> None:
-        """Answer without forwarding (413, 503): the body, if any, is not read further.
+    def _refuse(self, request: Request, route: Route, status: int, reason: str, start: float,
+                retry_after: str | None = None) -> None:
+        """Answer without forwarding (413, 429, 503): the body, if any, is not read
+        further. A 503 carries the route's Retry-After; another status ``retry_after``.
 
         This is the shedding path, taken most under overload: prebuilt bytes written
         straight to the transport, no task, no response object, so a shed costs far
         less than a served request and leaves the CPU to the admitted ones."""
-        answer(request, status, reason, route.retry_after if status == 503 else None,
+        answer(request, status, reason, route.retry_after if status == 503 else retry_after,
                close=status == 413)
         route.stats.answered(status, self._loop.time() - start)
         if self.serving.access_log.enabled:  # (as in settle: an off log costs no call)
