@@ -183,7 +183,8 @@ def _check_handler(handler: str, executor: str | None, path: Path, errors: _Erro
         errors.add(path, f'expected a plain function for executor = "process", got {got} (an async function)')
 
 
-def _routes(data: dict[str, Any], upstream_names: list[str] | None, errors: _Errors) -> list[RouteConfig]:
+def _routes(data: dict[str, Any], upstream_names: list[str] | None, errors: _Errors,
+            pooled: set[str]) -> list[RouteConfig]:
     raw = data.get("routes")
     if raw is None:
         errors.add(("routes",), "missing; expected one or more [[routes]] tables")
@@ -217,6 +218,10 @@ def _routes(data: dict[str, Any], upstream_names: list[str] | None, errors: _Err
         if upstream is not None and upstream_names is not None and upstream not in upstream_names:
             known = ", ".join(toml_key(n) for n in upstream_names) or "none defined"
             errors.add(("routes", i, "upstream"), f"expected a key of [upstreams] ({known}), got {k.shown(upstream)}")
+        if values.get("websocket") and upstream in pooled:
+            errors.add(("routes", i, "websocket"),
+                       f"expected false for upstream {k.shown(upstream)} (a function in a process "
+                       "pool cannot carry a WebSocket), got true")
         if r is not None:
             out.append(r)
     return out
@@ -271,7 +276,9 @@ def parse(text: str, filename: str) -> Config:
     for name, cls in SECTIONS.items():
         sections[name], _ = _section(cls, data.get(name, {}), (name,), errors)
     upstreams, upstream_names = _upstreams(data, errors, os.path.dirname(os.path.realpath(filename)))
-    routes = _routes(data, upstream_names, errors)
+    # a function in a process pool cannot carry a WebSocket
+    pooled = {u.name for u in upstreams if u.servers is None and u.executor == "process"}
+    routes = _routes(data, upstream_names, errors, pooled)
     server, metrics = sections["server"], sections["metrics"]
     if server is not None and metrics is not None and metrics.listen in server.addresses:
         errors.add(("metrics", "listen"), f"expected an address not in server.listen, got {k.shown(metrics.listen)}")

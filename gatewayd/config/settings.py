@@ -387,6 +387,24 @@ class RouteConfig:
         "absent). Gateway-wide: workers share one table of keys. Unset: no limit",
         reload="applied in place on reload; keys keep what they used, up to one new burst",
     )
+    websocket: bool = setting(
+        k.Bool(), False,
+        "forward WebSocket upgrades (Connection: upgrade, Upgrade: websocket) to the upstream; "
+        "on its 101 the connection becomes a tunnel, its slot is released and it counts against "
+        "max_tunnels. Other upgrades (h2c, ...) are never forwarded. An in-process handler may "
+        "answer with aiohttp's WebSocketResponse",
+        reload="applied to upgrades that arrive after the reload; open tunnels are left alone",
+    )
+    max_tunnels: int = setting(
+        k.Int(1, 10_000_000), 10000,
+        "open tunnels (upgraded connections) of this route, gateway-wide; one more upgrade is "
+        "answered 503 tunnels_full. With N workers each enforces its share (at least 1)",
+        reload="applied to upgrades that arrive after the reload; open tunnels are left alone",
+    )
+    tunnel_idle_timeout: float = setting(
+        k.Duration(), 300.0, "a tunnel with no bytes either way this long is closed", unit="seconds",
+        reload="applied to tunnels opened after the reload",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -162,6 +162,10 @@ class RouteStats:
         "queue_wait",
         "rate_limited",
         "requests",
+        "tunnels",
+        "tunnels_full",
+        "tunnels_opening",
+        "tunnels_total",
         "upstream_errors",
     )
 
@@ -175,6 +179,13 @@ class RouteStats:
         self.rate_limited = 0  # 429s of the route's rate_limit
         self.cancelled_queued = 0
         self.cancelled_in_flight = 0
+        # WebSocket tunnels (websocket = true): open now, upgrades on their way to a 101
+        # (counted against max_tunnels with the open ones), opened since start, and the
+        # upgrades refused at the cap (503 tunnels_full)
+        self.tunnels = 0
+        self.tunnels_opening = 0
+        self.tunnels_total = 0
+        self.tunnels_full = 0
         self.upstream_errors: dict[str, int] = {}
         self.clients = ClientCounts()  # refusals by client (the ``clients`` command)
         # responses the upstream made; the gateway's own answers go to gateway_latency

@@ -626,6 +626,8 @@ def _valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     for i in range(draw(st.integers(1, 3))):
         route = draw(_optional_keys(RouteConfig, ("name", "upstream", "path_prefix")))
         route.update(name=f"r{i}", path_prefix=f"/r{i}", upstream=draw(st.sampled_from(sorted(upstreams))))
+        if upstreams[route["upstream"]].get("executor") == "process":
+            route.pop("websocket", None)  # (refused: a process pool cannot carry a WebSocket)
         routes.append(route)
     doc["routes"] = routes
     return doc
