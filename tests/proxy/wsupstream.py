@@ -32,14 +32,11 @@ class WsUpstream:
         app.router.add_get("/hangup", self.hangup)
         app.router.add_get("/refuse", self.refuse)
         app.router.add_get("/plain", self.plain)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def stop(self) -> None:
-        for ws in self.sessions_ws:
-            if not ws.closed:
-                await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -86,7 +83,8 @@ class WsUpstream:
     async def hangup(self, request: web.Request) -> web.WebSocketResponse:
         ws = await self._session(request)
         self._ended()
-        await ws.close()
+        assert request.transport is not None
+        request.transport.close()  # its TCP connection ends (FIN), no closing handshake
         return ws
 
     async def refuse(self, request: web.Request) -> web.Response:
