@@ -16,6 +16,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from tests.builders import app_route, route_toml, upstream_toml
+from tests.certs import client_context, issue, tls_section
 from tests.conftest import status_of, wait_for
 from tests.proxy.wsclient import WsClient, frame, head_of, read_frame, upgrade_request
 from tests.proxy.wsupstream import WsUpstream
@@ -253,3 +254,19 @@ async def test_two_thousand_tunnels_at_once(start_gateway, ws_upstream) -> None:
         c.close()
     await wait_for(lambda: route_of(gw).stats.tunnels == 0, timeout=10)
     await wait_for(lambda: ws_upstream.open == 0, timeout=10)
+
+
+async def test_a_tunnel_over_a_tls_listener(start_gateway, ws_upstream, tls_ca, tmp_path: Path) -> None:
+    """wss: the client's side is the gateway's own TLS transport; the tunnel carries
+    a mebibyte each way through it, and the upstream sees X-Forwarded-Proto: https."""
+    pem = issue(tls_ca, tmp_path / "certs", "gw", "ws.example")
+    gw = await start_gateway(ws_route(ws_upstream), tls=tls_section(pem))
+    big = bytes(range(256)) * 4096
+    async with aiohttp.ClientSession() as s, s.ws_connect(
+            f"wss://127.0.0.1:{gw.port}/echo", ssl=client_context(tls_ca),
+            server_hostname="ws.example") as ws:
+        await ws.send_bytes(big)
+        msg = await ws.receive(timeout=10)
+        assert msg.type == WSMsgType.BINARY and msg.data == big
+    assert ws_upstream.headers[0]["X-Forwarded-Proto"] == "https"
+    await wait_for(lambda: route_of(gw).stats.tunnels == 0)
