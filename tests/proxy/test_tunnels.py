@@ -224,8 +224,11 @@ async def test_an_in_process_handler_answers_with_its_own_websocket(start_gatewa
         msg = await ws.receive(timeout=5)
         assert msg.data == "handler:hi"
         route = route_of(gw, "h")
-        assert route.gate.in_flight == 1  # the handler's session holds its slot
+        # the handler's session holds its slot, and counts as one of the route's tunnels
+        assert (route.gate.in_flight, route.stats.tunnels, route.stats.tunnels_opening) == (1, 1, 0)
     await wait_for(lambda: route_of(gw, "h").gate.in_flight == 0)
+    stats = route_of(gw, "h").stats
+    assert (stats.tunnels, stats.tunnels_opening, stats.tunnels_total) == (0, 0, 1)
 
 
 async def test_one_access_log_line_per_tunnel_at_its_end(start_gateway, ws_upstream, tmp_path: Path) -> None:
