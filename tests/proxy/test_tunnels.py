@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from tests.builders import app_route, route_toml, upstream_toml
-from tests.certs import client_context, issue, tls_section
+from tests.certs import client_context, issue, tls_section, write_ca
 from tests.conftest import status_of, wait_for
 from tests.proxy.wsclient import WsClient, frame, head_of, read_frame, upgrade_request
 from tests.proxy.wsupstream import WsUpstream
@@ -275,3 +276,24 @@ async def test_a_tunnel_over_a_tls_listener(start_gateway, ws_upstream, tls_ca, 
         assert msg.type == WSMsgType.BINARY and msg.data == big
     assert ws_upstream.headers[0]["X-Forwarded-Proto"] == "https"
     await wait_for(lambda: route_of(gw).stats.tunnels == 0)
+
+
+async def test_a_tunnel_to_an_https_upstream(start_gateway, tls_ca, tmp_path: Path) -> None:
+    """The upstream's side is the loop's TLS transport of a verified https:// server."""
+    pem = issue(tls_ca, tmp_path / "up", "up", "127.0.0.1")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pem.cert, pem.key)
+    up = WsUpstream(ctx)
+    await up.start()
+    try:
+        write_ca(tls_ca, tmp_path / "ca.pem")
+        gw = await start_gateway(app_route(up.url, {"tls_ca": "ca.pem"}, websocket=True))
+        c = await WsClient.connect(gw.port, first=frame(b"early"))
+        _, data = await asyncio.wait_for(read_frame(c.reader), 5)
+        assert data == b"early"
+        big = bytes(range(256)) * 4096
+        assert await c.echo(big, timeout=10) == big
+        c.close()
+        await wait_for(lambda: up.open == 0)
+    finally:
+        await up.stop()
