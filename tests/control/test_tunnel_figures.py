@@ -1,0 +1,132 @@
+"""A route's WebSocket tunnels in the snapshot, the metrics and ``gatewayctl status``
+(gatewayd(8) Snapshot fields, METRICS; SPEC §11): open now (summed over the
+workers), the gateway-wide cap of a ``websocket = true`` route (0 on another),
+opened since start (a worker that exited keeps its count), and the upgrades
+refused at the cap as a reason of ``rejected``."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+from prometheus_client.core import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+
+from gatewayd.control import snapshot as snapshots
+from gatewayd.control.merge import Retired, merge_route, retire
+from gatewayd.control.prometheus import SnapshotCollector
+from gatewayd.control.snapshot import export, present, route_order, runtime_info
+from gatewayd.stats.metrics import RouteStats
+
+from ..builders import app_route, free_port, route_toml, upstream_toml
+from ..conftest import ROOT, wait_for_sync
+
+
+def route_export(tunnels: int, opened: int, full: int) -> dict[str, Any]:
+    """Route ``ws`` of one worker, as ``export`` makes it from its counters."""
+    stats = RouteStats()
+    stats.tunnels, stats.tunnels_total, stats.tunnels_full = tunnels, opened, full
+    counters: dict[str, Any] = dict(stats.export())
+    counters["rejected"]["tunnels_full"] = full
+    return {**counters, "tunnels": tunnels, "tunnels_total": opened, "in_flight": 0, "queued": 0,
+            "limit": 5, "queue_limit": 5, "oldest_wait_ms": 0.0, "waiters": []}
+
+
+def test_merge_sums_open_tunnels_and_keeps_the_opened_count_of_a_worker_that_exited():
+    """Three workers with 2, 3 and 4 tunnels open: the route has 9; the first exits,
+    its tunnels go with it (6 open) but what it opened and refused still counts."""
+    exports: list[Any] = [{"routes": {"ws": route_export(n, 10 * n, n - 1)}, "upstreams": {}}
+                          for n in (2, 3, 4)]
+    merged = merge_route("ws", exports, None)
+    assert (merged["tunnels"], merged["tunnels_total"], merged["rejected"]["tunnels_full"]) == (9, 90, 6)
+    retired: Retired = {}
+    retire(retired, exports[0])
+    merged = merge_route("ws", exports[1:], retired)
+    assert (merged["tunnels"], merged["tunnels_total"], merged["rejected"]["tunnels_full"]) == (7, 90, 6)
+    retire(retired, exports[1])  # a second one exits: retired counts add up
+    merged = merge_route("ws", exports[2:], retired)
+    assert (merged["tunnels"], merged["tunnels_total"], merged["rejected"]["tunnels_full"]) == (4, 90, 6)
+
+
+WS_ROUTES = (upstream_toml("app", servers=["{url}"])
+             + route_toml("ws", "app", path_prefix="/ws", websocket=True, max_tunnels=7)
+             + route_toml("plain", "app", path_prefix="/"))
+
+
+def ws_routes(url: str) -> str:
+    return WS_ROUTES.replace("{url}", url)
+
+
+def route(snap: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(r for r in snap["routes"] if r["name"] == name)
+
+
+async def test_snapshot_and_metrics_show_a_routes_tunnels(start_gateway, upstream):
+    """1. a websocket route (max_tunnels 7) and a plain one: zeros, the cap only on the
+    first 2. the route's counters move as the tunnel path records them 3. the
+    snapshot shows them, equal to present() of a fresh export, and the metrics text
+    has the gauge, the counter, the cap and tunnels_full among the rejected reasons."""
+    gw = await start_gateway(ws_routes(upstream.url))
+    snap = (await gw.command({"cmd": "snapshot"}))["snapshot"]
+    ws, plain = route(snap, "ws"), route(snap, "plain")
+    assert (ws["tunnels"], ws["max_tunnels"], ws["tunnels_total"], ws["rejected"]["tunnels_full"]) == (0, 7, 0, 0)
+    assert (plain["tunnels"], plain["max_tunnels"], plain["tunnels_total"]) == (0, 0, 0)
+
+    stats = gw.runtime.table.routes["ws"].stats
+    stats.tunnels, stats.tunnels_total, stats.tunnels_full = 3, 5, 1
+    snap = (await gw.command({"cmd": "snapshot", "histograms": True}))["snapshot"]
+    ws = route(snap, "ws")
+    assert (ws["tunnels"], ws["max_tunnels"], ws["tunnels_total"], ws["rejected"]["tunnels_full"]) == (3, 7, 5, 1)
+    slow = present(runtime_info(gw.runtime), [export(gw.runtime)], route_order(gw.runtime))
+    fast = snapshots.snapshot(gw.runtime)
+    for name in ("ws", "plain"):
+        for key in ("tunnels", "max_tunnels", "tunnels_total", "rejected"):
+            assert route(fast, name)[key] == route(slow, name)[key], (name, key)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snap))
+    text = generate_latest(registry).decode()
+    for line in ('gatewayd_tunnels{route="ws"} 3.0', 'gatewayd_tunnels{route="plain"} 0.0',
+                 'gatewayd_tunnels_total{route="ws"} 5.0', 'gatewayd_route_max_tunnels{route="ws"} 7.0',
+                 'gatewayd_route_max_tunnels{route="plain"} 0.0',
+                 'gatewayd_rejected_total{reason="tunnels_full",route="ws"} 1.0',
+                 "# TYPE gatewayd_tunnels gauge", "# TYPE gatewayd_tunnels_total counter"):
+        assert line in text.splitlines(), line
+
+
+async def gatewayctl_status(config: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gatewayd.control.cli", "--config", config, "status",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
+    out, err = await proc.communicate()
+    assert (proc.returncode, err) == (0, b"")
+    return out.decode()
+
+
+async def test_gatewayctl_status_shows_tunnels_of_websocket_routes_only(start_gateway, upstream):
+    """``status`` has a tunnels line under a websocket route (open/cap, opened, refused
+    at the cap), none under another route."""
+    gw = await start_gateway(ws_routes(upstream.url))
+    stats = gw.runtime.table.routes["ws"].stats
+    stats.tunnels, stats.tunnels_total, stats.tunnels_full = 3, 12, 2
+    lines = (await gatewayctl_status(str(gw.config_path))).splitlines()
+    tunnels = [line for line in lines if "tunnels" in line]
+    assert tunnels == ["  tunnels 3/7  opened 12  full 2"]
+    at = lines.index(tunnels[0])
+    assert lines[at - 2].startswith("ws ") and lines[at + 1].startswith("plain ")
+
+
+def test_with_workers_the_cap_is_gateway_wide(gateway_process):
+    """Two workers each enforce a share of max_tunnels 7; the snapshot (merged by the
+    master) and the metrics say the configured 7, and zeros while nothing is open."""
+    gp = gateway_process(app_route(f"http://127.0.0.1:{free_port()}", websocket=True, max_tunnels=7), workers=2)
+
+    def merged() -> dict[str, Any] | None:
+        snap = gp.command({"cmd": "snapshot"})["snapshot"]
+        return snap if len([w for w in snap["workers"] if w["pid"]]) == 2 else None
+
+    snap = wait_for_sync(merged, timeout=20)
+    (r,) = snap["routes"]
+    assert (r["tunnels"], r["max_tunnels"], r["tunnels_total"], r["rejected"]["tunnels_full"]) == (0, 7, 0, 0)
