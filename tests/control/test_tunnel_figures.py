@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
+import pytest
 from prometheus_client.core import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
@@ -21,7 +24,8 @@ from gatewayd.control.snapshot import export, present, route_order, runtime_info
 from gatewayd.stats.metrics import RouteStats
 
 from ..builders import app_route, free_port, route_toml, upstream_toml
-from ..conftest import ROOT, wait_for_sync
+from ..conftest import ROOT, wait_for, wait_for_sync
+from ..proxy.wsupstream import WsUpstream
 
 
 def route_export(tunnels: int, opened: int, full: int) -> dict[str, Any]:
@@ -130,3 +134,71 @@ def test_with_workers_the_cap_is_gateway_wide(gateway_process):
     snap = wait_for_sync(merged, timeout=20)
     (r,) = snap["routes"]
     assert (r["tunnels"], r["max_tunnels"], r["tunnels_total"], r["rejected"]["tunnels_full"]) == (0, 7, 0, 0)
+
+
+# ----------------------------------------------------------------------------- real tunnels
+@pytest.fixture
+async def ws_upstream() -> AsyncIterator[WsUpstream]:
+    up = WsUpstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+def metrics_text(gw: Any) -> str:
+    """What the metrics listener serves, from this gateway's snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snapshots.snapshot(gw.runtime)))
+    return generate_latest(registry).decode()
+
+
+async def test_open_tunnels_are_counted_and_closed_ones_leave_the_gauge(start_gateway, ws_upstream):
+    """1. a websocket route to an aiohttp WebSocket echo upstream 2. three clients
+    open tunnels and get an echo through each 3. the snapshot says 3 open, 3
+    opened, and so do gatewayd_tunnels and gatewayd_tunnels_total 4. the clients
+    close: the gauge goes back to 0, the counter stays at 3."""
+    gw = await start_gateway(app_route(ws_upstream.url, websocket=True, max_tunnels=10))
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(f"{gw.url}/echo") for _ in range(3)]
+        for i, ws in enumerate(sockets):
+            await ws.send_str(f"hello {i}")
+            assert (await ws.receive(timeout=5)).data == f"hello {i}"
+        snap = (await gw.command({"cmd": "snapshot"}))["snapshot"]
+        (r,) = snap["routes"]
+        assert (r["tunnels"], r["max_tunnels"], r["tunnels_total"], r["rejected"]["tunnels_full"]) == (3, 10, 3, 0)
+        assert r["in_flight"] == 0  # the slots went back with the 101s
+        lines = metrics_text(gw).splitlines()
+        assert 'gatewayd_tunnels{route="app"} 3.0' in lines
+        assert 'gatewayd_tunnels_total{route="app"} 3.0' in lines
+        assert "  tunnels 3/10  opened 3  full 0" in (await gatewayctl_status(str(gw.config_path))).splitlines()
+        for ws in sockets:
+            await ws.close()
+
+    def closed() -> bool:
+        (r,) = snapshots.snapshot(gw.runtime)["routes"]
+        return r["tunnels"] == 0 and r["tunnels_total"] == 3
+
+    await wait_for(closed, timeout=5)
+    (r,) = (await gw.command({"cmd": "snapshot"}))["snapshot"]["routes"]
+    assert (r["tunnels"], r["tunnels_total"]) == (0, 3)
+    lines = metrics_text(gw).splitlines()
+    assert 'gatewayd_tunnels{route="app"} 0.0' in lines and 'gatewayd_tunnels_total{route="app"} 3.0' in lines
+
+
+async def test_an_upgrade_over_the_cap_is_shed_and_counted(start_gateway, ws_upstream):
+    """max_tunnels 2: two tunnels open, the third upgrade gets 503 with
+    X-Gatewayd-Reason: tunnels_full; the snapshot counts it under rejected and the
+    metrics as a reason of gatewayd_rejected_total."""
+    gw = await start_gateway(app_route(ws_upstream.url, websocket=True, max_tunnels=2))
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(f"{gw.url}/echo") for _ in range(2)]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(f"{gw.url}/echo")
+        assert refused.value.status == 503
+        assert refused.value.headers is not None
+        assert refused.value.headers.get("X-Gatewayd-Reason") == "tunnels_full"
+        (r,) = (await gw.command({"cmd": "snapshot"}))["snapshot"]["routes"]
+        assert (r["tunnels"], r["max_tunnels"], r["tunnels_total"], r["rejected"]["tunnels_full"]) == (2, 2, 2, 1)
+        assert 'gatewayd_rejected_total{reason="tunnels_full",route="app"} 1.0' in metrics_text(gw).splitlines()
+        for ws in sockets:
+            await ws.close()
