@@ -7,6 +7,8 @@ refused at the cap as a reason of ``rejected``."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -202,3 +204,46 @@ async def test_an_upgrade_over_the_cap_is_shed_and_counted(start_gateway, ws_ups
         assert 'gatewayd_rejected_total{reason="tunnels_full",route="app"} 1.0' in metrics_text(gw).splitlines()
         for ws in sockets:
             await ws.close()
+
+
+async def echoes(ws: aiohttp.ClientWebSocketResponse) -> bool:
+    """Whether the tunnel still carries an echo (False once its worker is gone)."""
+    try:
+        await ws.send_str("ping")
+        return (await ws.receive(timeout=5)).data == "ping"
+    except (ConnectionError, aiohttp.ClientError):
+        return False
+
+
+async def test_with_workers_tunnels_sum_and_a_dead_workers_opened_count_stays(gateway_process, ws_upstream):
+    """1. two workers, six tunnels: the master's snapshot says 6 open, 6 opened
+    2. one worker is killed: its tunnels end with it; once it is replaced the
+    snapshot's open tunnels are those that still echo, and the opened count stays 6."""
+    gp = await asyncio.to_thread(gateway_process, app_route(ws_upstream.url, websocket=True, max_tunnels=100),
+                                 workers=2)
+    listen = f"http://{gp.command({'cmd': 'snapshot'})['snapshot']['listen'][0]}"
+
+    def tunnel_figures() -> tuple[int, int, list[int]]:
+        snap = gp.command({"cmd": "snapshot"})["snapshot"]
+        (r,) = snap["routes"]
+        return r["tunnels"], r["tunnels_total"], [w["pid"] for w in snap["workers"] if w["pid"]]
+
+    async def until(predicate: Any) -> tuple[int, int, list[int]]:
+        return await asyncio.to_thread(wait_for_sync, lambda: (lambda f: f if predicate(f) else None)(
+            tunnel_figures()), 20)
+
+    pids = (await until(lambda f: len(f[2]) == 2))[2]
+    async with aiohttp.ClientSession() as session:
+        # six: the kernel spreads connections over the workers (SO_REUSEPORT), so the
+        # killed one almost surely holds some; the figures hold however they fell
+        sockets = [await session.ws_connect(f"{listen}/echo") for _ in range(6)]
+        assert all([await echoes(ws) for ws in sockets])
+        await until(lambda f: f[:2] == (6, 6))
+        os.kill(pids[0], signal.SIGKILL)
+        await until(lambda f: len(f[2]) == 2 and pids[0] not in f[2])  # replaced: its tunnels are gone
+        alive = sum([await echoes(ws) for ws in sockets])
+        after = await until(lambda f: f[0] == alive)
+        assert after[1] == 6  # opened since start: the dead worker's count kept
+        for ws in sockets:
+            await ws.close()
+    await until(lambda f: f[0] == 0 and f[1] == 6)
