@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+
 from dashboard.app import DashboardApp
 from dashboard.messages import SnapshotReceived
 from dashboard.model import Sample, reports_tunnels, route_views
@@ -16,6 +19,7 @@ from dashboard.widgets import COLUMNS, NARROW, TUNNEL_COLUMNS, WIDE_429, XRay, t
 
 from ..builders import route_toml, upstream_toml
 from ..conftest import wait_for
+from ..proxy.wsupstream import WsUpstream
 from .test_app import press, row
 from .test_clients import drawn
 
@@ -82,26 +86,36 @@ async def test_wide_table_gets_tunnel_columns_only_with_a_websocket_route() -> N
 
 
 async def test_at_80x24_the_xray_says_the_selected_routes_tunnels(start_gateway, upstream) -> None:
-    """A gatewayd with a websocket route (max_tunnels 7, three tunnels open, one
-    upgrade refused at the cap) and a plain one, the dashboard at 80x24 on its
-    control socket: the narrow table as always; the cursor on ws, the X-ray's first
-    line says its tunnels; on the plain route, no such line."""
-    gw = await start_gateway(upstream_toml("app", servers=[upstream.url])
+    """A gatewayd with a plain route and a websocket route (max_tunnels 3) to an aiohttp
+    WebSocket echo upstream, the dashboard at 80x24 on its control socket: the narrow
+    table as always; the cursor on ws, the X-ray's first line says its tunnels as
+    real ones open (two of three); at the cap, one more upgrade refused: 3/3 in red
+    and full 1; on the plain route, no such line."""
+    ws_up = WsUpstream()
+    await ws_up.start()
+    gw = await start_gateway(upstream_toml("app", servers=[upstream.url]) + upstream_toml("ws", servers=[ws_up.url])
                              + route_toml("plain", "app", path_prefix="/")
-                             + route_toml("ws", "app", path_prefix="/ws", websocket=True, max_tunnels=7))
-    stats = gw.runtime.table.routes["ws"].stats
-    stats.tunnels, stats.tunnels_total, stats.tunnels_full = 3, 4, 1
+                             + route_toml("ws", "ws", path_prefix="/echo", websocket=True, max_tunnels=3))
     app = DashboardApp(gw.socket_path, interval=0.05)
-    async with app.run_test(size=(80, 24)):
-        await wait_for(lambda: "ws" in app.table.rows, timeout=5)
-        assert app.table.columns == NARROW
-        xray = app.query_one(XRay)
-        await wait_for(lambda: xray.border_title == "Queue X-ray: plain", timeout=5)
-        assert "nobody waiting" in drawn(xray) and "tunnels" not in drawn(xray)
-        press(app, "down")
-        await wait_for(lambda: xray.border_title == "Queue X-ray: ws", timeout=5)
-        await wait_for(lambda: drawn(xray).splitlines()[:2] == ["tunnels 3/7 · full 1", "ws: nobody waiting"],
-                       timeout=5)
-        stats.tunnels = 7  # at the cap: bold red
-        await wait_for(lambda: drawn(xray).startswith("tunnels 7/7 · full 1"), timeout=5)
-        assert "bold red" in {str(s.style) for s in xray._shown[-1].spans}
+    try:
+        async with aiohttp.ClientSession() as session, app.run_test(size=(80, 24)):
+            await wait_for(lambda: "ws" in app.table.rows, timeout=5)
+            assert app.table.columns == NARROW
+            xray = app.query_one(XRay)
+            await wait_for(lambda: xray.border_title == "Queue X-ray: plain", timeout=5)
+            assert "nobody waiting" in drawn(xray) and "tunnels" not in drawn(xray)
+            press(app, "down")
+            await wait_for(lambda: xray.border_title == "Queue X-ray: ws", timeout=5)
+            await wait_for(lambda: drawn(xray).splitlines()[:2] == ["tunnels 0/3", "ws: nobody waiting"], timeout=5)
+            sockets = [await session.ws_connect(f"{gw.url}/echo") for _ in range(2)]
+            await wait_for(lambda: drawn(xray).startswith("tunnels 2/3\n"), timeout=5)
+            sockets.append(await session.ws_connect(f"{gw.url}/echo"))
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await session.ws_connect(f"{gw.url}/echo")
+            await wait_for(lambda: drawn(xray).startswith("tunnels 3/3 · full 1\n"), timeout=5)
+            assert "bold red" in {str(s.style) for s in xray._shown[-1].spans}
+            for ws in sockets:
+                await ws.close()
+            await wait_for(lambda: drawn(xray).startswith("tunnels 0/3 · full 1\n"), timeout=5)
+    finally:
+        await ws_up.stop()
