@@ -476,6 +476,8 @@ class H1Protocol(Connection):
         transport = self.transport
         if self.current is not request or transport is None or transport.is_closing():
             return None
+        if self._tail is None:  # the parser did not stop at this request: its bytes went on as HTTP
+            return None
         self.uncork()
         for timer in (self._head_timer, self._send_timer):
             if timer is not None:

@@ -25,7 +25,7 @@ from ..http.responses import body_size, prebuilt
 from .admission import ADMITTED, CLIENT_QUEUE_FULL, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .exchange import Exchange, UpstreamFailure, raising
 from .ratelimit import RATE_LIMITED
-from .tunnels import TUNNELS_FULL, is_websocket, reserve, switch
+from .tunnels import TUNNELS_FULL, Upgrade, is_websocket, reserve, switch
 
 if TYPE_CHECKING:
     from ..http.server import Request
@@ -157,7 +157,7 @@ class Gateway:
         self._refuse(request, route, 503, reason, start)
 
     def _switch(self, request: Request, route: Route, target: str, start: float) -> None:
-        ex = Exchange(request, route, route.forward_path(target), start, None)
+        ex = Upgrade(request, route, route.forward_path(target), start)
         self.handover(ex, switch(ex, self.serving.access_log))
 
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:

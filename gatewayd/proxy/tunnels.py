@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 
 from ..http.tunnel import Tunnel, open_tunnel
 
+from .exchange import Exchange
+
 if TYPE_CHECKING:
     from ..http.server import Request
     from .accesslog import AccessLog
-    from .exchange import Exchange, Route
+    from .exchange import Route
 
 TUNNELS_FULL = "tunnels_full"
 WEBSOCKET = "websocket"
@@ -31,13 +33,13 @@ WEBSOCKET = "websocket"
 def is_websocket(request: Request) -> bool:
     """Whether a request the parser marked as an upgrade (``Connection: upgrade`` and
     an ``Upgrade`` header) asks for a WebSocket in a form that can become a tunnel:
-    a GET over HTTP/1.1 without a body, ``websocket`` among its Upgrade tokens.
-    Anything else (``h2c``, a POST) is served as a plain request, its upgrade headers
-    not forwarded."""
+    a GET over HTTP/1.1 without a body, ``Upgrade: websocket``: the one upgrade the
+    client side's parser stops at (the bytes after it are the tunnel's), so the two
+    never disagree. Anything else (``h2c``, a list of protocols, a POST) is served as
+    a plain request, its upgrade headers not forwarded."""
     if request.method != "GET" or request.body_exists or request.version.minor != 1:
         return False
-    upgrade = request.headers.get("Upgrade", "")
-    return any(t.strip(" \t").lower() == WEBSOCKET for t in upgrade.split(","))
+    return request.headers.get("Upgrade", "").lower() == WEBSOCKET
 
 
 def reserve(route: Route) -> bool:
@@ -48,6 +50,34 @@ def reserve(route: Route) -> bool:
         return False
     stats.tunnels_opening += 1
     return True
+
+
+class Upgrade(Exchange):
+    """An admitted upgrade. An upstream that serves it in-process (an aiohttp handler
+    answering with its own WebSocket) says when its session opens (its 101 written)
+    and closes, so the session counts as one of the route's tunnels meanwhile; it
+    keeps its slot, as the handler's call is the session."""
+
+    __slots__ = ("in_session",)
+
+    def __init__(self, request: Request, route: Route, path: str, start: float) -> None:
+        Exchange.__init__(self, request, route, path, start, None)
+        self.in_session = False
+
+    def session_opened(self) -> None:
+        if not self.in_session:
+            self.in_session = True
+            stats = self.route.stats
+            stats.tunnels_opening -= 1
+            stats.tunnels += 1
+            stats.tunnels_total += 1
+
+    def session_closed(self) -> None:
+        if self.in_session:
+            self.in_session = False
+            stats = self.route.stats
+            stats.tunnels -= 1
+            stats.tunnels_opening += 1  # (given back with the place, as switch ends)
 
 
 class TunnelEnd:
@@ -84,14 +114,17 @@ class TunnelEnd:
                            duration, None, received)
 
 
-async def switch(ex: Exchange, log: AccessLog) -> None:
+async def switch(ex: Upgrade, log: AccessLog) -> None:
     """Serve an admitted upgrade (``Gateway._run`` runs it in the request's slot): the
     upstream's answer relayed, or on its 101 the tunnel opened. The place taken by
     ``reserve`` is an open tunnel or given back, whichever way this ends."""
     route = ex.route
     stats = route.stats
     try:
-        switched = await route.upstream.serve_upgrade(ex, WEBSOCKET)
+        try:
+            switched = await route.upstream.serve_upgrade(ex, WEBSOCKET)
+        finally:
+            ex.session_closed()
         if switched is None:
             if ex.status == 101:  # an in-process handler's own WebSocket, over now
                 TunnelEnd(route, ex.request, ex.start, log).write(ex.sent, None)

@@ -5,6 +5,7 @@ that closes at once, one that refuses the upgrade, and events the tests wait on.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -13,9 +14,10 @@ from tests.builders import free_port
 
 
 class WsUpstream:
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ssl_context = ssl_context  # an https:// upstream when given
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
         self.open = 0  # sessions open now
         self.sessions = 0  # sessions ever
         self.closed = asyncio.Event()  # a session ended (set each time; tests clear it)
@@ -32,14 +34,11 @@ class WsUpstream:
         app.router.add_get("/hangup", self.hangup)
         app.router.add_get("/refuse", self.refuse)
         app.router.add_get("/plain", self.plain)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context).start()
 
     async def stop(self) -> None:
-        for ws in self.sessions_ws:
-            if not ws.closed:
-                await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -86,7 +85,8 @@ class WsUpstream:
     async def hangup(self, request: web.Request) -> web.WebSocketResponse:
         ws = await self._session(request)
         self._ended()
-        await ws.close()
+        assert request.transport is not None
+        request.transport.close()  # its TCP connection ends (FIN), no closing handshake
         return ws
 
     async def refuse(self, request: web.Request) -> web.Response:
