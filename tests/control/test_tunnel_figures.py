@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,7 +26,6 @@ from gatewayd.stats.metrics import RouteStats
 
 from ..builders import app_route, free_port, route_toml, upstream_toml
 from ..conftest import ROOT, wait_for, wait_for_sync
-from ..proxy.wsupstream import WsUpstream
 
 
 def route_export(tunnels: int, opened: int, full: int) -> dict[str, Any]:
@@ -139,14 +137,6 @@ def test_with_workers_the_cap_is_gateway_wide(gateway_process):
 
 
 # ----------------------------------------------------------------------------- real tunnels
-@pytest.fixture
-async def ws_upstream() -> AsyncIterator[WsUpstream]:
-    up = WsUpstream()
-    await up.start()
-    yield up
-    await up.stop()
-
-
 def metrics_text(gw: Any) -> str:
     """What the metrics listener serves, from this gateway's snapshot."""
     registry = CollectorRegistry(auto_describe=False)
