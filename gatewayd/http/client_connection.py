@@ -103,7 +103,7 @@ class ClientConnection(asyncio.Protocol):
         "_buf", "_buffered", "_done", "_drain", "_exc", "_fields", "_garbage", "_got", "_head_done",
         "_head_only", "_head_pos", "_interim", "_keep_alive", "_listener", "_loop", "_parser", "_partial", "_paused",
         "_poller", "_pool", "_raw", "_reason", "_reused", "_sourcing", "_stamp", "_state", "_status", "_timer",
-        "_transport", "_waiter", "_write_paused", "_writer",
+        "_transport", "_upgrading", "_waiter", "_write_paused", "_writer",
     )
 
     def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
@@ -131,6 +131,7 @@ class ClientConnection(asyncio.Protocol):
         self._got = False
         self._garbage = False
         self._interim = False
+        self._upgrading = False  # the request asks for an upgrade: a 101 ends the exchange (detach)
         self._keep_alive = False
         self._exc: BaseException | None = None
         self._status = 0
@@ -368,11 +369,35 @@ class ClientConnection(asyncio.Protocol):
             self._parser.feed_data(data)  # on_headers_complete lets go of _raw and _partial
         except httptools.HttpParserError:  # the callbacks' exceptions arrive wrapped in it too
             self._parse_error()
+        except httptools.HttpParserUpgrade as switched:  # a 101 to an upgrade request
+            self._switched(data, switched.args[0])
         else:
             if head and not self._head_done:
                 self._head_part(data)
         if self._listener is not None:
             self._listener.wake()
+
+    def _switched(self, data: bytes, end: int) -> None:
+        """The upstream answered an upgrade request with 101: the bytes after its head
+        are the tunnel's; nothing more is read until the tunnel takes the transport
+        (``detach``)."""
+        if not (self._upgrading and self._head_done and self._status == 101):
+            self._fail(_invalid())  # (on_headers_complete refuses any 101 not asked for)
+            return
+        self._transport.pause_reading()
+        self._buf = [data[end:]] if end < len(data) else []
+        self._done = True
+        self._keep_alive = False
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Leave the pool for good after a 101 (``_switched``): the transport, reading
+        paused, and the bytes the upstream sent after the 101's head."""
+        pool = self._detach(self._state)
+        self._poller = None
+        pool._free()
+        early = b"".join(self._buf)
+        self._buf = []
+        return self._transport, early
 
     def _unsolicited(self) -> None:
         # a late 408, garbage after a complete response, or bytes while idle
@@ -463,9 +488,9 @@ class ClientConnection(asyncio.Protocol):
         end = raw.find(b"\r\n\r\n", eol)
         parser = self._parser
         status = parser.get_status_code()
-        if status < 200:
+        if status < 200 and not (status == 101 and self._upgrading):
             if status not in _INTERIM or end < 0 or end - pos > MAX_HEAD:
-                raise _Refused  # 101 (we never ask to upgrade), an unknown 1xx, or no end
+                raise _Refused  # 101 to a request that asked no upgrade, an unknown 1xx, or no end
             self._interim = True
             self._head_pos = end + 4  # the final response's head follows
             return

@@ -75,11 +75,15 @@ class H1Pool:
     # -- requests ---------------------------------------------------------------------------
     async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]] | bytes,
                       body: AsyncIterable[bytes] | None = None, body_length: int | None = None,
-                      connect_timeout: float | None = None, *, _replay: bool = False) -> Response:
+                      connect_timeout: float | None = None, *, _replay: bool = False,
+                      upgrade: bool = False) -> Response:
         """Send a request and return its response once the head is in (see the module doc).
         ``connect_timeout`` overrides the pool's for a connection this request opens
         (a retry with little time left). ``_replay``: ``send_idle`` already sent it,
-        on a connection found stale (counted once; this time on a new connection)."""
+        on a connection found stale (counted once; this time on a new connection).
+        ``upgrade``: the request asks to switch protocols (its headers say to what); a
+        101 ends the exchange and ``Response.detach`` takes the connection out of the
+        pool for good."""
         head = self._head(method, target, headers, body is not None, body_length)
         head_only = method == "HEAD"
         stats = self.stats
@@ -103,6 +107,8 @@ class H1Pool:
                 continue
             # inlined, not a coroutine of the connection's: one frame less per request
             try:
+                if upgrade:
+                    conn._upgrading = True
                 conn._send(head, head_only, body, body_length)
                 while not conn._head_done:
                     exc = conn._exc
@@ -110,6 +116,8 @@ class H1Pool:
                         raise exc
                     conn._waiter = waiter = conn._loop.create_future()
                     await waiter
+                if upgrade and conn._status != 101:
+                    conn._upgrading = False  # refused: an HTTP connection again, pooled if it may be
                 return Response(conn)
             except Stale:
                 conn._close()

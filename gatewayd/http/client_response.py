@@ -3,6 +3,8 @@ connection, which goes back to its pool once the body is handed over."""
 
 from __future__ import annotations
 
+import asyncio
+
 from .client_connection import BUSY, ClientConnection
 from .errors import UpstreamFailure
 from .headers import split_fields
@@ -94,6 +96,17 @@ class Response:
         if not chunk:
             raise StopAsyncIteration
         return chunk
+
+    def detach(self) -> tuple[asyncio.Transport, bytes] | None:
+        """After a 101 to an upgrade request (``H1Pool.request(upgrade=True)``): the
+        connection's transport, out of the pool for good and its reading paused, and
+        the bytes the upstream sent after the 101's head. None when the 101 did not
+        switch (a 101 without Upgrade, or the connection lost): the caller closes it."""
+        conn = self._conn
+        if conn is None or not conn._upgrading or conn._garbage or conn._state != BUSY:
+            return None
+        self._conn = None
+        return conn.detach()
 
     def close(self) -> None:
         """Done with this response: the connection is reused if the body was read in full

@@ -90,6 +90,8 @@ class Server(Protocol):
     def flush(self) -> None: ...
     def refused(self, connection: Connection, refusal: Refusal) -> None: ...
     def count_unrouted(self, status: int) -> None: ...
+    def tunnel_opened(self, connection: Connection, tunnel: Any) -> None: ...
+    def tunnel_closed(self, tunnel: Any) -> None: ...
 
 
 class Connection(BaseProtocol):
@@ -202,6 +204,12 @@ class Connection(BaseProtocol):
 
     def undefer(self) -> None:
         """Handle what was put off to this turn (Server.admit_read, Server.defer)."""
+        raise NotImplementedError
+
+    def take_over(self, request: Request) -> tuple[asyncio.Transport, bytes] | None:
+        """``request`` was answered 101 (its head is written): give the connection up to
+        a tunnel. Its transport (output held so far written first) and the bytes the
+        client sent after the request's head; None when the client has left."""
         raise NotImplementedError
 
 
@@ -323,6 +331,14 @@ class Request:
         elif self.version == HttpVersion10:
             parts.append("Connection: keep-alive\r\n")
         parts.append("\r\n")
+        return "".join(parts).encode("utf-8", "surrogateescape")
+
+    def switching_head(self, reason: str, headers: list[tuple[str, str]], upgrade: str) -> bytes:
+        """The 101 for an upgrade the upstream accepted: its headers (hop-by-hop
+        removed) and the two that say what the connection becomes."""
+        parts = [f"HTTP/1.1 101 {reason}\r\n"]
+        parts.extend(f"{n}: {v}\r\n" for n, v in headers)
+        parts.append(f"Connection: upgrade\r\nUpgrade: {upgrade}\r\n\r\n")
         return "".join(parts).encode("utf-8", "surrogateescape")
 
     def head_for(self, status: int, reason: str, fields: bytes, length: int) -> bytes:

@@ -28,6 +28,7 @@ from .forwarded import TrustedProxies
 from .request import Cancellable, Connection, Refusal, Request
 from .responses import body_size, prebuilt
 from .server_connection import H1Protocol
+from .tunnel import Tunnel
 from .turn import CLIENT_READS, Turn
 
 # The names the proxy and the upstreams import from here (the request is theirs to
@@ -73,6 +74,9 @@ class H1Server:
         self.configure(settings)
         self._on_close = on_close
         self.connections: set[Connection] = set()
+        # open tunnels (upgraded connections): out of ``connections``, still counted open
+        # by the accept loop until they end (tunnel_closed)
+        self.tunnels: set[Tunnel] = set()
         self.closing = False
         self.heads: dict[tuple[int, str, bytes, int, int], bytes] = {}  # see Request.head_for
         self.bad_requests = 0  # refused by the HTTP parser (400 bad_request)
@@ -94,7 +98,8 @@ class H1Server:
         self.client_limit = 0
         self.client_connections_refused = 0
         self._by_client: dict[str, int] = {}  # open connections by client address, while a cap is set
-        self._counted: dict[Connection, str] = {}  # the address each counted connection is counted under
+        # the address each counted connection (or tunnel) is counted under
+        self._counted: dict[Connection | Tunnel, str] = {}
 
     def configure(self, settings: ServerSettings) -> None:
         """Take the settings in force (at start and at every reload). They are copied
@@ -130,7 +135,9 @@ class H1Server:
                 protocol.close_idle()
             elif since <= trim_before:
                 protocol.forget_parser()
-        if self.connections or not self.closing:
+        for tunnel in tuple(self.tunnels):
+            tunnel.swept(now)
+        if self.connections or self.tunnels or not self.closing:
             self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         else:
             self._sweeper = None
@@ -219,7 +226,24 @@ class H1Server:
         if self._counted:
             self._uncount_client(protocol)
         self._on_close()
-        if not self.connections and self._empty is not None:
+        if not self.connections and not self.tunnels and self._empty is not None:
+            self._empty.set()
+
+    def tunnel_opened(self, protocol: Connection, tunnel: Tunnel) -> None:
+        """``protocol``'s connection is ``tunnel``'s now: still open (for the accept
+        loop's count and the client's connection cap), no longer an HTTP connection."""
+        self.connections.discard(protocol)
+        self.tunnels.add(tunnel)
+        host = self._counted.pop(protocol, None)
+        if host is not None:
+            self._counted[tunnel] = host
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        if self._counted:
+            self._uncount_client(tunnel)
+        self._on_close()
+        if not self.connections and not self.tunnels and self._empty is not None:
             self._empty.set()
 
     # -- open connections per client (max_connections_per_client) -----------------------
@@ -256,7 +280,7 @@ class H1Server:
         self._counted[protocol] = host
         return True
 
-    def _uncount_client(self, protocol: Connection) -> None:
+    def _uncount_client(self, protocol: Connection | Tunnel) -> None:
         host = self._counted.pop(protocol, None)
         if host is not None:
             n = self._by_client[host] - 1
@@ -275,7 +299,7 @@ class H1Server:
         self.closing = True
         for protocol in list(self.connections):
             protocol.close_when_idle()
-        if self.connections:
+        if self.connections or self.tunnels:  # (tunnels are left to end until the timeout)
             self._empty = asyncio.Event()
             try:
                 await asyncio.wait_for(self._empty.wait(), timeout)
@@ -283,6 +307,8 @@ class H1Server:
                 pass
         for protocol in list(self.connections):
             protocol.abort()
+        for tunnel in list(self.tunnels):
+            tunnel.close(abort=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -88,14 +88,19 @@ class AccessLog:
 
     def write(self, client: str, method: str, target: str, version: str, status: int,
               size: int, referer: str, agent: str, route: str, duration: float,
-              reason: str | None) -> None:
+              reason: str | None, received: int | None = None) -> None:
+        """One line. ``size``: bytes sent to the client; ``received``, for a tunnel only
+        (its line is written when it ends): bytes from the client (JSON ``bytes_received``)."""
         if self.fmt == "json":
-            line = json.dumps({
+            entry = {
                 "time": time.time(), "client": client, "method": method, "target": target,
                 "version": version, "status": status, "bytes": size, "route": route,
                 "duration_ms": round(duration * 1000, 3), "reason": reason,
                 "referer": referer or None, "user_agent": agent or None,
-            }) + "\n"
+            }
+            if received is not None:
+                entry["bytes_received"] = received
+            line = json.dumps(entry) + "\n"
         else:
             q = _quote
             request = f"{q(method)} {q(target)} HTTP/{version}" if version != "-" else "-"

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 class Route:
     """A route of one configuration generation; its gate and stats outlive it."""
 
-    __slots__ = ("_strip", "config", "gate", "limiter", "name", "retry_after", "stats", "upstream")
+    __slots__ = ("_strip", "config", "gate", "limiter", "name", "retry_after", "stats", "tunnel_limit",
+                 "upstream")
 
     def __init__(self, config: RouteConfig, gate: Gate, stats: RouteStats, upstream: Upstream,
                  limiter: Limiter | None = None) -> None:
@@ -41,6 +42,9 @@ class Route:
         self.upstream = upstream
         self.retry_after = str(config.retry_after)
         self._strip = len(config.path_prefix) if config.strip_prefix else 0
+        # this worker's share of max_tunnels on a websocket route (set by the runtime);
+        # 0: upgrades are not forwarded
+        self.tunnel_limit = 0
 
     def forward_path(self, target: str) -> str:
         """The request target as sent upstream: never a dot-segment or a path not
@@ -167,6 +171,19 @@ class Upstream:
         says afterwards whether the connection may carry another request); failures
         as ``UpstreamFailure``."""
         raise NotImplementedError
+
+    async def serve_upgrade(self, ex: Exchange, protocol: str) -> tuple[asyncio.Transport, bytes] | None:
+        """An admitted upgrade request (SPEC §11: a WebSocket on a ``websocket = true``
+        route) asking to switch to ``protocol``. Where the upstream accepts with a
+        101 over a connection of its own, the kind writes the 101 to the client
+        (``Request.switching_head``; ``status`` 101, ``head_sent``) and returns that
+        connection's transport, out of any pool, reading paused, with the bytes that
+        followed the 101: the gateway splices it to the client's (http.tunnel). Else
+        it serves the request as ``serve`` would and returns None: by default, with
+        ``serve`` (an aiohttp handler sees the upgrade headers and may answer with
+        its own ``WebSocketResponse``)."""
+        await self.serve(ex)
+        return None
 
     # the gateway's count of the requests that chose this upstream, queued or served
     def enter(self) -> None:

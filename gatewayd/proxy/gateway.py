@@ -25,6 +25,7 @@ from ..http.responses import body_size, prebuilt
 from .admission import ADMITTED, CLIENT_QUEUE_FULL, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
 from .exchange import Exchange, UpstreamFailure, raising
 from .ratelimit import RATE_LIMITED
+from .tunnels import TUNNELS_FULL, Upgrade, is_websocket, reserve, switch
 
 if TYPE_CHECKING:
     from ..http.server import Request
@@ -92,6 +93,9 @@ class Gateway:
             if wait:
                 self._rate_limited(request, route, start, wait)
                 return
+        if route.tunnel_limit and request.message.upgrade and is_websocket(request):
+            self._upgrade(request, route, target, start)
+            return
         if request.body_exists:  # (the parser makes a body for any Content-Length over 0)
             self._with_body(request, route, target, start)
             return
@@ -121,6 +125,40 @@ class Gateway:
         stats.rate_limited += 1
         stats.clients.count(request.client, RATE_LIMITED)  # (the clients command: who is flooding)
         self._refuse(request, route, 429, RATE_LIMITED, start, str(wait))
+
+    def _upgrade(self, request: Request, route: Route, target: str, start: float) -> None:
+        """A WebSocket upgrade on a websocket route (proxy/tunnels.py): a tunnel place
+        at arrival (else 503 tunnels_full), then admission as any request without a
+        body; admitted, ``tunnels.switch`` serves it in its slot."""
+        if not reserve(route):
+            self._refuse(request, route, 503, TUNNELS_FULL, start)
+            return
+        gate = route.gate
+        if gate.try_enter():
+            route.stats.queue_wait.observe_zero()
+            route.upstream.enter()
+            self._switch(request, route, target, start)
+            return
+        if gate.queue_full():
+            route.stats.queue_full += 1
+            reason = QUEUE_FULL
+        elif gate.per_client and gate.client_full(request.client):
+            self._client_queue_full(request, route, start)
+            route.stats.tunnels_opening -= 1
+            return
+        else:
+            route.upstream.enter()
+            queued = _QueuedUpgrade(self, request, route, target, start)
+            queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
+                                         target, request.client)
+            request.task = queued
+            return
+        route.stats.tunnels_opening -= 1
+        self._refuse(request, route, 503, reason, start)
+
+    def _switch(self, request: Request, route: Route, target: str, start: float) -> None:
+        ex = Upgrade(request, route, route.forward_path(target), start)
+        self.handover(ex, switch(ex, self.serving.access_log))
 
     def _forward(self, request: Request, route: Route, target: str, start: float) -> None:
         """An admitted request without a body, holding its slot: served inline where its
@@ -339,7 +377,8 @@ class Gateway:
         # the served ones
         if ex.head_sent:
             stats.responded(status, self._loop.time() - start)
-            self._log(request, route, status, ex.sent, start, reason)
+            if status != 101:  # a tunnel's line is written when it ends (tunnels.TunnelEnd)
+                self._log(request, route, status, ex.sent, start, reason)
         else:
             stats.answered(status, self._loop.time() - start)
             self._log(request, route, status, body_size(status), start, reason)
@@ -473,6 +512,28 @@ class _Queued:
         route.upstream.leave()
         route.stats.cancelled_queued += 1
         self.gateway._log(self.request, route, 499, 0, self.start, "client_gone_queued")
+
+
+class _QueuedUpgrade(_Queued):
+    """A queued WebSocket upgrade: its tunnel place is given back unless it is admitted."""
+
+    __slots__ = ()
+
+    def wake(self, outcome: str | None) -> bool:
+        if outcome is not ADMITTED:  # (its queue timeout)
+            self.route.stats.tunnels_opening -= 1
+            return super().wake(outcome)
+        if self.request.protocol.current is not self.request:
+            return super().wake(outcome)  # (gone: _gone gives the place back)
+        self.waiter = None
+        self.request.task = None
+        self.route.stats.queue_wait.observe(self.gateway._loop.time() - self.start)
+        self.gateway._switch(self.request, self.route, self.target, self.start)
+        return True
+
+    def _gone(self) -> None:
+        super()._gone()
+        self.route.stats.tunnels_opening -= 1
 
 
 def _unread_body_too_big(request: Request) -> bool:

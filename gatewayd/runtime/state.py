@@ -116,6 +116,10 @@ class Runtime:
         spread over the workers as the kernel hashes them, so each enforces its share."""
         return self._share(total, 1) if total else 0
 
+    def _tunnel_limit(self, rc: RouteConfig) -> int:
+        """This worker's share of a websocket route's max_tunnels; 0 without websocket."""
+        return self._share(rc.max_tunnels, 1) if rc.websocket else 0
+
     def _route_limits(self, rc: RouteConfig) -> tuple[int, int]:
         mc, mq = self.overrides.limits(rc)
         return self._share(mc, 1), self._share(mq, 0)
@@ -148,7 +152,9 @@ class Runtime:
             else:
                 gate = Gate(*self._route_limits(rc))
             limiter = None if rc.rate_limit is None else Limiter(rc.name, rc.rate_limit, self.rate_table)
-            routes[rc.name] = Route(rc, gate, self.registry.route(rc.name), upstreams[rc.upstream], limiter)
+            route = routes[rc.name] = Route(rc, gate, self.registry.route(rc.name), upstreams[rc.upstream],
+                                            limiter)
+            route.tunnel_limit = self._tunnel_limit(rc)
         router = Router((r.config, r) for r in routes.values())
         return Table(router, routes, upstreams), started
 
@@ -355,6 +361,7 @@ class Runtime:
 
     def _apply_limits(self) -> None:
         for route in self.table.routes.values():
+            route.tunnel_limit = self._tunnel_limit(route.config)
             route.gate.set_limits(*self._route_limits(route.config))
             route.gate.set_policy(route.config.queue_order, self._per_client(route.config.max_queue_per_client))
         self.acceptor.set_limit(self._share(self.config.server.max_connections, 1))

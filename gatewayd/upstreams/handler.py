@@ -31,6 +31,19 @@ class _Request(web.BaseRequest):
             del headers[hdrs.SERVER]
 
 
+class _Session(_Request):
+    """The request of an upgrade: the response's 101 opens a WebSocket session, which
+    the gateway counts as a tunnel until the handler returns."""
+
+    __slots__ = ("_opened",)
+    _opened: Callable[[], None]
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        await super()._prepare_hook(response)
+        if response.status == 101:
+            self._opened()
+
+
 class HandlerUpstream(Application):
     """``handler = "module:callable"``: ``async def handler(request) -> StreamResponse``.
 
@@ -42,7 +55,14 @@ class HandlerUpstream(Application):
         super().__init__(config, turn)
         self._handler: Handler = self.app
 
-    async def serve(self, ex: Exchange) -> None:
+    async def serve_upgrade(self, ex: Exchange, protocol: str) -> None:
+        """An upgrade is the handler's to answer (aiohttp's WebSocketResponse); its
+        session, from the 101 to the handler's return, is one of the route's tunnels
+        (``proxy.tunnels.Upgrade``) and keeps its slot."""
+        opened = getattr(ex, "session_opened", None)
+        await self.serve(ex, opened)
+
+    async def serve(self, ex: Exchange, opened: Callable[[], None] | None = None) -> None:
         ours = ex.request
         incoming = ex.body
         if incoming is not None:
@@ -52,7 +72,10 @@ class HandlerUpstream(Application):
                 incoming.send_continue()  # the handler reads request.content itself
         # client_max_size bounds what the handler may read() at once: max_body_size
         limit = ex.body.limit if ex.body is not None else 0
-        request = ours.as_aiohttp(limit, ex.path if ex.path != ours.raw_path else None, _Request)
+        kind = _Request if opened is None else _Session
+        request = ours.as_aiohttp(limit, ex.path if ex.path != ours.raw_path else None, kind)
+        if opened is not None:
+            request._opened = opened  # type: ignore[attr-defined]  # (a _Session: kind above)
         resp = await self._handler(request)
         ex.status = resp.status
         if not resp.prepared:

@@ -217,6 +217,44 @@ class HttpUpstream(Upstream):
                                    body_length=body.length)
         await self._carry_on(ex, server, headers, began, attempt)
 
+    async def serve_upgrade(self, ex: Exchange, protocol: str) -> tuple[asyncio.Transport, bytes] | None:
+        """An upgrade (see ``Upstream.serve_upgrade``): sent with its ``Connection`` and
+        ``Upgrade`` headers on a pooled or new connection (retried as a GET without a
+        body is); on 101 that connection leaves its pool for good and becomes the
+        upstream side of a tunnel; any other answer is relayed as ``serve`` would."""
+        server = self._pick()
+        request = ex.request
+        headers = request.upstream_fields() + f"Connection: upgrade\r\nUpgrade: {protocol}\r\n".encode()
+        began = self._now() if self._retries else 0.0
+        server.in_flight += 1
+        server.requests += 1
+        pool: H1Pool = server.session  # type: ignore[assignment]
+        try:
+            up = await pool.request(request.method, ex.path, headers, upgrade=True)
+        except UpstreamFailure as fail:
+            server.in_flight -= 1
+            up, server = await self._retry(ex, headers, server, fail, began, upgrade=True)
+        except BaseException:
+            server.in_flight -= 1
+            if server.trial:
+                server.trial_abandoned()
+            raise
+        if up.status != 101:
+            await self._respond(ex, server, up)
+            return None
+        server.in_flight -= 1
+        switched = up.detach()
+        if switched is None:  # a 101 without Upgrade: not a switch the client could follow
+            up.close()
+            self._failed(server, "upstream_invalid")
+            raise UpstreamFailure(502, "upstream_invalid")
+        if server.fails or server.ejected_until:
+            server.succeeded()
+        request.write(request.switching_head(up.reason, response_headers(up.headers), protocol))
+        ex.status = 101
+        ex.head_sent = True
+        return switched
+
     async def _resume(self, ex: Exchange, server: ServerState, headers: bytes,
                       conn: Any) -> None:
         """``serve`` from the point an inline exchange failed before its head."""
@@ -304,7 +342,8 @@ class HttpUpstream(Upstream):
             request.abort()
 
     async def _retry(self, ex: Exchange, headers: bytes, server: ServerState,
-                     fail: UpstreamFailure, began: float) -> tuple[Response, ServerState]:
+                     fail: UpstreamFailure, began: float,
+                     upgrade: bool = False) -> tuple[Response, ServerState]:
         """After a failed attempt: retry on other servers where that is safe (see the
         module docstring), or raise. The response returned is counted in flight."""
         request = ex.request
@@ -339,7 +378,7 @@ class HttpUpstream(Upstream):
                     request.method, ex.path, headers,
                     body=body.chunks() if body is not None else None,
                     body_length=body.length if body is not None else None,
-                    connect_timeout=connect_timeout,
+                    connect_timeout=connect_timeout, upgrade=upgrade,
                 )
             except UpstreamFailure as f:
                 server.in_flight -= 1
