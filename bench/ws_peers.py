@@ -320,6 +320,11 @@ def watched_cpu(pid: int) -> float:
     return usage(tree(pid)).cpu if pid else 0.0
 
 
+def watched_wait(pid: int) -> float:
+    """Seconds the process tree ``pid`` was runnable but another process had its CPU."""
+    return usage(tree(pid)).waited if pid else 0.0
+
+
 def watched_rss(pid: int) -> int:
     return usage(tree(pid)).rss if pid else 0
 
@@ -368,14 +373,15 @@ async def echo(port: int, n: int, source: str, seconds: float, warmup: float, wa
         t.start(payload)
     await asyncio.sleep(warmup)
     c0, cpu0, t0 = Rounds.count, watched_cpu(watch), time.monotonic()
-    load0 = own_cpu() + watched_cpu(peer)
+    load0, wait0 = own_cpu() + watched_cpu(peer), watched_wait(watch)
     await asyncio.sleep(seconds)
     c1, cpu1, t1 = Rounds.count, watched_cpu(watch), time.monotonic()
-    load1 = own_cpu() + watched_cpu(peer)
+    load1, wait1 = own_cpu() + watched_cpu(peer), watched_wait(watch)
     Rounds.pump = False
     closed = sum(1 for t in tunnels if t.transport.is_closing())
     say("echo", opened=len(tunnels), failed=dict(failed), closed=closed, round_trips=c1 - c0,
-        seconds=t1 - t0, cpu=cpu1 - cpu0, load_cpu=load1 - load0)
+        seconds=t1 - t0, cpu=cpu1 - cpu0, load_cpu=load1 - load0,
+        waited=wait1 - wait0)
     for t in tunnels:
         t.transport.abort()
 
@@ -425,11 +431,12 @@ def read_stream(s: socket.socket, total: int, got: int, timeout: float) -> tuple
 
 def bulk(port: int, source: str, mib: int, watch: int, timeout: float) -> None:
     s, got = blocking_tunnel(port, source)
-    cpu0 = watched_cpu(watch)
+    cpu0, wait0, own0 = watched_cpu(watch), watched_wait(watch), own_cpu()
     s.sendall(client_frame(b"STREAM %d" % mib, opcode=1))
     got, seconds = read_stream(s, mib * MIB, got, timeout)
-    cpu1 = watched_cpu(watch)
-    say("bulk", bytes=got, wanted=mib * MIB, seconds=seconds, cpu=cpu1 - cpu0)
+    cpu1, wait1, own1 = watched_cpu(watch), watched_wait(watch), own_cpu()
+    say("bulk", bytes=got, wanted=mib * MIB, seconds=seconds, cpu=cpu1 - cpu0, waited=wait1 - wait0,
+        client_cpu=own1 - own0)
     s.close()
 
 

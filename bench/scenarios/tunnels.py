@@ -241,7 +241,7 @@ def _echo_table(ctx: Context, proxies: list[str], runs: dict[str, list[dict[str,
     table = Table(f"WebSocket tunnels, echo: {BUSY:,} busy tunnels, one 64-byte frame in flight each, "
                   f"{ctx.options.duration:g} s (1 worker; median of {ctx.options.repeats})",
                   ["proxy", "round trips/s", "vs nginx", "CPU µs/round trip", "CPU vs nginx", "proxy CPU %",
-                   "load CPU %", "tunnels opened", "closed during run", "failed upgrades"])
+                   "CPU wait %", "load CPU %", "tunnels opened", "closed during run", "failed upgrades"])
     med: dict[str, dict[str, float]] = {}
     for kind in proxies:
         ok = _ok(runs[kind])
@@ -250,6 +250,7 @@ def _echo_table(ctx: Context, proxies: list[str], runs: dict[str, list[dict[str,
             "cpu_us": median([r["cpu"] * 1e6 / r["round_trips"] for r in ok if r["round_trips"]]),
             "cpu_pct": median([100 * r["cpu"] / r["seconds"] for r in ok]),
             "load_pct": median([100 * r["load_cpu"] / r["seconds"] for r in ok]),
+            "wait_pct": median([100 * r["waited"] / r["seconds"] for r in ok]),
         }
     base = med.get("nginx", {})
     for kind in proxies:
@@ -261,7 +262,7 @@ def _echo_table(ctx: Context, proxies: list[str], runs: dict[str, list[dict[str,
                 failed[why] = failed.get(why, 0) + count
         errors = [r["error"] for r in runs[kind] if "error" in r]
         table.add(kind, m["rps"], ratio(m["rps"], base.get("rps")), m["cpu_us"],
-                  ratio(m["cpu_us"], base.get("cpu_us")), m["cpu_pct"], m["load_pct"],
+                  ratio(m["cpu_us"], base.get("cpu_us")), m["cpu_pct"], m["wait_pct"], m["load_pct"],
                   min((r["opened"] for r in ok), default=None), sum(r["closed"] for r in ok),
                   "; ".join([_failures(failed), *errors]))
     table.notes.append("Goal: gatewayd >= 0.5 x nginx's round trips per second. The clients and the echo "
@@ -274,8 +275,8 @@ def _echo_table(ctx: Context, proxies: list[str], runs: dict[str, list[dict[str,
 def _bulk_table(ctx: Context, proxies: list[str], runs: dict[str, list[dict[str, Any]]], mib: int) -> Table:
     table = Table(f"WebSocket tunnels, bulk: {mib:,} MiB down one tunnel to a client reading as fast as it "
                   f"can (1 worker; median of {ctx.options.repeats})",
-                  ["proxy", "MB/s", "vs nginx", "proxy CPU s per GiB", "proxy CPU %", "bytes complete",
-                   "errors"])
+                  ["proxy", "MB/s", "vs nginx", "proxy CPU s per GiB", "proxy CPU %", "CPU wait %",
+                   "client CPU %", "bytes complete", "errors"])
     med: dict[str, dict[str, float]] = {}
     for kind in proxies:
         ok = _ok(runs[kind])
@@ -283,13 +284,16 @@ def _bulk_table(ctx: Context, proxies: list[str], runs: dict[str, list[dict[str,
             "mbs": median([r["bytes"] / r["seconds"] / 1e6 for r in ok if r["seconds"]]),
             "cpu_gib": median([r["cpu"] / (r["bytes"] / 2**30) for r in ok if r["bytes"]]),
             "cpu_pct": median([100 * r["cpu"] / r["seconds"] for r in ok if r["seconds"]]),
+            "wait_pct": median([100 * r["waited"] / r["seconds"] for r in ok if r["seconds"]]),
+            "client_pct": median([100 * r["client_cpu"] / r["seconds"] for r in ok if r["seconds"]]),
         }
     base = med.get("nginx", {})
     for kind in proxies:
         m = med[kind]
         ok = _ok(runs[kind])
         complete = bool(ok) and all(r["bytes"] >= r["wanted"] for r in ok)
-        table.add(kind, m["mbs"], ratio(m["mbs"], base.get("mbs")), m["cpu_gib"], m["cpu_pct"], complete,
+        table.add(kind, m["mbs"], ratio(m["mbs"], base.get("mbs")), m["cpu_gib"], m["cpu_pct"], m["wait_pct"],
+                  m["client_pct"], complete,
                   "; ".join(r["error"] for r in runs[kind] if "error" in r) or "-")
     return table
 
