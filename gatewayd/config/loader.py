@@ -127,9 +127,29 @@ def _check_upstream(table: dict[str, Any], values: dict[str, Any], path: Path, e
     executor = values.get("executor")  # None: wrong, and already reported
     if executor == "process" and "handler" not in table:
         errors.add((*path, "executor"), 'expected "inline" for an upstream without a handler, got "process"')
+    interface = values.get("interface")
+    _check_interface(table, interface, executor, path, errors)
     if values.get("handler") is not None:
-        _check_handler(values["handler"], executor, (*path, "handler"), errors)
+        _check_handler(values["handler"], executor, (*path, "handler"), errors, interface)
     _check_upstream_tls(table, values, path, errors)
+
+
+def _check_interface(table: dict[str, Any], interface: str | None, executor: str | None, path: Path,
+                     errors: _Errors) -> None:
+    """An application interface needs a handler; each interface's own keys need it."""
+    if interface is None:
+        return  # wrong, and already reported
+    if interface != "aiohttp":
+        if "handler" not in table:
+            errors.add((*path, "interface"), f'expected "aiohttp" for an upstream without a handler, '
+                                             f'got "{interface}"')
+        elif executor == "process":
+            errors.add((*path, "executor"), f'expected "inline" for interface = "{interface}" (the '
+                                            'application runs in the gateway), got "process"')
+    for key, wanted in (("lifespan", "asgi"), ("threads", "wsgi")):
+        if key in table and interface != wanted:
+            errors.add((*path, key), f'expected an upstream with interface = "{wanted}", got '
+                                     f'interface = "{interface}"')
 
 
 # the keys of an upstream's https:// servers (gatewayd.upstreams.tls reads their files)
@@ -158,7 +178,8 @@ def _check_upstream_tls(table: dict[str, Any], values: dict[str, Any], path: Pat
             errors.add((*path, key), f"expected {other} beside it (mutual TLS needs both), got none")
 
 
-def _check_handler(handler: str, executor: str | None, path: Path, errors: _Errors) -> None:
+def _check_handler(handler: str, executor: str | None, path: Path, errors: _Errors,
+                   interface: str | None = "aiohttp") -> None:
     got = k.shown(handler)
     try:
         obj = resolve(handler)
@@ -173,7 +194,15 @@ def _check_handler(handler: str, executor: str | None, path: Path, errors: _Erro
     if not (inspect.isfunction(function) or inspect.ismethod(function)):
         return  # a class or a callable object: nothing to tell before it runs
     is_async = inspect.iscoroutinefunction(function)
-    if executor == "inline" and not is_async:
+    if interface == "asgi" and not is_async:
+        errors.add(path, f"expected an ASGI 3 application (an async callable: async def app(scope, "
+                         f"receive, send)), got {got} (a plain function)")
+    elif interface == "wsgi" and is_async:
+        errors.add(path, f"expected a WSGI application (a plain callable: def app(environ, "
+                         f"start_response)), got {got} (an async function)")
+    elif interface != "aiohttp":
+        return
+    elif executor == "inline" and not is_async:
         errors.add(
             path,
             f'expected an async function for executor = "inline", got {got} (a plain function; '
@@ -184,7 +213,7 @@ def _check_handler(handler: str, executor: str | None, path: Path, errors: _Erro
 
 
 def _routes(data: dict[str, Any], upstream_names: list[str] | None, errors: _Errors,
-            pooled: set[str]) -> list[RouteConfig]:
+            pooled: dict[str, str]) -> list[RouteConfig]:
     raw = data.get("routes")
     if raw is None:
         errors.add(("routes",), "missing; expected one or more [[routes]] tables")
@@ -220,8 +249,8 @@ def _routes(data: dict[str, Any], upstream_names: list[str] | None, errors: _Err
             errors.add(("routes", i, "upstream"), f"expected a key of [upstreams] ({known}), got {k.shown(upstream)}")
         if values.get("websocket") and upstream in pooled:
             errors.add(("routes", i, "websocket"),
-                       f"expected false for upstream {k.shown(upstream)} (a function in a process "
-                       "pool cannot carry a WebSocket), got true")
+                       f"expected false for upstream {k.shown(upstream)} ({pooled[upstream]} cannot "
+                       "carry a WebSocket), got true")
         if r is not None:
             out.append(r)
     return out
@@ -276,8 +305,10 @@ def parse(text: str, filename: str) -> Config:
     for name, cls in SECTIONS.items():
         sections[name], _ = _section(cls, data.get(name, {}), (name,), errors)
     upstreams, upstream_names = _upstreams(data, errors, os.path.dirname(os.path.realpath(filename)))
-    # a function in a process pool cannot carry a WebSocket
-    pooled = {u.name for u in upstreams if u.servers is None and u.executor == "process"}
+    # upstreams that cannot carry a WebSocket, and why
+    pooled = {u.name: "a function in a process pool" if u.executor == "process" else "a WSGI application"
+              for u in upstreams
+              if u.servers is None and (u.executor == "process" or u.interface == "wsgi")}
     routes = _routes(data, upstream_names, errors, pooled)
     server, metrics = sections["server"], sections["metrics"]
     if server is not None and metrics is not None and metrics.listen in server.addresses:
@@ -335,8 +366,9 @@ HTTP_ONLY = frozenset((
     "balance", "max_fails", "fail_timeout", "fail_on_5xx", "fail_on", "retries",
     "health_check", "dns_ttl", *TLS_KEYS,
 ))
-HANDLER_ONLY = frozenset(("handler", "executor"))
+HANDLER_ONLY = frozenset(("handler", "executor", "interface"))
 PROCESS_ONLY = frozenset(("processes",))
+INTERFACE_ONLY = {"lifespan": "asgi", "threads": "wsgi"}  # a key of one interface only
 
 
 def applies(upstream: UpstreamConfig, key: str) -> bool:
@@ -349,6 +381,8 @@ def applies(upstream: UpstreamConfig, key: str) -> bool:
         return upstream.handler is not None
     if key in PROCESS_ONLY:
         return upstream.executor == "process"
+    if key in INTERFACE_ONLY:
+        return upstream.handler is not None and upstream.interface == INTERFACE_ONLY[key]
     return True
 
 

@@ -231,6 +231,26 @@ class UpstreamConfig:
     processes: int = setting(
         k.Int(1, 256), 2, 'size of the process pool when executor = "process"', reload=RELOAD_NEW
     )
+    interface: str = setting(
+        k.Choice(("aiohttp", "asgi", "wsgi")), "aiohttp",
+        'what the handler is: "aiohttp" (an aiohttp handler, or a plain function with executor = '
+        '"process"), "asgi" (an ASGI 3 application on the event loop) or "wsgi" (a WSGI '
+        "application on a pool of threads)",
+        reload=RELOAD_NEW,
+    )
+    lifespan: str = setting(
+        k.Choice(("auto", "on", "off")), "auto",
+        'interface = "asgi": run the application\'s lifespan startup in each worker before it '
+        'serves and shutdown after the drain; "auto": if the application supports it, "on": '
+        'it must, "off": never',
+        reload=RELOAD_NEW,
+    )
+    threads: int = setting(
+        k.Int(1, 1024), 8,
+        'interface = "wsgi": the threads that run the application (per worker); a request '
+        "waiting for a slot holds none",
+        reload=RELOAD_NEW,
+    )
     connect_timeout: float = setting(
         k.Duration(), 2.0, "longest wait for a connection to a server (an https:// server's TLS "
         "handshake included)", unit="seconds",

@@ -26,16 +26,15 @@ import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
-from .request import Connection, Refusal, Request, Server
+from .request import Refusal, Request, Server
 from .responses import prebuilt
+from .switching import Switching
 from .wire import MAX_LINE, MAX_REQUEST_HEADERS
 
 log = logging.getLogger("gatewayd")
@@ -43,9 +42,7 @@ log = logging.getLogger("gatewayd")
 READ_BUFFER = 65536  # a body's bytes buffered before reading from the client pauses
 MAX_PIPELINED = 4  # requests parsed ahead of the one being answered before reading pauses
 COMPACT_AT = 32768  # bytes parsed off the front of read-ahead bytes before they are copied away
-# Pipelined bytes kept unparsed behind the MAX_PIPELINED parsed requests; past it the
-# connection answers those and closes (_read_too_far_ahead).
-READ_AHEAD = 32768
+READ_AHEAD = 32768  # pipelined bytes kept unparsed behind those; past it _read_too_far_ahead
 PIPELINED_WRITE_BUFFER = 16384  # the high-water mark of output buffered for a pipelining client
 LINGER = 2.0  # seconds an unread body may take to arrive after the response
 
@@ -55,14 +52,11 @@ _BAD_REQUEST = prebuilt(400, "bad_request", None, True)
 _REQUEST_LINE = re.compile(rb"([!#$%%&'*+.^_`|~0-9A-Za-z-]{1,64}) (\S{1,%d}) HTTP/(\d)\.(\d)\r\n" % MAX_LINE)
 
 
-class H1Protocol(Connection):
+class H1Protocol(Switching):
     """One client connection. See the module docstring."""
 
-    __slots__ = ("_clean", "_close_after", "_final", "_frames", "_head_timer", "_idle_at", "_pending",
-                 "_put_off", "_send_timer", "_stepping", "_tail", "_unparsed", "_unparsed_at", "_write_held")
-
-    # what aiohttp's WebSocketResponse reads of its request's protocol (receive timeouts)
-    _timeout_ceil_threshold = 5
+    __slots__ = ("_clean", "_close_after", "_final", "_head_timer", "_idle_at", "_pending", "_put_off",
+                 "_send_timer", "_stepping", "_unparsed", "_unparsed_at", "_write_held")
 
     def __init__(self, server: Server) -> None:
         super().__init__(server)
@@ -78,12 +72,7 @@ class H1Protocol(Connection):
         self._unparsed: bytes | None = None  # bytes read ahead, parsed as requests are answered
         self._unparsed_at = 0  # where the unparsed part of _unparsed starts
         self._write_held = False  # responses are not leaving: nothing more is read or answered
-        # after an upgrade request, the bytes that follow it, unparsed until it is answered:
-        # a tunnel's first bytes after a 101 (take_over), else HTTP again (_declined_upgrade)
-        self._tail: bytes | None = None
         self._put_off: bytes | None = None  # bytes read while other clients had the turn
-        # an in-process handler's WebSocket (set_parser): its frame reader and its callback
-        self._frames: tuple[Any, Callable[[], None] | None] | None = None
 
     # -- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,9 +102,6 @@ class H1Protocol(Connection):
                 # its cleanup (the slot it was given would leak).
                 self._loop.call_soon(current.task.cancel)
         self._parser = None
-        if self._frames is not None:
-            self._frames[0].feed_eof()
-            self._frames = None
         self.server.closed(self)
 
     def close_when_idle(self) -> None:
@@ -441,60 +427,17 @@ class H1Protocol(Connection):
         self.current = None
         self._step()
 
-    # -- an in-process handler's WebSocket (aiohttp's WebSocketResponse) ------------------
-    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
-        """aiohttp's WebSocketResponse, prepared (its 101 written): from now on the
-        client's bytes are its frames. The connection stays this protocol's: the
-        response writes through it and its slot is the handler's until it returns."""
-        self._frames = (parser, data_received_cb)
-        tail, self._tail = self._tail, b""
-        if tail:
-            self._feed_frames(tail)
-        if self._buffer_paused:
-            self._resume_reading_for_buffer()
-
-    def keep_alive(self, val: bool) -> None:
-        """(aiohttp's WebSocketResponse says the connection ends with it: it does, as
-        the handler's request is answered with ``Connection`` closed.)"""
-        if not val and self.current is not None:
-            self.current.keep_alive = False
-
-    def _feed_frames(self, data: bytes) -> None:
-        assert self._frames is not None
-        parser, callback = self._frames
-        if callback is not None:
-            callback()
-        eof, _ = parser.feed_data(data)
-        if eof:
-            self._close()
-
-    def take_over(self, request: Request) -> tuple[asyncio.Transport, bytes] | None:
-        """The 101 to ``request`` is written: the connection becomes a tunnel's. What
-        was held for the client goes out first; the parser, the timers and the
-        requests' state are dropped (a tunnel keeps none of them); the server's books
-        move the connection to its tunnels (``H1Server.tunnel_opened``)."""
-        transport = self.transport
-        if self.current is not request or transport is None or transport.is_closing():
-            return None
-        if self._tail is None:  # the parser did not stop at this request: its bytes went on as HTTP
-            return None
-        self.uncork()
+    def _end_http(self) -> bytes:
+        """(take_over) Timers, parser, requests dropped; the bytes put off, returned."""
         for timer in (self._head_timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._send_timer = None
-        # the bytes after the upgrade request's head, read or put off to a later turn
-        tail = self._tail or b""
-        if self._put_off:
-            tail += self._put_off
-        self._tail = self._put_off = self._unparsed = None
-        self._pending = None
-        self.current = None
-        self._parser = None
+        put_off = self._put_off or b""
+        self._put_off = self._unparsed = self._pending = self._parser = None
         self._last_raw = self._fields_memo = self.checked_headers = None
         self._close_after = True
-        self.transport = None  # nothing of this protocol touches it again
-        return transport, tail
+        return put_off
 
     # -- timers -------------------------------------------------------------------------
     def _idle(self) -> None:

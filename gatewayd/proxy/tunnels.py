@@ -18,7 +18,6 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from ..http.tunnel import Tunnel, open_tunnel
-
 from .exchange import Exchange
 
 if TYPE_CHECKING:

@@ -23,6 +23,8 @@ KINDS: dict[str, str] = {
     "http": "gatewayd.upstreams.http:HttpUpstream",  # servers = [...]: pooled HTTP/1.1
     "handler": "gatewayd.upstreams.handler:HandlerUpstream",  # async handler on the loop
     "process": "gatewayd.upstreams.process:ProcessUpstream",  # plain function, process pool
+    "asgi": "gatewayd.upstreams.asgi:AsgiUpstream",  # an ASGI 3 application on the loop
+    "wsgi": "gatewayd.upstreams.wsgi:WsgiUpstream",  # a WSGI application on a thread pool
 }
 
 
@@ -30,6 +32,8 @@ def kind_of(config: UpstreamConfig) -> str:
     """Which entry of KINDS serves a validated upstream configuration."""
     if config.servers is not None:
         return "http"
+    if config.interface != "aiohttp":
+        return config.interface
     if config.executor == "process":
         return "process"
     return "handler"

@@ -596,6 +596,9 @@ _HANDLERS = st.sampled_from(
         {"handler": "gatewayd.handlers:simulated_io"},
         {"handler": "gatewayd.handlers:simulated_io", "executor": "inline"},
         {"handler": "gatewayd.handlers:cpu_hash", "executor": "process"},
+        {"handler": "gatewayd.handlers:hello_asgi", "interface": "asgi", "lifespan": "off"},
+        {"handler": "gatewayd.handlers:hello_asgi", "interface": "asgi"},
+        {"handler": "gatewayd.handlers:hello_wsgi", "interface": "wsgi", "threads": 3},
     ]
 )
 
@@ -610,7 +613,8 @@ def _valid_documents(draw: st.DrawFn) -> dict[str, Any]:
         del doc["metrics"]["listen"]
     upstreams = {}
     for name in draw(st.lists(_valid_values(k.Name()), min_size=1, max_size=3, unique=True)):
-        table = draw(_optional_keys(UpstreamConfig, ("servers", "handler", "executor", *TLS_KEYS)))
+        table = draw(_optional_keys(UpstreamConfig, ("servers", "handler", "executor", "interface",
+                                                     "lifespan", "threads", *TLS_KEYS)))
         if draw(st.booleans()):
             table["servers"] = servers = draw(_valid_values(k.Servers()))
             urls = [servers] if isinstance(servers, str) else [s if isinstance(s, str) else s["url"] for s in servers]
@@ -626,8 +630,9 @@ def _valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     for i in range(draw(st.integers(1, 3))):
         route = draw(_optional_keys(RouteConfig, ("name", "upstream", "path_prefix")))
         route.update(name=f"r{i}", path_prefix=f"/r{i}", upstream=draw(st.sampled_from(sorted(upstreams))))
-        if upstreams[route["upstream"]].get("executor") == "process":
-            route.pop("websocket", None)  # (refused: a process pool cannot carry a WebSocket)
+        chosen = upstreams[route["upstream"]]
+        if chosen.get("executor") == "process" or chosen.get("interface") == "wsgi":
+            route.pop("websocket", None)  # (refused: these cannot carry a WebSocket)
         routes.append(route)
     doc["routes"] = routes
     return doc
@@ -657,11 +662,16 @@ def test_print_config_leaves_out_what_does_not_apply() -> None:
     """1. the example config (two handler upstreams, one in a process pool) and an HTTP
     upstream 2. dump 3. the handlers' tables have no HTTP key, the inline one no
     processes, the HTTP one no handler key; it reads back the same."""
-    text = EXAMPLE.read_text() + '\n[upstreams.web]\nservers = ["http://127.0.0.1:9"]\n'
+    text = EXAMPLE.read_text() + (
+        '\n[upstreams.web]\nservers = ["http://127.0.0.1:9"]\n'
+        '\n[upstreams.api]\nhandler = "gatewayd.handlers:hello_asgi"\ninterface = "asgi"\n'
+        '\n[upstreams.old]\nhandler = "gatewayd.handlers:hello_wsgi"\ninterface = "wsgi"\n')
     config = parse(text, str(EXAMPLE))
     printed = tomllib.loads(dump(config))["upstreams"]
-    assert set(printed["demo"]) == {"handler", "executor"}
-    assert set(printed["cpu"]) == {"handler", "executor", "processes"}
-    assert {"handler", "executor", "processes"}.isdisjoint(printed["web"])
+    assert set(printed["demo"]) == {"handler", "executor", "interface"}
+    assert set(printed["cpu"]) == {"handler", "executor", "interface", "processes"}
+    assert set(printed["api"]) == {"handler", "executor", "interface", "lifespan"}
+    assert set(printed["old"]) == {"handler", "executor", "interface", "threads"}
+    assert {"handler", "executor", "processes", "interface", "lifespan", "threads"}.isdisjoint(printed["web"])
     assert {"servers", "connect_timeout", "balance", "retries"} <= set(printed["web"])
     assert parse(dump(config), str(EXAMPLE)) == config

@@ -1,0 +1,68 @@
+"""What an ASGI scope and a WSGI environ both say about a request: the path the
+application serves (decoded and raw), the query, the prefix the route stripped,
+the client (SPEC §10's address) and the server. One place, so the two
+interfaces never disagree about a request."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
+
+if TYPE_CHECKING:
+    from ..proxy.exchange import Exchange
+
+
+class Target:
+    """The forwarded target split: ``raw_path`` (bytes, as sent, without the query),
+    ``path`` (percent-decoded, as UTF-8 with surrogateescape: ASGI's ``path``; WSGI's
+    PATH_INFO is its latin-1 view, ``wsgi_path``), ``query`` (bytes, without ``?``)
+    and ``root_path`` (the prefix the route stripped, "" if none)."""
+
+    __slots__ = ("_decoded", "query", "raw_path", "root_path")
+
+    def __init__(self, ex: Exchange) -> None:
+        target = ex.path
+        path, _, query = target.partition("?")
+        self.raw_path = path.encode("utf-8", "surrogateescape")
+        self.query = query.encode("utf-8", "surrogateescape")
+        self._decoded: bytes | None = None if "%" in path else self.raw_path
+        route = ex.route.config
+        self.root_path = route.path_prefix.rstrip("/") if route.strip_prefix else ""
+
+    @property
+    def decoded(self) -> bytes:
+        """The path's bytes, percent escapes decoded."""
+        if self._decoded is None:
+            self._decoded = unquote_to_bytes(self.raw_path)
+        return self._decoded
+
+    @property
+    def path(self) -> str:
+        return self.decoded.decode("utf-8", "surrogateescape")
+
+    @property
+    def wsgi_path(self) -> str:
+        """PEP 3333: the decoded bytes, each as one character (latin-1)."""
+        return self.decoded.decode("latin-1")
+
+
+def client_of(ex: Exchange) -> tuple[str, int]:
+    """The client (SPEC §10: the peer, the PROXY protocol's address or the one a
+    trusted proxy gave) and its port (0 when only the address is known)."""
+    request = ex.request
+    host = request.client
+    peer = request.protocol.peername
+    port = peer[1] if isinstance(peer, (list, tuple)) and len(peer) > 1 and peer[0] == host else 0
+    return host, port
+
+
+def server_of(ex: Exchange) -> tuple[str, int]:
+    """The gateway's address the request came to."""
+    sock = ex.request.protocol.sockname
+    if isinstance(sock, (list, tuple)) and len(sock) > 1:
+        return str(sock[0]), int(sock[1])
+    return "", 0
+
+
+def scheme_of(ex: Exchange) -> str:
+    return "https" if ex.request.protocol.secure else "http"
