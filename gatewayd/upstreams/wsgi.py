@@ -64,7 +64,8 @@ class Job:
     loop, and PEP 3333's ``start_response`` and ``write``."""
 
     __slots__ = ("_declared", "_headers", "_left", "_lock", "_pending", "_reason", "_started",
-                 "_status", "app", "done", "environ", "error", "ex", "head_out", "loop", "wrote")
+                 "_status", "app", "complete", "done", "environ", "error", "ex", "head_out", "loop",
+                 "wrote")
 
     def __init__(self, app: Any, ex: Exchange, environ: dict[str, Any],
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -84,6 +85,7 @@ class Job:
         self._declared: int | None = None  # the application's Content-Length
         self.head_out = False  # the head was handed to the loop (thread's view)
         self.wrote = False  # the write() callable was used
+        self.complete = False  # the client has the whole response (loop's view)
 
     # -- the bridge (thread -> loop) ---------------------------------------------------
     def call(self, work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -176,12 +178,10 @@ class Job:
                     self.write(chunk)
                     if self._no_body():
                         break
-            if not self.head_out:
-                head = self._head(0)
-                self.call(lambda: self._out(head, b"", True))
-            else:
-                self._end()
-            return None
+            if not self.head_out:  # an empty body: known in full
+                return self._head(0), b""
+            self._end()
+            return None  # the loop ends the body, once the thread is free
         finally:
             close = getattr(result, "close", None)
             if close is not None:
@@ -257,8 +257,6 @@ class Job:
         declared = self._declared
         if declared is not None and self.ex.sent < declared and not self._no_body():
             raise ValueError(f"the body ended at {self.ex.sent} of its Content-Length, {declared}")
-        if not self._no_body():
-            self.call(lambda: self._out(None, b"", True))
 
     # -- on the loop -------------------------------------------------------------------
     async def _out(self, head: Head | None, data: bytes, last: bool) -> None:
@@ -271,6 +269,15 @@ class Job:
         if data or last:
             await request.send(data, last)
             ex.sent += len(data)
+        declared = self._declared
+        if last or (declared is not None and ex.sent >= declared):
+            self.complete = True  # (a client that leaves now has what it asked for)
+
+
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    """(An abandoned job's outcome: read, so asyncio does not report it.)"""
+    if not done.cancelled():
+        done.exception()
 
 
 def _bytes(chunk: Any) -> bytes:
@@ -363,8 +370,14 @@ class WsgiUpstream(Application):
         try:
             whole = await asyncio.shield(job.done)
         except asyncio.CancelledError:
-            await self._left(job)
-            raise
+            if not await self._left(job) or not job.complete:
+                raise
+            # the client had the whole response (its Content-Length) and closed while
+            # the thread finished (close()): served, not cancelled
+            task = asyncio.current_task()
+            if task is None or task.uncancel():
+                raise
+            return
         except Exception as exc:
             self._failed(job, exc)
         finally:
@@ -372,20 +385,25 @@ class WsgiUpstream(Application):
                 await chunks.aclose()
         if whole is not None:
             await self._write(job, *whole)
+        elif ex.head_sent:  # a streamed body ends after the thread is free
+            await ex.request.send(b"", True)
 
-    async def _left(self, job: Job) -> None:
+    async def _left(self, job: Job) -> bool:
         """The client left: stop feeding the thread, then wait until it is free (its
         application unwinding, ``close()`` called), so the slot is held until then. A
-        second cancellation (the process stopping) waits no longer."""
+        second cancellation (the process stopping) waits no longer: False."""
         if not job.leave():
-            return
+            return True
         try:
             await asyncio.shield(job.done)
         except asyncio.CancelledError:
             log.warning("upstream %s: a WSGI thread is still busy with a request whose client "
                         "left; no longer waiting for it", self.name)
+            job.done.add_done_callback(_retrieve)
+            return False
         except BaseException:
             pass  # the application's way out (ConnectionResetError, mostly)
+        return True
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         """The thread raised: what the gateway's reading or writing raised goes on as it

@@ -141,6 +141,26 @@ def swallowing_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [b"ok"]
 
 
+CLOSE_GATE = threading.Event()
+
+
+class SlowClose:
+    """Six bytes under their Content-Length; close() waits for CLOSE_GATE (at most 5 s)."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"abc"
+        yield b"def"
+
+    def close(self) -> None:
+        CLOSE_GATE.wait(5)
+        CLOSED["slow-close"] = "closed"
+
+
+def slow_close_app(environ: dict[str, Any], start_response: Any) -> SlowClose:
+    start_response("200 OK", [("Content-Length", "6")])
+    return SlowClose()
+
+
 def failing_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     if environ["PATH_INFO"] == "/silent":
         return [b"no start_response"]
@@ -313,6 +333,7 @@ async def test_client_leaving_frees_the_thread_and_the_slot(start_gateway):
         freed = time.monotonic() - left
         async with s.get(gw.url + "/?ok", headers={"X-Id": "g-2"}) as r:
             assert r.status == 200 and await r.read() == b"one two"
+    print(f"client gone -> close() called in {freed * 1000:.1f} ms")
     assert freed < 0.5, freed  # one chunk interval (20 ms) plus the loop's hops
     route = gw.runtime.table.routes["app"]
     await wait_for(lambda: route.gate.in_flight == 0)
@@ -479,3 +500,27 @@ async def test_a_blocked_thread_keeps_its_slot_after_its_client_left(start_gatew
         RELEASE.set()
         if second is not None and not second.done():
             second.cancel()
+
+
+async def test_a_client_that_closes_after_the_whole_response_was_served(start_gateway):
+    """1. an app answering 6 bytes under its Content-Length whose close() is slow 2. the
+    client reads the 6 bytes and closes while close() still runs 3. the thread is
+    waited for (the slot held), and the request counts as served, not cancelled."""
+    CLOSE_GATE.clear()
+    CLOSED.pop("slow-close", None)
+    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:slow_close_app"))
+    route = gw.runtime.table.routes["app"]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"Content-Length: 6" in head
+        assert await asyncio.wait_for(reader.readexactly(6), 5) == b"abcdef"
+        writer.close()
+        await wait_for(lambda: gw.runtime.connections == 0)
+        assert route.gate.in_flight == 1  # the thread is still in close()
+    finally:
+        CLOSE_GATE.set()
+    await wait_for(lambda: route.gate.in_flight == 0)
+    assert CLOSED["slow-close"] == "closed"
+    assert route.stats.cancelled_in_flight == 0
