@@ -92,7 +92,8 @@ class Job:
         """In the thread: run ``work()`` on the loop and wait for its result. Raises
         what it raised, or ConnectionResetError once the client has left."""
         if self._left:
-            raise _gone()
+            self.error = _gone()
+            raise self.error
         waiter: concurrent.futures.Future[Any] = concurrent.futures.Future()
         try:
             self.loop.call_soon_threadsafe(self._begin, work, waiter)
@@ -115,13 +116,14 @@ class Job:
         task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
+        exc = None if task.cancelled() else task.exception()  # (read, even when unused)
         pending, self._pending = self._pending, None
         if pending is None or pending[1].done():  # failed already: the client left
             return
         waiter = pending[1]
         if task.cancelled():
             waiter.set_exception(_gone())
-        elif (exc := task.exception()) is not None:
+        elif exc is not None:
             waiter.set_exception(exc)
         else:
             waiter.set_result(task.result())

@@ -54,6 +54,15 @@ def reader_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [digest.hexdigest().encode()]
 
 
+def lines_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """The body's lines, by readlines(hint) first then iteration: their count and lengths."""
+    stream = environ["wsgi.input"]
+    lines = stream.readlines(10)
+    lines += list(stream)
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps([len(line) for line in lines]).encode()]
+
+
 flask_app = flask.Flask(__name__)
 
 
@@ -256,10 +265,12 @@ async def test_environ_fields(start_gateway):
 
 
 async def test_chunked_request_bodies(start_gateway):
-    """1. an app reading wsgi.input by readline and read(n) 2. chunked uploads: small
-    (buffered before admission) and 1 MiB over a 64 KiB buffer (streamed) 3. each
-    digest is the body's."""
-    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:reader_app"), request_buffer_size=65536)
+    """1. an app reading wsgi.input by readline and read(n), one by readlines and
+    iteration 2. chunked uploads: small (buffered before admission) and 1 MiB over a
+    64 KiB buffer (streamed) 3. each digest, and the lines, are the body's."""
+    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:reader_app", path_prefix="/")
+                             + wsgi_route("tests.upstreams.test_wsgi:lines_app", name="lines",
+                                          path_prefix="/lines"), request_buffer_size=65536)
 
     async def chunked(data: bytes) -> Any:
         for i in range(0, len(data), 10000):
@@ -270,6 +281,11 @@ async def test_chunked_request_bodies(start_gateway):
             async with s.post(gw.url + "/", data=chunked(data)) as r:
                 assert r.status == 200
                 assert (await r.text()) == hashlib.sha256(data).hexdigest()
+    text = b"".join(b"%d\n" % (10 ** (i % 7)) for i in range(20000)) + b"no newline at the end"
+    async with aiohttp.ClientSession() as s, s.post(gw.url + "/lines", data=chunked(text)) as r:
+        gw_lines = await r.json()
+    lines = [len(line) for line in text.splitlines(keepends=True)]
+    assert gw_lines == lines
 
 
 async def test_response_framing(start_gateway):
