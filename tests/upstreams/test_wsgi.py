@@ -540,3 +540,30 @@ async def test_a_client_that_closes_after_the_whole_response_was_served(start_ga
     await wait_for(lambda: route.gate.in_flight == 0)
     assert CLOSED["slow-close"] == "closed"
     assert route.stats.cancelled_in_flight == 0
+
+
+async def test_a_reload_replaces_the_pool_after_its_last_request(start_gateway):
+    """1. threads = 2, a request blocked in the app 2. a reload to threads = 3 3. the new
+    pool serves at once; the old pool's threads end once the blocked request is done
+    (the old upstream's close after its last request)."""
+    ENTERED.clear()
+    RELEASE.clear()
+    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:blocking_app", threads=2))
+
+    def pool_threads() -> int:
+        return sum(t.name.startswith("gatewayd-wsgi-app-") for t in threading.enumerate())
+
+    assert pool_threads() == 2
+    try:
+        async with aiohttp.ClientSession() as s:
+            first = asyncio.create_task(s.get(gw.url + "/"))
+            await wait_for(lambda: len(ENTERED) == 1)
+            gw.config_path.write_text(gw.config_path.read_text().replace("threads = 2", "threads = 3"))
+            assert (await gw.command({"cmd": "reload"}))["ok"]
+            assert pool_threads() == 5
+            RELEASE.set()
+            async with await first as r:
+                assert r.status == 200
+        await wait_for(lambda: pool_threads() == 3)
+    finally:
+        RELEASE.set()
