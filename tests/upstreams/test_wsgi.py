@@ -412,7 +412,7 @@ async def test_admission_queues_in_the_gateway_not_the_pool(start_gateway):
     served."""
     ENTERED.clear()
     RELEASE.clear()
-    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:blocking_app", threads=2,
+    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:blocking_app", name="adm", threads=2,
                                         max_concurrency=2, max_queue=5))
     try:
         async with aiohttp.ClientSession() as s:
@@ -424,9 +424,9 @@ async def test_admission_queues_in_the_gateway_not_the_pool(start_gateway):
             tasks = [asyncio.create_task(get()) for _ in range(3)]
             await wait_for(lambda: len(ENTERED) == 2)
             snap = (await gw.command({"cmd": "snapshot"}))["snapshot"]
-            route = next(r for r in snap["routes"] if r["name"] == "app")
+            route = next(r for r in snap["routes"] if r["name"] == "adm")
             assert route["in_flight"] == 2 and route["queued"] == 1
-            threads = [t for t in threading.enumerate() if t.name.startswith("gatewayd-wsgi-app-")]
+            threads = [t for t in threading.enumerate() if t.name.startswith("gatewayd-wsgi-adm-")]
             assert len(threads) == 2
             assert sorted(ENTERED) == sorted(t.name for t in threads)  # both busy, none for the third
             RELEASE.set()
@@ -548,10 +548,10 @@ async def test_a_reload_replaces_the_pool_after_its_last_request(start_gateway):
     (the old upstream's close after its last request)."""
     ENTERED.clear()
     RELEASE.clear()
-    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:blocking_app", threads=2))
+    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:blocking_app", name="rl", threads=2))
 
     def pool_threads() -> int:
-        return sum(t.name.startswith("gatewayd-wsgi-app-") for t in threading.enumerate())
+        return sum(t.name.startswith("gatewayd-wsgi-rl-") for t in threading.enumerate())
 
     assert pool_threads() == 2
     try:
@@ -567,3 +567,23 @@ async def test_a_reload_replaces_the_pool_after_its_last_request(start_gateway):
         await wait_for(lambda: pool_threads() == 3)
     finally:
         RELEASE.set()
+
+
+async def test_a_client_that_leaves_mid_upload_unblocks_the_reading_thread(start_gateway):
+    """1. an app reading a streamed body (1 MiB declared, over a 64 KiB buffer) 2. the
+    client sends 100 KiB and leaves 3. the app's read raises ConnectionResetError in
+    its thread at once, and the slot is released, counted cancelled."""
+    READ_ERRORS.clear()
+    gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:swallowing_app"), request_buffer_size=65536)
+    route = gw.runtime.table.routes["app"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n" + b"z" * 102400)
+    await writer.drain()
+    await wait_for(lambda: route.gate.in_flight == 1)
+    writer.close()
+    left = time.monotonic()
+    await wait_for(lambda: READ_ERRORS, timeout=5)
+    unblocked = time.monotonic() - left
+    assert READ_ERRORS == ["ConnectionResetError"]
+    await wait_for(lambda: route.gate.in_flight == 0 and route.stats.cancelled_in_flight == 1)
+    assert unblocked < 0.5, unblocked
