@@ -380,7 +380,7 @@ class WsgiUpstream(Application):
             if task is None or task.uncancel():
                 raise
             return
-        except Exception as exc:
+        except BaseException as exc:  # (SystemExit too: an application's exit is its error)
             self._failed(job, exc)
         finally:
             if chunks is not None and job.done.done():

@@ -173,6 +173,8 @@ def slow_close_app(environ: dict[str, Any], start_response: Any) -> SlowClose:
 def failing_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     if environ["PATH_INFO"] == "/silent":
         return [b"no start_response"]
+    if environ["PATH_INFO"] == "/exit":
+        raise SystemExit(3)
     raise ValueError("the application broke")
 
 
@@ -392,17 +394,19 @@ async def test_back_pressure_holds_the_generator(start_gateway):
 
 
 async def test_errors_are_500_handler_error_and_logged(start_gateway, caplog):
-    """1. an app that raises, and one that returns without calling start_response 2. GET
-    each 3. 500 handler_error, each logged with its traceback."""
+    """1. an app that raises, one that returns without calling start_response, one that
+    calls sys.exit 2. GET each 3. 500 handler_error, each logged with its traceback
+    (and the gateway goes on)."""
     gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:failing_app"))
     with caplog.at_level(logging.ERROR, logger="gatewayd"):
         async with aiohttp.ClientSession() as s:
-            for path in ("/raise", "/silent"):
+            for path in ("/raise", "/silent", "/exit"):
                 async with s.get(gw.url + path) as r:
                     assert r.status == 500 and r.headers["X-Gatewayd-Reason"] == "handler_error"
     records = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
     assert any("the application broke" in str(r.exc_info[1]) for r in records)
     assert any("start_response" in str(r.exc_info[1]) for r in records)
+    assert any(isinstance(r.exc_info[1], SystemExit) for r in records)
 
 
 async def test_admission_queues_in_the_gateway_not_the_pool(start_gateway):
