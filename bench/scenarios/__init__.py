@@ -21,6 +21,7 @@ from . import (
                reload,
                throughput,
                tls,
+               tunnels,
                uploads,
 )
 
@@ -41,6 +42,7 @@ SCENARIOS: dict[str, Scenario] = {
     "uploads": uploads.run,
     "fairness": fairness.run,
     "tls": tls.run,
+    "tunnels": tunnels.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
