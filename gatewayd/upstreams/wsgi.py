@@ -399,7 +399,7 @@ class WsgiUpstream(Application):
         try:
             await asyncio.shield(job.done)
         except asyncio.CancelledError:
-            log.warning("upstream %s: a WSGI thread is still busy with a request whose client "
+            log.warning("upstreams.%s: a WSGI thread is still busy with a request whose client "
                         "left; no longer waiting for it", self.name)
             job.done.add_done_callback(_retrieve)
             return False
@@ -413,7 +413,7 @@ class WsgiUpstream(Application):
         application's: logged, ``500 handler_error`` (the connection cut after the head)."""
         if job.error is not None:
             raise job.error
-        log.error("upstream %s: the WSGI application failed on %s %s", self.name,
+        log.error("upstreams.%s: the WSGI application failed on %s %s", self.name,
                   job.environ["REQUEST_METHOD"], job.ex.path, exc_info=exc)
         raise UpstreamFailure(500, "handler_error") from exc
 

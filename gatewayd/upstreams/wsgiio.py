@@ -125,7 +125,7 @@ class Errors:
     def write(self, text: str) -> int:
         text = str(text)
         if text.strip():
-            log.warning("upstream %s: wsgi.errors: %s", self._name, text.rstrip("\n"))
+            log.warning("upstreams.%s: wsgi.errors: %s", self._name, text.rstrip("\n"))
         return len(text)
 
     def writelines(self, lines: Any) -> None:

@@ -175,6 +175,11 @@ def failing_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         return [b"no start_response"]
     if environ["PATH_INFO"] == "/exit":
         raise SystemExit(3)
+    if environ["PATH_INFO"] == "/errors":
+        environ["wsgi.errors"].write("something to say\n")
+        environ["wsgi.errors"].flush()
+        start_response("204 No Content", [])
+        return []
     raise ValueError("the application broke")
 
 
@@ -396,7 +401,7 @@ async def test_back_pressure_holds_the_generator(start_gateway):
 async def test_errors_are_500_handler_error_and_logged(start_gateway, caplog):
     """1. an app that raises, one that returns without calling start_response, one that
     calls sys.exit 2. GET each 3. 500 handler_error, each logged with its traceback
-    (and the gateway goes on)."""
+    (and the gateway goes on); what an app writes to wsgi.errors is logged too."""
     gw = await start_gateway(wsgi_route("tests.upstreams.test_wsgi:failing_app"))
     with caplog.at_level(logging.ERROR, logger="gatewayd"):
         async with aiohttp.ClientSession() as s:
@@ -407,6 +412,10 @@ async def test_errors_are_500_handler_error_and_logged(start_gateway, caplog):
     assert any("the application broke" in str(r.exc_info[1]) for r in records)
     assert any("start_response" in str(r.exc_info[1]) for r in records)
     assert any(isinstance(r.exc_info[1], SystemExit) for r in records)
+    with caplog.at_level(logging.WARNING, logger="gatewayd"):
+        async with aiohttp.ClientSession() as s, s.get(gw.url + "/errors") as r:
+            assert r.status == 204
+    assert any(r.getMessage() == "upstreams.app: wsgi.errors: something to say" for r in caplog.records)
 
 
 async def test_admission_queues_in_the_gateway_not_the_pool(start_gateway):
