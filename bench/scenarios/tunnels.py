@@ -74,8 +74,12 @@ def run(ctx: Context) -> list[Table]:
     flood: dict[str, dict[str, Any]] = {}
     for kind in proxies:
         ctx.say(f"tunnels: back-pressure, {kind}")
-        with _Setup(ctx, kind, 1) as (server, _up):
+        with _Setup(ctx, kind, 1) as (server, up):
             flood[kind] = _client(ctx, server, "flood", "--mib", str(FLOOD_MIB), "--pause", str(FLOOD_PAUSE))
+            try:  # the upstream's first pause: what it got out before the proxy stopped reading it
+                flood[kind]["upstream_paused_mib"] = _event(up, "paused", 1.0)["sent_mib"]
+            except RuntimeError:
+                flood[kind]["upstream_paused_mib"] = None
     tables = [_idle_table(idle), _echo_table(ctx, proxies, echo), _bulk_table(ctx, proxies, bulk, mib),
               _flood_table(proxies, flood)]
     ctx.figures["tunnels"] = {"idle": {f"{k}/{w}": v for (k, w), v in idle.items()}, "echo": echo,
@@ -321,16 +325,17 @@ def _bulk_table(ctx: Context, proxies: list[str], runs: dict[str, list[dict[str,
 def _flood_table(proxies: list[str], runs: dict[str, dict[str, Any]]) -> Table:
     table = Table(f"WebSocket tunnels, back-pressure: {FLOOD_MIB} MiB sent down a tunnel whose client does not "
                   f"read for {FLOOD_PAUSE:g} s (1 worker)",
-                  ["proxy", "RSS growth, peak KiB", "RSS growth at the end KiB", "MiB read after",
-                   "seconds to read", "errors"])
+                  ["proxy", "upstream held back after MiB", "RSS growth, peak KiB", "RSS growth at the end KiB",
+                   "MiB read after", "seconds to read", "errors"])
     for kind in proxies:
         r = runs[kind]
         if "error" in r:
-            table.add(kind, None, None, None, None, r["error"])
+            table.add(kind, None, None, None, None, None, r["error"])
             continue
-        table.add(kind, r["peak_growth"] // 1024, r["held_growth"] // 1024, r["read_after"] / 2**20,
-                  r["read_seconds"], "-")
+        table.add(kind, r.get("upstream_paused_mib"), r["peak_growth"] // 1024, r["held_growth"] // 1024,
+                  r["read_after"] / 2**20, r["read_seconds"], "-")
     table.notes.append("Bounded if the growth stays far below the flood (a few write buffers, not "
                        f"{FLOOD_MIB} MiB); the client's receive buffer is 64 KiB. MiB read after: every "
-                       "byte must still arrive once it reads.")
+                       "byte must still arrive once it reads. upstream held back after: the MiB the upstream had "
+                       "written when its transport first paused (n/a: it never paused, the proxy took it all).")
     return table
