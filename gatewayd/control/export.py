@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, TypedDict
 
 from ..proxy.admission import Gate, Prioritized
-from ..proxy.deadlines import CLASSES
+from ..proxy.deadlines import CLASSES, Estimator
 from ..stats.metrics import Counts, RouteCounters, RouteStats
 from ..stats.process import GcExport, cpu_seconds, fd_limit, open_fds, rss_bytes
 from ..upstreams.state import UpstreamExport
@@ -119,9 +119,13 @@ def queued_by_priority(route: Route) -> Counts:
     return counts
 
 
-def estimates(gate: Gate, now: float | None) -> Estimates:
-    """The route's estimates (sampled now if a sample is due; as they are without a loop)."""
-    e = gate.estimator if now is None else gate.estimate(now)
+def estimator(gate: Gate, now: float | None) -> Estimator:
+    """The route's estimator, sampled now if a sample is due (as it is without a loop)."""
+    return gate.estimator if now is None else gate.estimate(now)
+
+
+def estimates(e: Estimator) -> Estimates:
+    """What the snapshot says of a route's estimates."""
     return {"completion_rate": round(e.rate, 3),
             "service_ms": round(e.service * 1000, 3) if e.service > 0 else None}
 
@@ -164,7 +168,7 @@ def export(runtime: Runtime) -> ProcessExport:
             "tunnels": stats.tunnels, "tunnels_total": stats.tunnels_total,
             "in_flight": gate.in_flight, "queued": len(gate.waiters),
             "queued_by_priority": queued_by_priority(r),
-            "estimates": estimates(gate, loop_now if loop else None),
+            "estimates": estimates(estimator(gate, loop_now if loop else None)),
             "limit": gate.limit, "queue_limit": gate.max_queue,
             "oldest_wait_ms": round(gate.oldest_wait(loop_now) * 1000, 3),
             "waiters": waiters(runtime, name, XRAY_SUMMARY),

@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING
 
 from ..stats.metrics import LATENCY_BUCKETS, quantiles_ms_of
 from .encode import snapshot_json, without_histograms
-from .export import XRAY_SUMMARY, clients, estimates, export, process_figures, queued_by_priority, rejected, waiters
+from .export import (
+    XRAY_SUMMARY,
+    clients,
+    estimates,
+    estimator,
+    export,
+    process_figures,
+    queued_by_priority,
+    rejected,
+    waiters,
+)
 from .merge import retire
 from .present import present, present_route, present_top, route_order, route_order_from, runtime_info
 from .protocol import RouteSnapshot, Snapshot
@@ -77,12 +87,12 @@ class Presenter:
             lat, own, qw = s.latency, s.gateway_latency, s.queue_wait
             nw = len(g.waiters)
             # (waiters by class need no place in the key: a route with waiters is rebuilt anyway)
-            est = estimates(g, now)
+            est = estimator(g, now)
             key = (rc, s, mc, mq, s.requests, lat.count, own.count, qw.count, s.queue_full, s.queue_timeout,
                    s.client_queue_full, s.rate_limited, s.cancelled_queued, s.cancelled_in_flight,
                    sum(errs.values()) if errs else 0,
                    g.in_flight, nw, s.tunnels, s.tunnels_total, s.tunnels_full, s.deadline, s.preempted,
-                   s.route_timeout, est["completion_rate"], est["service_ms"])
+                   s.route_timeout, est.rate, est.service)
             requests += s.requests
             in_flight += g.in_flight
             queued += nw
@@ -119,7 +129,7 @@ class Presenter:
                 {str(c): n for c, n in s.codes.items()},
                 rejected(s), s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, own_h, qw_h,
                 qw_q, s.tunnels, rc.max_tunnels if rc.websocket else 0, s.tunnels_total, queued_by_priority(r),
-                est)
+                estimates(est))
             new[name] = _Entry(key, route)
             out.append(route)
         self._entries = new
