@@ -443,10 +443,15 @@ HELP = """\
   over the last second, p50 and p99 of served requests, (wide: 503 totals by reason),
   cancellations and upstream errors (totals; red while rising); 158 columns and more:
   429 totals by reason when the gatewayd counts them (else under the clients pane); with a
-  WebSocket route and room left, its tunnels open / max_tunnels and 503 tunnels_full total.
+  WebSocket route and room left, its tunnels open / max_tunnels and 503 tunnels_full total;
+  with a route that refused requests for their deadline or class and room left, its
+  503 deadline, 503 preempted and 504 route_timeout totals.
 [b]X-ray[/b]   the waiters of the most pressed route (deepest queue, then oldest waiter),
-  or of the route under the cursor once you move it; above them, for a WebSocket route,
-  its tunnels open / max_tunnels and its upgrades refused at the cap (full).
+  or of the route under the cursor once you move it, with their class (when not default)
+  and the seconds left of their deadline (when they have one); above them, for a WebSocket
+  route, its tunnels open / max_tunnels and its upgrades refused at the cap (full); for a
+  route with estimates, its service time and completions a second, then its 503 deadline,
+  503 preempted and 504 route_timeout totals.
 [b]Trends[/b]  the last minutes, one point an update: req/s, queued requests (all routes),
   event-loop lag, GC pause milliseconds per second.
 [b]Clients[/b] who floods the selected route: the most queue places now, then the most 429s since
