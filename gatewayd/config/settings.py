@@ -385,7 +385,8 @@ class RouteConfig:
         k.Duration(), 2.0, "longest wait in the queue before a 503 queue_timeout", unit="seconds"
     )
     retry_after: int = setting(
-        k.Int(0, 86400), 1, "value of the Retry-After header on this route's 503s", unit="seconds"
+        k.Int(0, 86400), 1, "the Retry-After of this route's 503s until the gateway has estimated "
+        "when the route could take a request (then that estimate, 1 to 60)", unit="seconds"
     )
     queue_order: str = setting(
         k.Choice(("fifo", "fair")), "fifo",
