@@ -350,7 +350,7 @@ def xray_table(route: str | None, waiting: list[dict[str, Any]], queued: float |
         return Text(f"{route}: nobody waiting" if queued == 0 or queued is None else
                     f"{route}: {fmt.count(queued)} waiting", style="dim")
     t = Table(box=None, expand=True, padding=(0, 1), show_edge=False, header_style="dim")
-    t.add_column("waited", justify="right", no_wrap=True, min_width=5)
+    t.add_column("waited", justify="right", no_wrap=True, min_width=6)  # (fmt.ms: at most 6)
     # a waiter's class when one is not of the default class, the seconds left of its
     # deadline when one has a deadline (SPEC §12): columns only where they say something,
     # next to the wait, so that a narrow pane cuts the path and client first

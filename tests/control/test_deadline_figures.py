@@ -22,10 +22,19 @@ from gatewayd.stats.metrics import RouteStats
 
 from ..builders import app_route, free_port
 from ..conftest import ROOT, wait_for, wait_for_sync
-from ..proxy.wsclient import head_of
 
 HEADER = "X-Request-Timeout"
 CLASS = "X-Priority"
+
+
+async def head_of(port: int, data: bytes) -> bytes:
+    """The head of the answer to ``data`` (waits up to 30 s: a slot is held for seconds)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    finally:
+        writer.close()
 
 
 def get(path: str, *headers: str) -> bytes:
@@ -67,8 +76,8 @@ def ruled_route(url: str, **keys: Any) -> str:
 
 
 async def test_waiters_by_class_their_budgets_and_the_refusals(start_gateway, upstream):
-    """1. one slot, held by a request with a 3 s budget; 2. a critical waiter with a
-    5 s budget, a default one without a budget, one with 0.3 s that leaves at its
+    """1. one slot, held by a request with a 6 s budget; 2. a critical waiter with a
+    20 s budget, a default one without a budget, one with 0.3 s that leaves at its
     deadline (503 deadline), then two sheddable ones fill the queue (4); 3. the
     snapshot counts the waiters by class, its X-ray (and the queue command, and
     ``gatewayctl queue``) give each one's class and seconds left, critical first;
@@ -78,9 +87,9 @@ async def test_waiters_by_class_their_budgets_and_the_refusals(start_gateway, up
     one of each reason."""
     gw = await start_gateway(ruled_route(upstream.url))
     gate = gw.runtime.table.routes["app"].gate
-    holder = asyncio.ensure_future(head_of(gw.port, get("/slow?ms=8000", f"{HEADER}: 3")))
+    holder = asyncio.ensure_future(head_of(gw.port, get("/slow?ms=15000", f"{HEADER}: 6")))
     await wait_for(lambda: gate.in_flight == 1)
-    waiting = [asyncio.ensure_future(head_of(gw.port, get("/echo?crit", f"{CLASS}: critical", f"{HEADER}: 5")))]
+    waiting = [asyncio.ensure_future(head_of(gw.port, get("/echo?crit", f"{CLASS}: critical", f"{HEADER}: 20")))]
     await wait_for(lambda: gate.queued == 1)
     waiting.append(asyncio.ensure_future(head_of(gw.port, get("/echo?default"))))
     await wait_for(lambda: gate.queued == 2)
@@ -96,7 +105,7 @@ async def test_waiters_by_class_their_budgets_and_the_refusals(start_gateway, up
     assert xray == [("/echo?crit", "critical"), ("/echo?default", "default"), ("/echo?shed1", "sheddable"),
                     ("/echo?shed2", "sheddable")]
     crit = r["waiters"][0]
-    assert 4.0 < crit["deadline_in"] <= 5.0 and round(crit["deadline_in"], 3) == crit["deadline_in"]
+    assert 19.0 < crit["deadline_in"] <= 20.0 and round(crit["deadline_in"], 3) == crit["deadline_in"]
     assert [w["deadline_in"] for w in r["waiters"][1:]] == [None, None, None]
     listed = (await gw.command({"cmd": "queue", "route": "app"}))["waiters"]
     assert [(w["priority"], w["deadline_in"] is None) for w in listed] == [
@@ -104,7 +113,7 @@ async def test_waiters_by_class_their_budgets_and_the_refusals(start_gateway, up
     lines = (await gatewayctl(str(gw.config_path), "queue", "app")).splitlines()
     assert lines[0] == "4 waiting on route app"
     assert "/echo?crit  from 127.0.0.1  critical  " in lines[1] and lines[1].endswith("s left")
-    assert 4.0 < float(lines[1].rsplit("  ", 1)[1].removesuffix("s left")) <= 5.0
+    assert 19.0 < float(lines[1].rsplit("  ", 1)[1].removesuffix("s left")) <= 20.0
     assert lines[2].endswith("/echo?default  from 127.0.0.1  default  no deadline")
     assert lines[4].endswith("/echo?shed2  from 127.0.0.1  sheddable  no deadline")
     text = metrics_text(gw).splitlines()
