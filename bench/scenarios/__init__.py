@@ -9,6 +9,7 @@ from ..context import Context
 from ..report import Table
 from . import (
                admission,
+               apps,
                cancel,
                eject,
                fairness,
@@ -41,7 +42,9 @@ SCENARIOS: dict[str, Scenario] = {
     "uploads": uploads.run,
     "fairness": fairness.run,
     "tls": tls.run,
+    "apps": apps.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
-# scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
-NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS, "tls": tls.TOOLS}
+# scenario -> the tools (bench.deps.EXTRA) and Python modules (bench.deps.PYTHON) it needs
+# beyond those every run needs
+NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS, "tls": tls.TOOLS, "apps": apps.TOOLS}
