@@ -20,6 +20,7 @@ from ..runtime.limits import Overrides
 from ..runtime.reload import LastReload
 from ..runtime.state import Runtime
 from ..stats.process import raise_fd_limit
+from ..upstreams.lifespan import StartupFailed
 from ..upstreams.names import KeyProblem
 from ..upstreams.state import set_server_state
 from . import lifecycle
@@ -117,6 +118,9 @@ class OneProcess:
             await self.runtime.start()
         except KeyProblem as exc:  # a server name that does not resolve, a certificate file
             log.error("%s", exc.located(config.path))
+            return False
+        except StartupFailed as exc:  # an ASGI application's lifespan startup, with its message
+            log.error("%s", exc)
             return False
         except OSError as exc:
             log.error("cannot listen on %s: %s", ", ".join(config.server.addresses), exc.strerror or exc)

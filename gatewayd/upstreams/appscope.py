@@ -18,7 +18,7 @@ class Target:
     PATH_INFO is its latin-1 view, ``wsgi_path``), ``query`` (bytes, without ``?``)
     and ``root_path`` (the prefix the route stripped, "" if none)."""
 
-    __slots__ = ("_decoded", "query", "raw_path", "root_path")
+    __slots__ = ("_bare", "_decoded", "query", "raw_path", "root_path")
 
     def __init__(self, ex: Exchange) -> None:
         target = ex.path
@@ -27,7 +27,9 @@ class Target:
         self.query = query.encode("utf-8", "surrogateescape")
         self._decoded: bytes | None = None if "%" in path else self.raw_path
         route = ex.route.config
-        self.root_path = route.path_prefix.rstrip("/") if route.strip_prefix else ""
+        self.root_path = root = route.path_prefix.rstrip("/") if route.strip_prefix else ""
+        # the client asked for the prefix itself, without a slash after it
+        self._bare = bool(root) and ex.request.raw_path.partition("?")[0] == root
 
     @property
     def decoded(self) -> bytes:
@@ -39,6 +41,19 @@ class Target:
     @property
     def path(self) -> str:
         return self.decoded.decode("utf-8", "surrogateescape")
+
+    @property
+    def full_path(self) -> str:
+        """``root_path`` and ``path``: the path the client asked for (in normal form)."""
+        return self._full(self.path)
+
+    @property
+    def full_raw_path(self) -> bytes:
+        return self._full(self.raw_path.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+
+    def _full(self, rest: str) -> str:
+        # the prefix alone ("/api" for a route on "/api") was forwarded as "/"
+        return self.root_path if rest == "/" and self._bare else self.root_path + rest
 
     @property
     def wsgi_path(self) -> str:
