@@ -10,6 +10,7 @@ from ..report import Table
 from . import (
                admission,
                apps,
+               apps_instructions,
                cancel,
                eject,
                fairness,
@@ -43,8 +44,10 @@ SCENARIOS: dict[str, Scenario] = {
     "fairness": fairness.run,
     "tls": tls.run,
     "apps": apps.run,
+    "apps-instructions": apps_instructions.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
 # scenario -> the tools (bench.deps.EXTRA) and Python modules (bench.deps.PYTHON) it needs
 # beyond those every run needs
-NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS, "tls": tls.TOOLS, "apps": apps.TOOLS}
+NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS, "tls": tls.TOOLS, "apps": apps.TOOLS,
+                                     "apps-instructions": apps.TOOLS + apps_instructions.TOOLS}

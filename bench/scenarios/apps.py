@@ -3,10 +3,12 @@ gatewayd (``interface = "asgi"``, one worker) and under uvicorn (``uvicorn[stand
 uvloop and httptools, one process, no access log), each pinned to the proxy CPU,
 wrk and the harness on the load CPU; the applications are bench/apps.py.
 
-- throughput: a raw ASGI hello and a Starlette hello route, ``wrk -c50`` after
-  a warm-up, every server freshly started, rounds alternating the servers;
-  req/s and CPU µs per request, gatewayd's against uvicorn's from the same
-  round. Goals: raw >= 1.3 x uvicorn's req/s, Starlette >= 1.1 x.
+- throughput: a raw ASGI hello and a Starlette hello route, ``wrk -c50``; per
+  app both servers started and warmed, then measured in turns of
+  ``duration`` / 4 seconds (``repeats`` x 4 turns each, the order swapped every
+  turn), so that the busy spells of a shared machine fall on both alike; req/s
+  and CPU µs per request over all of a server's turns, gatewayd's against
+  uvicorn's. Goals: raw >= 1.3 x uvicorn's req/s, Starlette >= 1.1 x.
 - overload: an app awaiting 100 ms per request, 100 at once (capacity 1,000
   req/s): gatewayd's route ``max_concurrency = 100`` with a queue
   (``max_queue = 2000``, ``queue_timeout = 2``) against uvicorn's
@@ -26,7 +28,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from ..aio import run as run_async
 from ..apps import SLOW_DELAY
@@ -41,6 +43,7 @@ TOOLS = ("uvicorn", "watchfiles", "starlette")  # Python modules (bench.deps.PYT
 APPS = (("raw ASGI hello", "bench.apps:hello", 1.3),
         ("Starlette hello route", "bench.apps:starlette_hello", 1.1))
 CONNECTIONS = 50
+SLICES = 4  # turns per round: the servers alternate every duration / SLICES seconds
 SLOW = "bench.apps:slow"
 SLOTS = 100
 CAPACITY = SLOTS / SLOW_DELAY
@@ -73,15 +76,7 @@ def started(ctx: Context, kind: str, app: str, overload: bool = False) -> Iterat
 def run(ctx: Context) -> list[Table]:
     kinds = servers(ctx)
     rounds = ctx.options.repeats
-    runs: dict[tuple[str, str], list[Measured]] = {(label, k): [] for label, _, _ in APPS for k in kinds}
-    for rnd in range(rounds):
-        for label, app, _ in APPS:
-            for kind in kinds:
-                ctx.say(f"apps: round {rnd + 1}/{rounds}, {label}, {kind}, wrk -c{CONNECTIONS}")
-                with started(ctx, kind, app) as server:
-                    ctx.warm(server, CONNECTIONS)
-                    runs[(label, kind)].append(ctx.measure(server, CONNECTIONS))
-    throughput = _throughput_table(ctx, kinds, runs)
+    throughput = _throughput_table(ctx, kinds, _throughput(ctx, kinds))
 
     wrk_rows: dict[str, list[list[object]]] = {k: [] for k in kinds}
     own_rows: dict[str, list[list[object]]] = {k: [] for k in kinds}
@@ -136,43 +131,71 @@ def run(ctx: Context) -> list[Table]:
     return tables
 
 
+def _throughput(ctx: Context, kinds: list[str]) -> dict[tuple[str, str], list[Measured]]:
+    """Per app, both servers started, warmed, then measured in turns: ``repeats`` x SLICES slices
+    of ``duration`` / SLICES seconds each, the order swapped every slice, so that a busy spell of a
+    shared machine falls on both alike."""
+    runs: dict[tuple[str, str], list[Measured]] = {(label, k): [] for label, _, _ in APPS for k in kinds}
+    seconds = max(1.0, ctx.options.duration / SLICES)
+    turns = ctx.options.repeats * SLICES
+    for label, app, _ in APPS:
+        ctx.say(f"apps: {label}, {' and '.join(kinds)} in turns, {turns} x {seconds:g} s each, wrk -c{CONNECTIONS}")
+        with ExitStack() as stack:
+            live = {k: stack.enter_context(started(ctx, k, app)) for k in kinds}
+            for k in kinds:
+                ctx.warm(live[k], CONNECTIONS)
+            for turn in range(turns):
+                for k in (kinds if turn % 2 == 0 else kinds[::-1]):
+                    runs[(label, k)].append(ctx.measure(live[k], CONNECTIONS, seconds))
+    return runs
+
+
 def _throughput_table(ctx: Context, kinds: list[str], runs: dict[tuple[str, str], list[Measured]]) -> Table:
+    turns = len(next(iter(runs.values())))
     table = Table(
-        f"Apps throughput, wrk -c{CONNECTIONS} (server on 1 core; median of {ctx.options.repeats})",
+        f"Apps throughput, wrk -c{CONNECTIONS} (server on 1 core; {turns} turns of "
+        f"{max(1.0, ctx.options.duration / SLICES):g} s each, in alternation)",
         ["app", "server", "req/s", "req/s vs uvicorn", "goal", "p50 ms", "p99 ms", "errors", "CPU µs/req",
          "CPU vs uvicorn", "CPU %", "CPU wait %"])
     for label, _, goal in APPS:
-        med = {k: _medians(runs[(label, k)]) for k in kinds}
-        base = med["uvicorn"]
+        tot = {k: _totals(runs[(label, k)]) for k in kinds}
+        base = tot["uvicorn"]
         for kind in kinds:
-            m = med[kind]
+            m = tot[kind]
             table.add(label, kind, m["rps"], ratio(m["rps"], base["rps"]), f">= {goal:g}" if kind != "uvicorn" else "",
                       m["p50"], m["p99"], int(m["errors"]), m["cpu_us"], ratio(m["cpu_us"], base["cpu_us"]),
                       m["cpu_pct"], m["wait_pct"])
         if "gatewayd" in kinds:
-            per_round = [g.result.rps / u.result.rps for g, u in
-                         zip(runs[(label, "gatewayd")], runs[(label, "uvicorn")], strict=True) if u.result.rps]
-            table.notes.append(f"{label}: gatewayd's req/s over uvicorn's, round by round: "
-                               + ", ".join(f"{x:.2f}" for x in per_round) + ".")
+            per_turn = sorted(g.result.rps / u.result.rps for g, u in
+                              zip(runs[(label, "gatewayd")], runs[(label, "uvicorn")], strict=True) if u.result.rps)
+            table.notes.append(
+                f"{label}: gatewayd's req/s over uvicorn's turn by turn: median {median(per_turn):.2f}, "
+                f"quartiles {percentile(per_turn, 25):.2f}-{percentile(per_turn, 75):.2f}, "
+                f"range {per_turn[0]:.2f}-{per_turn[-1]:.2f}.")
     table.notes += [
         "Both serve the same module (bench/apps.py), the 100-byte body; gatewayd: one worker, route "
         "max_concurrency = 1000000 (never binds), access log off; uvicorn: --loop uvloop --http httptools "
-        "--no-access-log --log-level warning, one process.",
-        "CPU µs/req: the server's user+system CPU over the run over the requests (steadier than req/s on a "
-        "shared machine); CPU % + CPU wait % well under 100: the server waited for wrk (see throughput).",
+        "--no-access-log --log-level warning, one process. Both run the whole time (idle when not loaded), "
+        "each measured in turn.",
+        "req/s, CPU µs/req, CPU % and CPU wait %: over all the server's turns together; p50 and p99: the "
+        "median of its turns'. CPU µs/req (the server's user+system CPU over its requests) is steadier "
+        "than req/s on a shared machine; CPU % + CPU wait % well under 100: the server waited for wrk.",
     ]
     return table
 
 
-def _medians(runs: list[Measured]) -> dict[str, float]:
+def _totals(runs: list[Measured]) -> dict[str, float]:
+    requests = sum(r.result.requests for r in runs)
+    seconds = sum(r.result.seconds for r in runs)
+    cpu = sum(r.cpu for r in runs)
     return {
-        "rps": median([r.result.rps for r in runs]),
+        "rps": requests / seconds if seconds else float("nan"),
         "p50": median([r.result.p50_ms for r in runs]),
         "p99": median([r.result.p99_ms for r in runs]),
-        "errors": median([r.result.errors for r in runs]),
-        "cpu_us": median([r.cpu_us_per_request for r in runs]),
-        "cpu_pct": median([r.cpu_share for r in runs]),
-        "wait_pct": median([r.wait_share for r in runs]),
+        "errors": sum(r.result.errors for r in runs),
+        "cpu_us": cpu / requests * 1e6 if requests else float("nan"),
+        "cpu_pct": 100 * cpu / seconds if seconds else float("nan"),
+        "wait_pct": 100 * sum(r.waited for r in runs) / seconds if seconds else float("nan"),
     }
 
 
