@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", default=",".join(DEFAULT),
                    help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: {', '.join(DEFAULT)}); "
                         "tls: keep-alive and new-connection rates, idle memory and overload over HTTPS "
-                        "(gatewayd, nginx, HAProxy; a certificate made for the run)")
+                        "(gatewayd, nginx, HAProxy; a certificate made for the run); tunnels: WebSocket tunnels, idle "
+                        "memory at 10,000, echo over 1,000, bulk, back-pressure (gatewayd, nginx)")
     p.add_argument("--proxies", default=",".join(PROXIES), help=f"comma-separated, from: {', '.join(PROXIES)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, short runs (< 2 minutes)")
     p.add_argument("--duration", type=float, help="seconds per measured wrk run (default 8; quick 2)")

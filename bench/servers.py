@@ -132,15 +132,16 @@ def start_proxy(env: Env, kind: str, upstream_port: int, limits: Limits | None =
 
 
 def gatewayd_head(port: int, upstream_port: int, sock: Path, access_log: str = "off",
-                  tls: Pem | None = None) -> str:
+                  tls: Pem | None = None, workers: int = 1, max_connections: int = 15000,
+                  upstream_connections: int = 1000) -> str:
     """The [server], [control], [log] and upstream tables every gatewayd run uses (and [tls]
     with a TLS listener)."""
     listen = f'{{address = "127.0.0.1:{port}", tls = true}}' if tls else f'"127.0.0.1:{port}"'
     return textwrap.dedent(f"""\
         [server]
         listen = [{listen}]
-        workers = 1
-        max_connections = 15000
+        workers = {workers}
+        max_connections = {max_connections}
         keepalive_timeout = 75.0
         shutdown_timeout = 1.0
 
@@ -153,7 +154,7 @@ def gatewayd_head(port: int, upstream_port: int, sock: Path, access_log: str = "
 
         [upstreams.up]
         servers = ["http://127.0.0.1:{upstream_port}"]
-        max_connections = 1000
+        max_connections = {upstream_connections}
     """) + (_gatewayd_tls(tls) if tls else "")
 
 
@@ -333,6 +334,52 @@ def naive(env: Env, upstream_port: int) -> Server:
     return Server("naive", proc, port, None, d)
 
 
+def tunnel_proxy(env: Env, kind: str, upstream_port: int, workers: int = 1) -> Server:
+    """A WebSocket-carrying proxy (gatewayd or nginx) with ``workers`` processes in front of a
+    WebSocket upstream: gatewayd with a ``websocket = true`` route (tunnel cap, idle timeout
+    and connection limits far above the tunnels scenario's counts, no upstream connection
+    limit); nginx with the ``map $http_upgrade $connection_upgrade`` proxy config, its workers
+    on ``reuseport`` as gatewayd's are. Each worker may hold up to 20,000 fds (two a tunnel)."""
+    port = free_port()
+    if kind == "gatewayd":
+        d = env.folder("gatewayd")
+        conf = d / "gatewayd.toml"
+        conf.write_text(gatewayd_head(port, upstream_port, d / "gatewayd.sock", workers=workers,
+                                      max_connections=40000, upstream_connections=0) + textwrap.dedent(f"""
+            [[routes]]
+            name = "{ROUTE}"
+            path_prefix = "/"
+            upstream = "up"
+            max_concurrency = 1000000
+            max_queue = 0
+            websocket = true
+            max_tunnels = 100000
+            tunnel_idle_timeout = 3600.0
+        """))
+        proc = env.procs.start("gatewayd", [env.python, "-m", "gatewayd", "--config", str(conf)], env.proxy_cpu,
+                               cwd=_repo())
+        proc.wait_port(port)
+        return Server("gatewayd", proc, port, conf, d)
+    if kind != "nginx":
+        raise ValueError(f"{kind} in the tunnels scenario")
+    d = env.folder("nginx")
+    conf = _nginx_main(d, f"""
+        map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+        server {{
+            listen 127.0.0.1:{port} reuseport backlog=4096;
+            location / {{
+                proxy_pass http://127.0.0.1:{upstream_port};
+                proxy_http_version 1.1;
+                proxy_set_header Upgrade $http_upgrade;
+                proxy_set_header Connection $connection_upgrade;
+                proxy_read_timeout 3600s;
+                proxy_send_timeout 3600s;
+            }}
+        }}
+    """, workers=workers, worker_connections=19500)
+    return _start_nginx(env, "nginx", d, conf, port, env.proxy_cpu)
+
+
 # ----------------------------------------------------------------------------- control
 def reload(server: Server) -> dict[str, object]:
     """Ask a running server to reload its configuration; gatewayd answers with the outcome."""
@@ -364,18 +411,18 @@ def _repo() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def _nginx_main(d: Path, http_block: str) -> Path:
+def _nginx_main(d: Path, http_block: str, workers: int = 1, worker_connections: int = 15000) -> Path:
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
         (d / sub).mkdir()
     conf = d / "nginx.conf"
     conf.write_text(textwrap.dedent(f"""\
         daemon off;
         master_process on;{_as_root()}
-        worker_processes 1;
+        worker_processes {workers};
         worker_rlimit_nofile 20000;
         pid {d}/nginx.pid;
         error_log {d}/logs/error.log warn;
-        events {{ worker_connections 15000; }}
+        events {{ worker_connections {worker_connections}; }}
         http {{
             access_log off;
             client_body_temp_path {d}/client_body;

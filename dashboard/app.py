@@ -43,6 +43,7 @@ from .model import (
     num_at,
     ordered,
     reports_refusals,
+    reports_tunnels,
     route_views,
     server_views,
     totals,
@@ -54,6 +55,7 @@ from .socketpath import ConfigProblem, socket_from_config
 from .trends import Trends
 from .widgets import (
     COLUMNS,
+    TUNNEL_COLUMNS,
     WIDE_429,
     EventPane,
     HelpScreen,
@@ -62,6 +64,7 @@ from .widgets import (
     XRay,
     layout,
     row_cells,
+    tunnels_text,
 )
 
 TRENDS_EVERY = 1.0  # seconds between redraws of the sparklines
@@ -111,6 +114,7 @@ class DashboardApp(App[int]):
         self.xray_route: str | None = None
         self._table_width = 0  # cells the routes table's columns may take
         self._refusals = False  # the gatewayd counts 429 refusals: the wide layout may show them
+        self._tunnels = False  # a route carries WebSocket tunnels: the wide layout may show them
         self.clients_answer: tuple[str, dict[str, Any]] | None = None  # the last clients answer, and its route
 
     # -- layout --------------------------------------------------------------------
@@ -155,7 +159,7 @@ class DashboardApp(App[int]):
 
     def _set_layout(self) -> None:
         """The routes table's columns for the terminal's width and what the gatewayd counts."""
-        self.table.set_columns(*layout(self._table_width, self._refusals))
+        self.table.set_columns(*layout(self._table_width, self._refusals, self._tunnels))
         self._show_sort()
 
     def toast(self, message: str, title: str = "", severity: SeverityLevel = "information",
@@ -201,8 +205,8 @@ class DashboardApp(App[int]):
         self.window.push(sample)
         base = self.window.base()
         self.views = route_views(sample, base)
-        if reports_refusals(self.views) != self._refusals:
-            self._refusals = not self._refusals
+        if (reports_refusals(self.views), reports_tunnels(self.views)) != (self._refusals, self._tunnels):
+            self._refusals, self._tunnels = reports_refusals(self.views), reports_tunnels(self.views)
             self._set_layout()
         self.now = totals(sample, base)
         self.history.add(self.now)
@@ -272,7 +276,8 @@ class DashboardApp(App[int]):
         listed = summary
         if self.full_queue and self.full_queue[0] == route and queued and queued > len(summary):
             listed = waiters(self.full_queue[1])
-        self.xray.show(route, listed, queued, following=auto is not None)
+        view = next((v for v in self.views if v.name == route), None)
+        self.xray.show(route, listed, queued, following=auto is not None, tunnels=tunnels_text(view))
 
     def _show_clients(self) -> None:
         if not self.clients_pane.display:
@@ -300,7 +305,7 @@ class DashboardApp(App[int]):
             table.border_title = title
 
     def _sort_label(self) -> str:
-        label = next(c.label for c in WIDE_429 if c.key == self.sort_column)
+        label = next(c.label for c in (*WIDE_429, *TUNNEL_COLUMNS) if c.key == self.sort_column)
         ascending = (self.sort_column == "name") != self.sort_reverse
         return f"{label} {'▲' if ascending else '▼'}"
 

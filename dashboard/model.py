@@ -123,6 +123,18 @@ class RouteView:
     rate_limited: float | None = None
     client_queue_full: float | None = None
     refused_rps: float | None = None  # both per second
+    # WebSocket tunnels: open now, the gateway-wide cap (0: the route does not carry
+    # WebSocket), upgrades answered 503 tunnels_full (total, per second); None from a
+    # gatewayd that does not count them
+    tunnels: float | None = None
+    max_tunnels: float | None = None
+    tunnels_full: float | None = None
+    tunnels_full_rps: float | None = None
+
+    @property
+    def websocket(self) -> bool:
+        """The route carries WebSocket tunnels (a gatewayd that says so: max_tunnels > 0)."""
+        return bool(self.max_tunnels)
 
     def sort_value(self, column: str) -> Any:
         return getattr(self, column, None)
@@ -152,6 +164,11 @@ def _refused(r: dict[str, Any]) -> tuple[float | None, float | None, float | Non
 def reports_refusals(views: Iterable[RouteView]) -> bool:
     """Whether any route counts 429 refusals (a gatewayd that knows them)."""
     return any(v.rate_limited is not None or v.client_queue_full is not None for v in views)
+
+
+def reports_tunnels(views: Iterable[RouteView]) -> bool:
+    """Whether any route carries WebSocket tunnels (``websocket = true``)."""
+    return any(v.websocket for v in views)
 
 
 def _shed(r: dict[str, Any]) -> float | None:
@@ -189,6 +206,7 @@ def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
         limited, capped, refused = _refused(r)
         errors = number(r.get("upstream_errors"))
         latency = _table(r, "latency_ms")
+        tunnels_full = number(_table(r, "rejected").get("tunnels_full"))
         out.append(RouteView(
             name=r["name"],
             in_flight=number(r.get("in_flight")),
@@ -210,12 +228,17 @@ def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
             rate_limited=limited,
             client_queue_full=capped,
             refused_rps=rate(refused, _refused(old)[2], dt),
+            tunnels=number(r.get("tunnels")),
+            max_tunnels=number(r.get("max_tunnels")),
+            tunnels_full=tunnels_full,
+            tunnels_full_rps=rate(tunnels_full, number(_table(old, "rejected").get("tunnels_full")), dt),
         ))
     return out
 
 
 SORT_COLUMNS = ("name", "in_flight", "queued", "oldest_wait_ms", "served_rps", "shed_rps", "p50", "p99",
-                "queue_full", "queue_timeout", "cancelled", "upstream_errors", "rate_limited", "client_queue_full")
+                "queue_full", "queue_timeout", "cancelled", "upstream_errors", "rate_limited", "client_queue_full",
+                "tunnels", "tunnels_full")
 
 
 def pressure(v: RouteView) -> tuple[float, float]:

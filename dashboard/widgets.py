@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -54,6 +55,13 @@ WIDE_429 = (
     Column("rate_limited", "429 rate", 8),
     Column("client_queue_full", "429 cap", 8),
 )
+# With a route that carries WebSocket (a gatewayd that says max_tunnels) and room left:
+# its tunnels open/cap and the upgrades answered 503 tunnels_full, after the rest;
+# else the X-ray says them for its route.
+TUNNEL_COLUMNS = (
+    Column("tunnels", "Tunnels", 11),
+    Column("tunnels_full", "503 tun", 8),
+)
 BAR = 7
 
 
@@ -64,6 +72,7 @@ def width_of(columns: tuple[Column, ...]) -> int:
 
 WIDE_WIDTH = width_of(COLUMNS)
 WIDE_429_WIDTH = width_of(WIDE_429)
+TUNNELS_WIDTH = width_of(TUNNEL_COLUMNS)
 
 
 def _load_style(value: float | None, limit: float | None) -> str:
@@ -106,14 +115,36 @@ def row_cells_429(v: RouteView) -> tuple[Cell, ...]:
     return (*row_cells(v), (fmt.count(v.rate_limited), refusing), (fmt.count(v.client_queue_full), refusing))
 
 
-def layout(width: int, refusals: bool) -> tuple[tuple[Column, ...], Callable[[RouteView], tuple[Cell, ...]]]:
+def tunnel_cells(v: RouteView) -> tuple[Cell, Cell]:
+    """Tunnels open/cap and the 503 tunnels_full total; blank on a route without WebSocket."""
+    if not v.websocket:
+        return ("", ""), ("", "")
+    return ((fmt.ratio(v.tunnels, v.max_tunnels), _load_style(v.tunnels, v.max_tunnels)),
+            (fmt.count(v.tunnels_full), "bold red" if v.tunnels_full_rps else ""))
+
+
+def row_cells_tunnels(v: RouteView) -> tuple[Cell, ...]:
+    return (*row_cells(v), *tunnel_cells(v))
+
+
+def row_cells_429_tunnels(v: RouteView) -> tuple[Cell, ...]:
+    return (*row_cells_429(v), *tunnel_cells(v))
+
+
+def layout(width: int, refusals: bool, tunnels: bool = False
+           ) -> tuple[tuple[Column, ...], Callable[[RouteView], tuple[Cell, ...]]]:
     """The routes table's columns for a table ``width`` cells wide (inside its border
-    and scroll bar); ``refusals``: the gatewayd counts 429 refusals."""
+    and scroll bar); ``refusals``: the gatewayd counts 429 refusals; ``tunnels``: a
+    route carries WebSocket tunnels."""
+    if width < WIDE_WIDTH:
+        return NARROW, narrow_cells
     if refusals and width >= WIDE_429_WIDTH:
+        if tunnels and width >= WIDE_429_WIDTH + TUNNELS_WIDTH:
+            return (*WIDE_429, *TUNNEL_COLUMNS), row_cells_429_tunnels
         return WIDE_429, row_cells_429
-    if width >= WIDE_WIDTH:
-        return COLUMNS, row_cells
-    return NARROW, narrow_cells
+    if tunnels and width >= WIDE_WIDTH + TUNNELS_WIDTH:
+        return (*COLUMNS, *TUNNEL_COLUMNS), row_cells_tunnels
+    return COLUMNS, row_cells
 
 
 def narrow_cells(v: RouteView) -> tuple[Cell, ...]:
@@ -240,6 +271,29 @@ class StatusBar(Static):
 
 
 # --------------------------------------------------------------------------- bottom panels
+def tunnels_text(v: RouteView | None) -> Text | None:
+    """The X-ray's first line for a route that carries WebSocket: ``tunnels 12/10000 ·
+    full 3`` (open/cap, then the upgrades answered 503 tunnels_full, when there are
+    any: short enough for the pane at 80 columns), coloured as the load; None for
+    another route (or from a gatewayd that does not count tunnels)."""
+    if v is None or not v.websocket:
+        return None
+    out = Text(no_wrap=True, overflow="ellipsis")
+    out.append("tunnels ", style="dim")
+    out.append(fmt.ratio(v.tunnels, v.max_tunnels), style=_load_style(v.tunnels, v.max_tunnels) or "bold")
+    if v.tunnels_full:
+        out.append(" · full ", style="dim")
+        out.append(fmt.count(v.tunnels_full), style="bold red" if v.tunnels_full_rps else "")
+    return out
+
+
+def xray_body(route: str | None, waiting: list[dict[str, Any]], queued: float | None,
+              tunnels: Text | None = None) -> RenderableType:
+    """The X-ray's content: its route's tunnels line (a WebSocket route), then the waiters."""
+    table = xray_table(route, waiting, queued)
+    return table if tunnels is None else Group(tunnels, table)
+
+
 def xray_table(route: str | None, waiting: list[dict[str, Any]], queued: float | None) -> Table | Text:
     if route is None:
         return Text("no route selected", style="dim")
@@ -271,18 +325,19 @@ class XRay(Static):
         return len(self._shown[1]) if self._shown else 0
 
     def show(self, route: str | None, waiting: list[dict[str, Any]], queued: float | None,
-             following: bool = False) -> None:
-        """``following``: the route is the most pressed one, not one the operator picked."""
-        if (route, waiting, queued, following) == self._shown:
+             following: bool = False, tunnels: Text | None = None) -> None:
+        """``following``: the route is the most pressed one, not one the operator picked;
+        ``tunnels``: its tunnels line (``tunnels_text``), for a route that carries WebSocket."""
+        if (route, waiting, queued, following, tunnels) == self._shown:
             return
-        self._shown = (route, waiting, queued, following)
+        self._shown = (route, waiting, queued, following, tunnels)
         self.border_title = f"Queue X-ray: {route}" if route else "Queue X-ray"
         # "most pressed": chosen by the dashboard, not the operator (a in the help)
         parts = ["most pressed"] if following else []
         if queued:
             parts.append(f"{fmt.count(queued)} waiting")
         self.border_subtitle = " · ".join(parts)
-        self.update(xray_table(route, waiting, queued), layout=False)
+        self.update(xray_body(route, waiting, queued, tunnels), layout=False)
 
 
 LEVEL_STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
@@ -318,9 +373,11 @@ HELP = """\
   served/s (answered by the upstream) and shed/s (answered by the gateway: 503s, errors)
   over the last second, p50 and p99 of served requests, (wide: 503 totals by reason),
   cancellations and upstream errors (totals; red while rising); 158 columns and more:
-  429 totals by reason when the gatewayd counts them (else under the clients pane).
+  429 totals by reason when the gatewayd counts them (else under the clients pane); with a
+  WebSocket route and room left, its tunnels open / max_tunnels and 503 tunnels_full total.
 [b]X-ray[/b]   the waiters of the most pressed route (deepest queue, then oldest waiter),
-  or of the route under the cursor once you move it.
+  or of the route under the cursor once you move it; above them, for a WebSocket route,
+  its tunnels open / max_tunnels and its upgrades refused at the cap (full).
 [b]Trends[/b]  the last minutes, one point an update: req/s, queued requests (all routes),
   event-loop lag, GC pause milliseconds per second.
 [b]Clients[/b] who floods the selected route: the most queue places now, then the most 429s since

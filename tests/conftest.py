@@ -29,6 +29,7 @@ from gatewayd.process.single import LocalController
 from gatewayd.runtime.state import Runtime
 
 from .builders import free_port, gateway_config
+from .proxy.wsupstream import WsUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,6 +138,15 @@ def tls_ca() -> trustme.CA:
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     u = Upstream()
+    await u.start()
+    yield u
+    await u.stop()
+
+
+@pytest.fixture
+async def ws_upstream() -> AsyncIterator[WsUpstream]:
+    """A real WebSocket upstream (aiohttp's server; see tests/proxy/wsupstream.py)."""
+    u = WsUpstream()
     await u.start()
     yield u
     await u.stop()

@@ -90,3 +90,32 @@ async def test_the_example_keeps_the_access_log_out_of_the_terminal(tmp_path):
         assert await asyncio.to_thread(proc.wait, 20) == 0
     assert (tmp_path / "out").read_bytes() == b""
     assert "access.log" in tour() or "access.log" in README
+
+
+def test_the_fastapi_section_runs_as_written(tmp_path):
+    """The README's FastAPI config, as written, beside a main.py holding a FastAPI app:
+    gatewayd starts (the app found beside the file), serves it, and stops on SIGTERM."""
+    section = README[README.index("## Run your FastAPI app under gatewayd"):README.index("## Documentation")]
+    config = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert config is not None
+    port = free_port()
+    (tmp_path / "gatewayd.toml").write_text(
+        config.group(1).replace('"0.0.0.0:8000"', f'"127.0.0.1:{port}"')
+        + '\n[control]\nsocket = "gw.sock"\n[log]\naccess_log = "off"\n')
+    (tmp_path / "main.py").write_text(
+        "from fastapi import FastAPI\napp = FastAPI()\n\n"
+        "@app.get('/hello/{name}')\nasync def hello(name: str):\n    return {'hello': name}\n")
+    gatewayd = Path(sys.executable).parent / "gatewayd"
+    # started from elsewhere: the app is found beside the file all the same
+    err = tmp_path / "stderr"
+    with err.open("wb") as sink:
+        proc = subprocess.Popen([str(gatewayd), "--config", str(tmp_path / "gatewayd.toml")], cwd="/",
+                                stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        wait_for_sync(lambda: (tmp_path / "gw.sock").exists() or proc.poll() is not None, timeout=20)
+        assert proc.poll() is None, err.read_text()
+        answer = asyncio.run(raw_request(port, b"GET /hello/ada HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        assert status_of(answer) == 200 and answer.endswith(b'{"hello":"ada"}')
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

@@ -23,6 +23,7 @@ from . import (
                reload,
                throughput,
                tls,
+               tunnels,
                uploads,
 )
 
@@ -43,6 +44,7 @@ SCENARIOS: dict[str, Scenario] = {
     "uploads": uploads.run,
     "fairness": fairness.run,
     "tls": tls.run,
+    "tunnels": tunnels.run,
     "apps": apps.run,
     "apps-instructions": apps_instructions.run,
 }

@@ -114,13 +114,14 @@ def _upstreams(data: dict[str, Any], errors: _Errors, folder: str) -> tuple[list
             continue
         u, values = _section(UpstreamConfig, table, path, errors, name=name, folder=folder)
         if isinstance(table, dict):
-            _check_upstream(table, values, path, errors)
+            _check_upstream(table, values, path, errors, folder)
         if u is not None:
             out.append(u)
     return out, list(raw)
 
 
-def _check_upstream(table: dict[str, Any], values: dict[str, Any], path: Path, errors: _Errors) -> None:
+def _check_upstream(table: dict[str, Any], values: dict[str, Any], path: Path, errors: _Errors,
+                    folder: str = "") -> None:
     if ("servers" in table) == ("handler" in table):
         got = "both" if "servers" in table else "neither"
         errors.add(path, f"expected exactly one of servers or handler, got {got}")
@@ -130,7 +131,7 @@ def _check_upstream(table: dict[str, Any], values: dict[str, Any], path: Path, e
     interface = values.get("interface")
     _check_interface(table, interface, executor, path, errors)
     if values.get("handler") is not None:
-        _check_handler(values["handler"], executor, (*path, "handler"), errors, interface)
+        _check_handler(values["handler"], executor, (*path, "handler"), errors, interface, folder)
     _check_upstream_tls(table, values, path, errors)
 
 
@@ -179,10 +180,10 @@ def _check_upstream_tls(table: dict[str, Any], values: dict[str, Any], path: Pat
 
 
 def _check_handler(handler: str, executor: str | None, path: Path, errors: _Errors,
-                   interface: str | None = "aiohttp") -> None:
+                   interface: str | None = "aiohttp", folder: str = "") -> None:
     got = k.shown(handler)
     try:
-        obj = resolve(handler)
+        obj = resolve(handler, folder)
     except (Exception, SystemExit) as exc:  # an operator's module may fail in any way
         reason = _one_line(f"{type(exc).__name__}: {exc}")
         errors.add(path, f'expected an importable "module:callable", got {got} ({reason})')

@@ -21,7 +21,7 @@ from ..config.loader import DEFAULT_CONFIG
 from ..exits import EXIT_CONNECT, EXIT_OK, EXIT_PIPE, EXIT_REFUSED, EXIT_USAGE
 
 if TYPE_CHECKING:  # types only: importing them would load the proxy and aiohttp (~0.3 s a command)
-    from .protocol import Request, ServerSnapshot, SetLimitRequest, Snapshot
+    from .protocol import Request, RouteSnapshot, ServerSnapshot, SetLimitRequest, Snapshot
 
 
 class Unreachable(ConnectionError):
@@ -91,6 +91,19 @@ def print_status(s: Snapshot) -> None:
         print(f"  requests {r['requests']}  full {rej.get('queue_full', 0)}  "
               f"timeout {rej.get('queue_timeout', 0)}  cancelled {r.get('cancelled', 0)}  "
               f"upstream errors {r.get('upstream_errors', 0)}")
+        tunnels = tunnels_line(r)
+        if tunnels:
+            print(tunnels)
+
+
+def tunnels_line(r: RouteSnapshot) -> str | None:
+    """``  tunnels 12/10000  opened 345  full 2`` for a route that carries WebSocket
+    (``max_tunnels`` above 0); None for another route, or from a gatewayd without it."""
+    cap = r.get("max_tunnels")
+    if not cap:
+        return None
+    return (f"  tunnels {r.get('tunnels', 0)}/{cap}  opened {r.get('tunnels_total', 0)}  "
+            f"full {r.get('rejected', {}).get('tunnels_full', 0)}")
 
 
 def expiry_text(not_after: float, now: float) -> str:

@@ -22,9 +22,17 @@ if TYPE_CHECKING:
 XRAY_SUMMARY = 5  # waiters listed per route in a snapshot (the queue command lists all)
 
 
-class RouteFigures(RouteCounters):
+class RouteTotals(RouteCounters):
+    """A route's counters (``rejected`` with ``tunnels_full`` too): what a worker that
+    exits leaves behind (``merge.retire``)."""
+
+    tunnels_total: int  # WebSocket tunnels opened since start
+
+
+class RouteFigures(RouteTotals):
     """A route's counters and its gates' gauges: one process's, or summed over all."""
 
+    tunnels: int  # WebSocket tunnels open now
     in_flight: int
     queued: int
     oldest_wait_ms: float
@@ -113,8 +121,12 @@ def export(runtime: Runtime) -> ProcessExport:
     routes: dict[str, RouteExport] = {}
     for name, r in runtime.table.routes.items():
         gate = r.gate
+        stats = r.stats
+        counters = stats.export()
+        counters["rejected"]["tunnels_full"] = stats.tunnels_full  # a fresh dict, ours to add to
         routes[name] = {
-            **r.stats.export(),
+            **counters,
+            "tunnels": stats.tunnels, "tunnels_total": stats.tunnels_total,
             "in_flight": gate.in_flight, "queued": len(gate.waiters),
             "limit": gate.limit, "queue_limit": gate.max_queue,
             "oldest_wait_ms": round(gate.oldest_wait(loop_now) * 1000, 3),

@@ -1,7 +1,8 @@
 """Summing the exports of workers: counters and buckets add up, gauges add up (or
 take the maximum, for ``max`` and age fields), and the counters of workers that
 exited are kept (``retire``) so that gateway-wide totals never go backwards when
-a worker is replaced.
+a worker is replaced. A route's open tunnels are a gauge (a worker's tunnels end with
+it); the tunnels it opened are a counter, kept.
 
 TLS handshakes sum like the other counters; the certificates are those of the
 configuration in force, the same in every worker, so they are taken once.
@@ -16,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, TypedDict
 
-from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, Counts, HistogramExport, RouteCounters
+from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, Counts, HistogramExport
 from ..stats.process import GcExport, GcGeneration, GcPause
 from ..upstreams.state import ServerExport
-from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures
+from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures, RouteTotals
 from .protocol import ClientRow, ProxyProtocolSnapshot, ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
 
 # Worst first: the merged state of a server is the first any worker reports.
@@ -40,7 +41,7 @@ class Retired(TypedDict, total=False):
     """The counters of workers that exited, summed; empty until one does."""
 
     unrouted: Counts
-    routes: dict[str, RouteCounters]
+    routes: dict[str, RouteTotals]
     upstreams: dict[str, RetiredUpstream]
     tls: Counts  # handshakes, handshake_errors
     proxy_protocol: Counts  # headers, refused
@@ -74,17 +75,19 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
     gone = retired.get("routes", {}).get(name) if retired else None
     if gone is None and len(live) == 1:
         return live[0]  # one process: its export was built for this snapshot, taken as it is
-    parts: list[RouteCounters] = [*live, gone] if gone is not None else list(live)
+    parts: list[RouteTotals] = [*live, gone] if gone is not None else list(live)
     responses = {c: 0 for c in RESPONSE_CLASSES}
     codes: Counts = {}
-    rejected = {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0, "rate_limited": 0}
+    rejected = {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0, "rate_limited": 0,
+                "tunnels_full": 0}
     errors: Counts = {}
     latency: HistogramExport | None = None
     own: HistogramExport | None = None
     qwait: HistogramExport | None = None
-    requests = cq = cf = 0
+    requests = cq = cf = opened = 0
     for p in parts:
         requests += p["requests"]
+        opened += p["tunnels_total"]
         add_counts(responses, p["responses"])
         add_counts(codes, p["codes"])
         add_counts(rejected, p["rejected"])
@@ -94,10 +97,11 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
         latency = add_histogram(latency, p["latency"])
         own = add_histogram(own, p["gateway_latency"])
         qwait = add_histogram(qwait, p["queue_wait"])
-    in_flight = queued = 0
+    in_flight = queued = tunnels = 0
     oldest = 0.0
     xray: list[Waiter] = []
     for r in live:
+        tunnels += r["tunnels"]  # a gauge: the tunnels of a worker that exited closed with it
         in_flight += r["in_flight"]
         queued += r["queued"]
         oldest = max(oldest, r["oldest_wait_ms"])
@@ -109,6 +113,7 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
         "latency": latency or empty_histogram(LATENCY_BUCKETS),
         "gateway_latency": own or empty_histogram(LATENCY_BUCKETS),
         "queue_wait": qwait or empty_histogram(LATENCY_BUCKETS),
+        "tunnels": tunnels, "tunnels_total": opened,
         "in_flight": in_flight, "queued": queued, "oldest_wait_ms": oldest,
         "waiters": xray[:XRAY_SUMMARY],
     }
@@ -288,9 +293,11 @@ def retire(retired: Retired, gone: ProcessExport) -> None:
                 "latency": add_histogram(None, r["latency"]),
                 "gateway_latency": add_histogram(None, r["gateway_latency"]),
                 "queue_wait": add_histogram(None, r["queue_wait"]),
+                "tunnels_total": r["tunnels_total"],
             }
             continue
         into["requests"] += r["requests"]
+        into["tunnels_total"] += r["tunnels_total"]
         into["cancelled_queued"] += r["cancelled_queued"]
         into["cancelled_in_flight"] += r["cancelled_in_flight"]
         for k in _ROUTE_COUNTS:

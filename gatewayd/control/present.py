@@ -40,6 +40,7 @@ class ConfiguredRoute(TypedDict):
     max_concurrency: int
     max_queue: int
     queue_timeout: float
+    max_tunnels: int  # 0 without websocket = true
 
 
 def route_order(runtime: Runtime) -> list[ConfiguredRoute]:
@@ -55,7 +56,8 @@ def route_order_from(config: Config, overrides: dict[str, dict[str, int]]) -> li
         mq = o.get("max_queue", r.max_queue)
         out.append({"name": r.name, "upstream": r.upstream, "path_prefix": r.path_prefix,
                     "host": r.host, "max_concurrency": mc, "max_queue": mq,
-                    "queue_timeout": r.queue_timeout})
+                    "queue_timeout": r.queue_timeout,
+                    "max_tunnels": r.max_tunnels if r.websocket else 0})
     return out
 
 
@@ -79,7 +81,8 @@ def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
                   responses: Counts, codes: Counts, rejected: Counts, cancelled_queued: int,
                   cancelled_in_flight: int, upstream_errors: Counts, latency: HistogramExport,
                   latency_ms: Quantiles, gateway_latency: HistogramExport, queue_wait: HistogramExport,
-                  queue_wait_ms: Quantiles) -> RouteSnapshot:
+                  queue_wait_ms: Quantiles, tunnels: int, max_tunnels: int, tunnels_total: int
+                  ) -> RouteSnapshot:
     """The route an operator reads, the one place one is made: from a configured
     route's merged figures (``present``) or from one process's counters, read
     directly (``snapshot.Presenter``). Positional fields, not a dict of them: the
@@ -110,6 +113,9 @@ def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
         "upstream_error_reasons": upstream_errors,
         "latency_ms": latency_ms,
         "queue_wait_ms": queue_wait_ms,
+        "tunnels": tunnels,
+        "max_tunnels": max_tunnels,
+        "tunnels_total": tunnels_total,
     }, latency, gateway_latency, queue_wait)
 
 
@@ -130,7 +136,8 @@ def present(runtime_info: RuntimeInfo, exports: Sequence[ProcessExport],
             r["waiters"], r["requests"], r["responses"], r["codes"], r["rejected"],
             r["cancelled_queued"], r["cancelled_in_flight"], r["upstream_errors"],
             r["latency"], quantiles_ms(LATENCY_BUCKETS, r["latency"]), r["gateway_latency"],
-            r["queue_wait"], quantiles_ms(LATENCY_BUCKETS, r["queue_wait"])))
+            r["queue_wait"], quantiles_ms(LATENCY_BUCKETS, r["queue_wait"]), r["tunnels"],
+            conf["max_tunnels"], r["tunnels_total"]))
     return present_top(runtime_info, exports, routes, retired, [worker_totals(e) for e in exports])
 
 

@@ -71,6 +71,11 @@ class SnapshotCollector(Collector):
                                     labels=["route"])
         qwait = HistogramMetricFamily("gatewayd_queue_wait_seconds",
                                       "Time spent waiting for a slot", labels=["route"])
+        tunnels = GaugeMetricFamily("gatewayd_tunnels", "WebSocket tunnels open now", labels=["route"])
+        opened = CounterMetricFamily("gatewayd_tunnels", "WebSocket tunnels opened (upgrades answered 101)",
+                                     labels=["route"])
+        tlimit = GaugeMetricFamily("gatewayd_route_max_tunnels",
+                                   "Tunnel limit (0: the route does not carry WebSocket)", labels=["route"])
         for r in routes:
             name = r["name"]
             for code, n in sorted(r["codes"].items()):
@@ -92,10 +97,13 @@ class SnapshotCollector(Collector):
             own.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
             h = r["queue_wait_histogram"]
             qwait.add_metric([name], _buckets(LATENCY_BUCKETS, h), h["sum"])
+            tunnels.add_metric([name], r["tunnels"])
+            opened.add_metric([name], r["tunnels_total"])
+            tlimit.add_metric([name], r["max_tunnels"])
         for code, n in sorted(s.get("unrouted", {}).items()):
             req.add_metric(["-", code], n)  # answered before or without a route
         yield from (req, inflight, depth, oldest, limit, qlimit, rejected, cancelled,
-                    cancelled_q, uperr, duration, own, qwait)
+                    cancelled_q, uperr, duration, own, qwait, tunnels, opened, tlimit)
 
         gcp = HistogramMetricFamily("gatewayd_gc_pause_seconds", "GC pause per collection",
                                     labels=["generation"])

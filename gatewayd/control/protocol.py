@@ -59,7 +59,7 @@ class RouteSnapshot(TypedDict):
     gateway_answers: int  # answers the gateway made itself (sheds, refusals, errors)
     responses: Counts  # by class: 1xx ... 5xx
     codes: Counts  # by status code
-    rejected: Counts  # queue_full, queue_timeout, client_queue_full, rate_limited
+    rejected: Counts  # queue_full, queue_timeout, client_queue_full, rate_limited, tunnels_full
     cancelled: int
     cancelled_queued: int
     cancelled_in_flight: int
@@ -67,6 +67,9 @@ class RouteSnapshot(TypedDict):
     upstream_error_reasons: Counts
     latency_ms: Quantiles
     queue_wait_ms: Quantiles
+    tunnels: int  # WebSocket tunnels open now
+    max_tunnels: int  # the gateway-wide cap; 0 on a route without ``websocket = true``
+    tunnels_total: int  # tunnels opened since start
     latency_histogram: NotRequired[HistogramExport]
     gateway_latency_histogram: NotRequired[HistogramExport]
     queue_wait_histogram: NotRequired[HistogramExport]

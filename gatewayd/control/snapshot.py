@@ -78,7 +78,7 @@ class Presenter:
             key = (rc, s, mc, mq, s.requests, lat.count, own.count, qw.count, s.queue_full, s.queue_timeout,
                    s.client_queue_full, s.rate_limited, s.cancelled_queued, s.cancelled_in_flight,
                    sum(errs.values()) if errs else 0,
-                   g.in_flight, nw)
+                   g.in_flight, nw, s.tunnels, s.tunnels_total, s.tunnels_full)
             requests += s.requests
             in_flight += g.in_flight
             queued += nw
@@ -115,8 +115,10 @@ class Presenter:
                 {"1xx": resp[1], "2xx": resp[2], "3xx": resp[3], "4xx": resp[4], "5xx": resp[5]},
                 {str(c): n for c, n in s.codes.items()},
                 {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout,
-                 "client_queue_full": s.client_queue_full, "rate_limited": s.rate_limited},
-                s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, own_h, qw_h, qw_q)
+                 "client_queue_full": s.client_queue_full, "rate_limited": s.rate_limited,
+                 "tunnels_full": s.tunnels_full},
+                s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, own_h, qw_h, qw_q,
+                s.tunnels, rc.max_tunnels if rc.websocket else 0, s.tunnels_total)
             new[name] = _Entry(key, route)
             out.append(route)
         self._entries = new

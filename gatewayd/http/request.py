@@ -99,7 +99,7 @@ class Connection(BaseProtocol):
     what requests remember per connection, the output held for the turn's flush, and
     what the server asks of it. H1Protocol is the HTTP/1.1 one."""
 
-    __slots__ = ("_fields_memo", "_last_raw", "_out", "_peer", "_peer_host", "checked_headers",
+    __slots__ = ("_fields_memo", "_last_raw", "_out", "_peer", "_peer_host", "_sock", "checked_headers",
                  "current", "secure", "server")
 
     # what aiohttp's request needs of its protocol (Request.as_aiohttp)
@@ -111,6 +111,7 @@ class Connection(BaseProtocol):
         self.server = server
         self.current: Request | None = None
         self._peer: Any = None
+        self._sock: Any = None  # our address on this connection, once asked (an ASGI scope's server)
         self._peer_host: str | None = None  # the client's address, as the gateway logs and forwards it
         self._out: list[bytes] | None = None  # output held until the turn's flush (send_later)
         self._last_raw: tuple[tuple[bytes, bytes], ...] | None = None  # see Request.__init__
@@ -140,7 +141,9 @@ class Connection(BaseProtocol):
 
     @property
     def sockname(self) -> Any:
-        return self.transport.get_extra_info("sockname") if self.transport is not None else None
+        if self._sock is None and self.transport is not None:
+            self._sock = self.transport.get_extra_info("sockname")  # (a system call: asked once)
+        return self._sock
 
     @property
     def peer_host(self) -> str | None:
@@ -216,9 +219,13 @@ class Connection(BaseProtocol):
 class Request:
     """One request, as the gateway sees it; lives until its response is out."""
 
-    __slots__ = ("_chunked", "_client", "body_exists", "content", "headers", "keep_alive",
-                 "message", "method", "protocol", "raw_headers", "raw_path", "task", "version")
+    __slots__ = ("_chunked", "_client", "body_exists", "content", "deadline", "headers", "keep_alive",
+                 "message", "method", "priority", "protocol", "raw_headers", "raw_path", "task", "version")
     _client: str  # set on first use of ``client`` behind trusted proxies only
+    # set (and read) only on routes with deadline or class rules (proxy.deadlines): a
+    # request of another route pays nothing for them
+    deadline: float  # on the loop's clock; 0.0: none
+    priority: int  # its class: 0 critical, 1 default, 2 sheddable
 
     def __init__(self, message: RawRequestMessage, payload: StreamReader, protocol: Connection) -> None:
         self.message = message

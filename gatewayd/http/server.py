@@ -223,8 +223,12 @@ class H1Server:
 
     def closed(self, protocol: Connection) -> None:
         self.connections.discard(protocol)
+        self._gone(protocol)
+
+    def _gone(self, connection: Connection | Tunnel) -> None:
+        """A client connection (HTTP or a tunnel) has ended: out of every count."""
         if self._counted:
-            self._uncount_client(protocol)
+            self._uncount_client(connection)
         self._on_close()
         if not self.connections and not self.tunnels and self._empty is not None:
             self._empty.set()
@@ -240,11 +244,7 @@ class H1Server:
 
     def tunnel_closed(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
-        if self._counted:
-            self._uncount_client(tunnel)
-        self._on_close()
-        if not self.connections and not self.tunnels and self._empty is not None:
-            self._empty.set()
+        self._gone(tunnel)
 
     # -- open connections per client (max_connections_per_client) -----------------------
     def set_client_limit(self, limit: int) -> None:

@@ -33,7 +33,7 @@ class Application(Upstream):
         if not config.handler:  # (the factory picks these kinds only for a handler)
             raise ValueError(f"upstreams.{config.name}: an application upstream needs handler")
         self.target: str = config.handler
-        self.app: Any = resolve(config.handler)
+        self.app: Any = resolve(config.handler, config.folder)
 
 
 def reason_phrase(status: int) -> str:

@@ -61,7 +61,9 @@ async def test_snapshot_fields_with_known_load(start_gateway, upstream):
     (r,) = s["routes"]
     assert (r["name"], r["in_flight"], r["max_concurrency"], r["queued"], r["max_queue"]) == ("app", 2, 2, 3, 10)
     assert r["requests"] == 5 and r["responses"]["2xx"] == 0
-    assert r["rejected"] == {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0, "rate_limited": 0}
+    assert r["rejected"] == {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0, "rate_limited": 0,
+                             "tunnels_full": 0}
+    assert (r["tunnels"], r["max_tunnels"], r["tunnels_total"]) == (0, 0, 0)  # not a websocket route
     assert r["cancelled"] == 0 and r["upstream_errors"] == 0
     assert set(r["latency_ms"]) >= {"p50", "p99"}
     assert r["oldest_wait_ms"] > 0 and len(r["waiters"]) == 3

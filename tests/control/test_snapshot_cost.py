@@ -136,9 +136,10 @@ def test_snapshot_json_is_json_dumps():
     for _ in range(50):
         record(stats, rng)
     exp = stats.export()
-    exp.update({"in_flight": 1, "queued": 0, "oldest_wait_ms": 0.0, "waiters": []})
+    exp.update({"in_flight": 1, "queued": 0, "oldest_wait_ms": 0.0, "waiters": [], "tunnels": 2,
+                "tunnels_total": 5})
     order = [{"name": "é \"q\"", "upstream": "u", "path_prefix": "/", "host": None,
-              "max_concurrency": 3, "max_queue": 4, "queue_timeout": 2.0}]
+              "max_concurrency": 3, "max_queue": 4, "queue_timeout": 2.0, "max_tunnels": 9}]
     info = {"version": "x", "pid": 1, "last_reload": {"ok": False, "error": "bad\nline ☃"}}
     gen = {"generation": 0, "count": 0, "collected": 0, "last_ms": 0.0, "max_ms": 0.0,
            "total_ms": 0.0, "histogram": {"counts": [0, 1], "sum": 0.5, "count": 1}}
@@ -219,6 +220,12 @@ CHANGES = [
      lambda r: r["queue_wait_ms"]),
     ("in_flight", lambda s, g: setattr(g, "in_flight", g.in_flight + 1),
      lambda r: r["in_flight"]),
+    ("tunnels", lambda s, g: setattr(s, "tunnels", s.tunnels + 1),
+     lambda r: r["tunnels"]),
+    ("tunnels_total", lambda s, g: setattr(s, "tunnels_total", s.tunnels_total + 1),
+     lambda r: r["tunnels_total"]),
+    ("tunnels_full", lambda s, g: setattr(s, "tunnels_full", s.tunnels_full + 1),
+     lambda r: r["rejected"]),
 ]
 
 

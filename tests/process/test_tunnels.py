@@ -8,23 +8,11 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-
-import pytest
 
 from ..builders import app_route
 from ..conftest import wait_for
 from ..proxy.wsclient import WsClient
-from ..proxy.wsupstream import WsUpstream
 from .test_workers import fresh_get, port_of, snap, wait_for_workers
-
-
-@pytest.fixture
-async def ws_upstream() -> AsyncIterator[WsUpstream]:
-    u = WsUpstream()
-    await u.start()
-    yield u
-    await u.stop()
 
 
 async def test_sigterm_closes_tunnels_after_shutdown_timeout(gateway_process, ws_upstream):

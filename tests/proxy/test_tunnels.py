@@ -8,12 +8,10 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import WSMsgType
 
 from tests.builders import app_route, route_toml, upstream_toml
@@ -23,14 +21,6 @@ from tests.proxy.wsclient import WsClient, frame, head_of, read_frame, upgrade_r
 from tests.proxy.wsupstream import WsUpstream
 
 HANDLER = "tests.proxy.wsupstream:ws_echo_handler"
-
-
-@pytest.fixture
-async def ws_upstream() -> AsyncIterator[WsUpstream]:
-    u = WsUpstream()
-    await u.start()
-    yield u
-    await u.stop()
 
 
 def ws_route(up: WsUpstream, **keys: Any) -> str:

@@ -22,6 +22,10 @@ SEEN: dict[str, Any] = {"events": [], "chunks": 0, "startups": 0}
 
 def event(name: str) -> None:
     SEEN["events"].append(name)
+    marker = os.environ.get("GATEWAYD_TEST_EVENTS")  # (a gatewayd subprocess tells its test here)
+    if marker:
+        with open(marker, "a") as fh:
+            fh.write(name + "\n")
 
 
 async def scope_echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -115,14 +119,11 @@ class Lifespanned:
                         await send({"type": "lifespan.startup.failed", "message": "database unreachable"})
                         return
                     SEEN["startups"] += 1
+                    event("startup")
                     scope["state"]["pool"] = "db-pool"
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     event("shutdown")
-                    marker = os.environ.get("GATEWAYD_TEST_SHUTDOWN_FILE")
-                    if marker:
-                        with open(marker, "a") as fh:
-                            fh.write("shutdown\n")
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         query = scope["query_string"].decode()
@@ -131,6 +132,7 @@ class Lifespanned:
         body = json.dumps({"state": scope.get("state", {}).get("pool")}).encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
+        event("request")
 
 
 lifespanned = Lifespanned()
