@@ -108,7 +108,8 @@ async def test_a_request_that_cannot_make_it_is_refused_at_arrival(start_gateway
 
 async def test_a_waiter_leaves_once_its_budget_cannot_cover_the_service(start_gateway, upstream) -> None:
     """Service 300 ms, one slot held for 3 s: a waiter with 1 s of budget leaves at about
-    0.7 s (when what is left no longer covers the service), before its deadline."""
+    0.625 s (when what is left no longer covers the service and its quarter more),
+    before its deadline."""
     gw = await start_gateway(app_route(upstream.url, max_concurrency=1, max_queue=10, queue_timeout=10,
                                        deadline_header=HEADER))
     await learn(gw, n=4, ms=300)
