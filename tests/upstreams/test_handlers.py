@@ -70,5 +70,9 @@ async def test_signals_to_the_process_group_stop_a_process_pool_quietly(tmp_path
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
+            try:  # what is left of its group (the pool's forkserver, orphaned by the signal)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         err = (where / "err").read_text()
         assert "Traceback" not in err, err
