@@ -350,6 +350,35 @@ async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         writer.close()
 
 
+async def head_of(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """The head of the first answer to ``data`` (a connection kept alive is not waited on)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    finally:
+        writer.close()
+
+
+def get(path: str, *headers: str) -> bytes:
+    """A GET request's bytes, with ``headers`` ("Name: value") after Host."""
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+def header_of(head: bytes, name: bytes) -> str | None:
+    """A header's value in a raw head (the first, case-insensitive), or None."""
+    prefix = name.lower() + b":"
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(prefix):
+            return line.split(b":", 1)[1].strip().decode()
+    return None
+
+
+def reason_of(head: bytes) -> str | None:
+    return header_of(head, b"X-Gatewayd-Reason")
+
+
 def status_of(response: bytes) -> int:
     """The status code of a raw HTTP response (0 when there is none)."""
     if not response.startswith(b"HTTP/"):

@@ -21,32 +21,13 @@ from gatewayd.control.snapshot import export, present, route_order, runtime_info
 from gatewayd.stats.metrics import RouteStats
 
 from ..builders import app_route, free_port
-from ..conftest import ROOT, wait_for, wait_for_sync
+from ..conftest import ROOT, get, head_of, reason_of, wait_for, wait_for_sync
 
 HEADER = "X-Request-Timeout"
 CLASS = "X-Priority"
 
 
-async def head_of(port: int, data: bytes) -> bytes:
-    """The head of the answer to ``data`` (waits up to 30 s: a slot is held for seconds)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-    finally:
-        writer.close()
 
-
-def get(path: str, *headers: str) -> bytes:
-    extra = "".join(f"{h}\r\n" for h in headers)
-    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
-
-
-def reason_of(head: bytes) -> str | None:
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"x-gatewayd-reason:"):
-            return line.split(b":", 1)[1].strip().decode()
-    return None
 
 
 def metrics_text(gw: Any) -> str:
@@ -87,16 +68,16 @@ async def test_waiters_by_class_their_budgets_and_the_refusals(start_gateway, up
     one of each reason."""
     gw = await start_gateway(ruled_route(upstream.url))
     gate = gw.runtime.table.routes["app"].gate
-    holder = asyncio.ensure_future(head_of(gw.port, get("/slow?ms=15000", f"{HEADER}: 6")))
+    holder = asyncio.ensure_future(head_of(gw.port, get("/slow?ms=15000", f"{HEADER}: 6"), timeout=30))
     await wait_for(lambda: gate.in_flight == 1)
-    waiting = [asyncio.ensure_future(head_of(gw.port, get("/echo?crit", f"{CLASS}: critical", f"{HEADER}: 20")))]
+    waiting = [asyncio.ensure_future(head_of(gw.port, get("/echo?crit", f"{CLASS}: critical", f"{HEADER}: 20"), timeout=30))]
     await wait_for(lambda: gate.queued == 1)
-    waiting.append(asyncio.ensure_future(head_of(gw.port, get("/echo?default"))))
+    waiting.append(asyncio.ensure_future(head_of(gw.port, get("/echo?default"), timeout=30)))
     await wait_for(lambda: gate.queued == 2)
-    doomed = await head_of(gw.port, get("/echo?doomed", f"{HEADER}: 0.3"))
+    doomed = await head_of(gw.port, get("/echo?doomed", f"{HEADER}: 0.3"), timeout=30)
     assert doomed.startswith(b"HTTP/1.1 503 ") and reason_of(doomed) == "deadline"
     for n in (1, 2):
-        waiting.append(asyncio.ensure_future(head_of(gw.port, get(f"/echo?shed{n}", f"{CLASS}: sheddable"))))
+        waiting.append(asyncio.ensure_future(head_of(gw.port, get(f"/echo?shed{n}", f"{CLASS}: sheddable"), timeout=30)))
         await wait_for(lambda n=n: gate.queued == 2 + n)
 
     r = await route_of(gw)
@@ -120,7 +101,7 @@ async def test_waiters_by_class_their_budgets_and_the_refusals(start_gateway, up
     for priority, n in (("critical", 1), ("default", 1), ("sheddable", 2)):
         assert f'gatewayd_queue_depth_by_priority{{priority="{priority}",route="app"}} {n}.0' in text
 
-    late = asyncio.ensure_future(head_of(gw.port, get("/echo?late", f"{CLASS}: critical")))
+    late = asyncio.ensure_future(head_of(gw.port, get("/echo?late", f"{CLASS}: critical"), timeout=30))
     preempted = await waiting.pop()  # shed2, the newest sheddable waiter
     assert preempted.startswith(b"HTTP/1.1 503 ") and reason_of(preempted) == "preempted"
     head = await holder
@@ -147,9 +128,9 @@ async def test_a_route_without_classes_counts_its_waiters_in_its_own(start_gatew
     gw = await start_gateway(app_route(upstream.url, max_concurrency=1, max_queue=4, queue_timeout=10,
                                        priority="sheddable", timeout=20.0))
     gate = gw.runtime.table.routes["app"].gate
-    holder = asyncio.ensure_future(head_of(gw.port, get("/slow?ms=600")))
+    holder = asyncio.ensure_future(head_of(gw.port, get("/slow?ms=600"), timeout=30))
     await wait_for(lambda: gate.in_flight == 1)
-    waiting = [asyncio.ensure_future(head_of(gw.port, get("/echo", f"{CLASS}: critical"))) for _ in range(2)]
+    waiting = [asyncio.ensure_future(head_of(gw.port, get("/echo", f"{CLASS}: critical"), timeout=30)) for _ in range(2)]
     await wait_for(lambda: gate.queued == 2)
     r = await route_of(gw)
     assert r["queued_by_priority"] == {"critical": 0, "default": 0, "sheddable": 2}
@@ -173,7 +154,7 @@ async def test_the_estimates_are_in_the_snapshot_the_metrics_and_status(start_ga
     async def rated() -> dict[str, Any]:
         began = time.monotonic()
         while True:
-            await asyncio.gather(*(head_of(gw.port, get("/slow?ms=100")) for _ in range(3)))
+            await asyncio.gather(*(head_of(gw.port, get("/slow?ms=100"), timeout=30) for _ in range(3)))
             r = await route_of(gw)
             if r["estimates"]["completion_rate"] > 0 and r["estimates"]["service_ms"] is not None:
                 return r

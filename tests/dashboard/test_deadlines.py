@@ -32,7 +32,7 @@ from dashboard.widgets import (
 )
 
 from ..builders import app_route
-from ..conftest import wait_for
+from ..conftest import get, head_of, wait_for
 from .test_app import row
 from .test_clients import drawn
 
@@ -121,19 +121,6 @@ async def test_wide_table_gets_the_deadline_columns_once_a_route_refuses() -> No
         await wait_for(lambda: app.table.columns == NARROW)
 
 
-async def head_of(port: int, data: bytes) -> bytes:
-    """The head of the answer to ``data`` (waits up to 30 s: a slot is held for seconds)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-    finally:
-        writer.close()
-
-
-def get(path: str, *headers: str) -> bytes:
-    extra = "".join(f"{h}\r\n" for h in headers)
-    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
 
 
 async def test_at_80x24_the_xray_says_estimates_refusals_classes_and_budgets(start_gateway, upstream) -> None:
@@ -156,7 +143,7 @@ async def test_at_80x24_the_xray_says_estimates_refusals_classes_and_budgets(sta
         assert "nobody waiting" in drawn(xray) and "service" not in drawn(xray)
 
         async def learned() -> bool:
-            await asyncio.gather(*(head_of(gw.port, get("/slow?ms=100")) for _ in range(3)))
+            await asyncio.gather(*(head_of(gw.port, get("/slow?ms=100"), timeout=30) for _ in range(3)))
             return bool(re.match(r"service \d+ms · [\d.]+/s\n", drawn(xray)))
 
         for _ in range(20):
@@ -164,12 +151,12 @@ async def test_at_80x24_the_xray_says_estimates_refusals_classes_and_budgets(sta
                 break
         assert re.match(r"service \d+ms · [\d.]+/s\n", drawn(xray)), drawn(xray)
 
-        holder = asyncio.ensure_future(head_of(gw.port, get("/slow?ms=5000")))
+        holder = asyncio.ensure_future(head_of(gw.port, get("/slow?ms=5000"), timeout=30))
         await wait_for(lambda: gate.in_flight == 1)
-        waiting = [asyncio.ensure_future(head_of(gw.port, get("/echo?s", f"{CLASS}: sheddable")))]
+        waiting = [asyncio.ensure_future(head_of(gw.port, get("/echo?s", f"{CLASS}: sheddable"), timeout=30))]
         await wait_for(lambda: gate.queued == 1)
         waiting.append(asyncio.ensure_future(head_of(gw.port, get("/echo?c", f"{CLASS}: critical",
-                                                                  f"{HEADER}: 20"))))
+                                                                  f"{HEADER}: 20"), timeout=30)))
         await wait_for(lambda: gate.queued == 2)
 
         def rows() -> list[list[str]]:
@@ -180,7 +167,7 @@ async def test_at_80x24_the_xray_says_estimates_refusals_classes_and_budgets(sta
         shed, crit = rows()  # oldest first
         assert crit[1] == "crit" and re.fullmatch(r"(19\.\d|20\.0)s", crit[2]), crit
         assert shed[1:3] == ["shed", "-"], shed
-        doomed = await head_of(gw.port, get("/echo?d", f"{HEADER}: 0.3"))
+        doomed = await head_of(gw.port, get("/echo?d", f"{HEADER}: 0.3"), timeout=30)
         assert b" 503 " in doomed.split(b"\r\n")[0]
         await wait_for(lambda: drawn(xray).splitlines()[1] == "deadline 1", timeout=5)
         for h in await asyncio.gather(holder, *waiting):

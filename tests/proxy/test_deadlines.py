@@ -9,29 +9,16 @@ import time
 from typing import Any
 
 from tests.builders import app_route
-from tests.conftest import wait_for
-from tests.proxy.wsclient import head_of
+from tests.conftest import get, head_of, header_of, reason_of, wait_for
 
 HEADER = "X-Request-Timeout"
 
 
-def get(path: str, *headers: str) -> bytes:
-    extra = "".join(f"{h}\r\n" for h in headers)
-    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
-
-
-def reason_of(head: bytes) -> str | None:
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"x-gatewayd-reason:"):
-            return line.split(b":", 1)[1].strip().decode()
-    return None
 
 
 def retry_after_of(head: bytes) -> int | None:
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"retry-after:"):
-            return int(line.split(b":", 1)[1])
-    return None
+    value = header_of(head, b"Retry-After")
+    return None if value is None else int(value)
 
 
 def stats(gw: Any) -> Any:

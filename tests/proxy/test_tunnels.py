@@ -16,8 +16,8 @@ from aiohttp import WSMsgType
 
 from tests.builders import app_route, route_toml, upstream_toml
 from tests.certs import client_context, issue, tls_section, write_ca
-from tests.conftest import status_of, wait_for
-from tests.proxy.wsclient import WsClient, frame, head_of, read_frame, upgrade_request
+from tests.conftest import head_of, status_of, wait_for
+from tests.proxy.wsclient import WsClient, frame, read_frame, upgrade_request
 from tests.proxy.wsupstream import WsUpstream
 
 HANDLER = "tests.proxy.wsupstream:ws_echo_handler"

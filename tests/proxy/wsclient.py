@@ -48,15 +48,6 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return b0 & 0x0F, await reader.readexactly(n)
 
 
-async def head_of(port: int, data: bytes) -> bytes:
-    """The head of the first answer to ``data`` (a connection kept alive is not waited on)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    finally:
-        writer.close()
-
 
 class WsClient:
     """One upgraded connection through the gateway."""

@@ -14,8 +14,7 @@ import aiohttp
 import pytest
 
 from tests.builders import route_toml, upstream_toml
-from tests.conftest import wait_for
-from tests.proxy.wsclient import head_of
+from tests.conftest import head_of, wait_for
 from tests.upstreams.asgi_apps import SEEN
 
 APPS = "tests.upstreams.asgi_apps"
