@@ -10,6 +10,7 @@ from ..report import Table
 from . import (
                admission,
                cancel,
+               deadlines,
                eject,
                fairness,
                idle,
@@ -41,6 +42,7 @@ SCENARIOS: dict[str, Scenario] = {
     "pipeflood": pipeflood.run,
     "uploads": uploads.run,
     "fairness": fairness.run,
+    "deadlines": deadlines.run,
     "tls": tls.run,
     "tunnels": tunnels.run,
 }
