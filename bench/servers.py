@@ -114,20 +114,33 @@ def served_rate(upstream: Server, start: float, end: float) -> float:
     return (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
 
 
-def late_counts(upstream: Server, start: float, end: float) -> tuple[int, int]:
-    """(requests with X-Bench-Give-Up served, of which finished after it) by a ``report``-ing
-    python_upstream between two ``time.monotonic()`` instants (the samples closest inside
-    them); (0, 0) with fewer than two."""
+@dataclass
+class LateCounts:
+    """What a ``report``-ing python_upstream counted between two instants."""
+
+    tagged: int = 0  # requests with X-Bench-Give-Up finished
+    late: int = 0  # ... of them after that instant
+    budgeted: int = 0  # requests received with X-Request-Timeout
+    budget_ms: float = float("nan")  # its mean value, ms
+
+    @property
+    def late_share(self) -> float:
+        return 100 * self.late / self.tagged if self.tagged else float("nan")
+
+
+def late_counts(upstream: Server, start: float, end: float) -> LateCounts:
+    """A ``report``-ing python_upstream's counts between two ``time.monotonic()`` instants
+    (the samples closest inside them); zeros with fewer than two."""
     samples = []
     for line in upstream.proc.log.read_text(errors="replace").splitlines():
         parts = line.split()
-        if len(parts) == 5 and parts[0] == "late" and parts[1] == str(upstream.proc.pid):
-            t = float(parts[2])
-            if start <= t <= end:
-                samples.append((int(parts[3]), int(parts[4])))
+        if (len(parts) == 7 and parts[0] == "late" and parts[1] == str(upstream.proc.pid)
+                and start <= float(parts[2]) <= end):
+            samples.append((int(parts[3]), int(parts[4]), int(parts[5]), float(parts[6])))
     if len(samples) < 2:
-        return 0, 0
-    return samples[-1][0] - samples[0][0], samples[-1][1] - samples[0][1]
+        return LateCounts()
+    (t0, l0, b0, s0), (t1, l1, b1, s1) = samples[0], samples[-1]
+    return LateCounts(t1 - t0, l1 - l0, b1 - b0, (s1 - s0) / (b1 - b0) if b1 > b0 else float("nan"))
 
 
 # ----------------------------------------------------------------------------- proxies

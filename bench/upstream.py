@@ -13,6 +13,8 @@ A request may carry ``X-Bench-Give-Up``: the ``time.monotonic()`` instant its
 client gives up (the deadlines scenario); a worker that finishes such a request
 after that instant counts it as ``late``, work done for nobody (whether or not
 the proxy still holds the connection: the worker spent its slot either way).
+The budget a request arrives with in ``X-Request-Timeout`` (seconds; what a
+deadline-aware proxy passes on) is summed, to report its mean.
 
     python -m bench.upstream --port 9000 --delay 0.1 --slots 100
 """
@@ -48,6 +50,8 @@ class Upstream:
         self.served = 0
         self.tagged = 0  # served requests that carried X-Bench-Give-Up
         self.late = 0  # ... and were finished after it
+        self.budgeted = 0  # requests received with X-Request-Timeout
+        self.budget_ms = 0.0  # ... the sum of its values
         self._server: asyncio.Server | None = None
 
     async def start(self, port: int, host: str = "127.0.0.1") -> None:
@@ -138,7 +142,11 @@ class _Conn(asyncio.Protocol):
             self.skip = _content_length(head)
             self.chunked = b"\r\ntransfer-encoding: chunked" in lower
             path = head.split(b" ", 2)[1]
-            give_up = _give_up(lower)
+            give_up = _header_float(lower, b"\r\nx-bench-give-up:")
+            budget = _header_float(lower, b"\r\nx-request-timeout:")
+            if budget:
+                self.server.budgeted += 1
+                self.server.budget_ms += budget * 1000
             if self.skip or self.chunked:
                 self.after_body = path, give_up
             else:
@@ -178,14 +186,15 @@ class _Conn(asyncio.Protocol):
                 self.server.on_abort(rid)
 
 
-def _give_up(lower_head: bytes) -> float:
-    """The X-Bench-Give-Up instant of a lower-cased request head; 0.0 without one."""
-    i = lower_head.find(b"\r\nx-bench-give-up:")
+def _header_float(lower_head: bytes, name: bytes) -> float:
+    """The value of header ``name`` (CRLF, lower-case name, colon) in a lower-cased request
+    head as a number; 0.0 without it."""
+    i = lower_head.find(name)
     if i < 0:
         return 0.0
     end = lower_head.find(b"\r\n", i + 2)
     try:
-        return float(lower_head[i + 18:end if end >= 0 else None])
+        return float(lower_head[i + len(name):end if end >= 0 else None])
     except ValueError:
         return 0.0
 
@@ -206,7 +215,7 @@ def main() -> None:
     p.add_argument("--hold", type=float, default=5.0, help="how long /hold/<id> requests are held")
     p.add_argument("--report", type=float, default=0.0,
                    help="every this many seconds print 'served PID MONOTONIC COUNT' and "
-                        "'late PID MONOTONIC TAGGED LATE' (0: never)")
+                        "'late PID MONOTONIC TAGGED LATE BUDGETED BUDGET_MS_SUM' (0: never)")
     args = p.parse_args()
 
     async def serve() -> None:
@@ -216,7 +225,8 @@ def main() -> None:
             if args.report:
                 now = time.monotonic()
                 print(f"served {os.getpid()} {now:.4f} {up.served}\n"
-                      f"late {os.getpid()} {now:.4f} {up.tagged} {up.late}", flush=True)
+                      f"late {os.getpid()} {now:.4f} {up.tagged} {up.late} {up.budgeted} {up.budget_ms:.1f}",
+                      flush=True)
             await asyncio.sleep(args.report or 3600)
 
     from .aio import run

@@ -96,13 +96,13 @@ def run(ctx: Context) -> list[Table]:
         f"({CAPACITY:.0f} req/s); {seconds:g} s, median of {rounds}",
         ["proxy", "useful 2xx/s", "useful % of capacity", "2xx p50 ms", "2xx p99 ms", "refused/s",
          "refused p99 ms", "given up/s", "errors/s", "upstream served/s", "upstream work wasted %",
-         "proxy CPU %", "load CPU %"])
+         "budget at upstream ms", "proxy CPU %", "load CPU %"])
     prio = Table(
         f"Priorities: {OFFERED:,.0f} req/s offered (open loop, {100 // CRITICAL_EVERY} % critical, the rest "
         f"sheddable), each giving up after {BUDGET:g} s, same route and upstream; {seconds:g} s, median of {rounds}",
         ["proxy", "critical sent/s", "critical success %", "critical p99 ms", "sheddable useful/s",
          "sheddable refused/s", "given up/s", "useful % of capacity", "upstream work wasted %",
-         "proxy CPU %", "load CPU %"])
+         "budget at upstream ms", "proxy CPU %", "load CPU %"])
     counters = Table(
         "Deadlines: gatewayd's route counters over the measured window (per second; queue and "
         "in flight: mean of the 0.25 s samples)",
@@ -138,7 +138,9 @@ def run(ctx: Context) -> list[Table]:
         f"(the first {WARM:g} s left out). Every client asks again at once.",
         "upstream work wasted: the share of the requests the upstream finished that it finished after "
         "their client had given up (the client's give-up instant travels in a header); upstream "
-        "served/s: its own count (the capacity is 200).",
+        "served/s: its own count (the capacity is 200). budget at upstream: the mean "
+        "X-Request-Timeout the upstream received (a proxy that passes the remaining budget on "
+        "lowers it; the others forward the client's 1.0 s).",
         "gatewayd fifo: max_concurrency 20, max_queue 200, queue_timeout 1. gatewayd deadlines: the "
         "same with timeout = 2.0, deadline_header = \"X-Request-Timeout\". HAProxy: maxconn 20, "
         "timeout queue 1s (its queue has no length limit); abortonclose: option abortonclose.",
@@ -193,10 +195,10 @@ def _useful(variant: str, server: Server, upstream: Server, seconds: float, load
     ok = out[200]
     refused = sum(n for status, n in out.items() if status > 0 and status != 200)
     served = served_rate(upstream, *window)
-    tagged, late = late_counts(upstream, *window)
+    counts = late_counts(upstream, *window)
     return [variant, ok / span, 100 * ok / span / CAPACITY, percentile(result.ok_ms, 50),
             percentile(result.ok_ms, 99), refused / span, percentile(result.other_ms, 99),
-            out[GAVE_UP] / span, out[ERROR] / span, served, 100 * late / tagged if tagged else None,
+            out[GAVE_UP] / span, out[ERROR] / span, served, counts.late_share, counts.budget_ms,
             100 * used.cpu / (seconds + 0.5), load], window
 
 
@@ -223,10 +225,10 @@ def _priorities(variant: str, server: Server, upstream: Server, seconds: float, 
     shed_ok = sum(1 for s, _ in shed if s == 200)
     shed_refused = sum(1 for s, _ in shed if s > 0 and s != 200)
     gave_up = sum(1 for _, s, _ in steady if s in (TIMEOUT, LATE, OVERFLOW))
-    tagged, late = late_counts(upstream, *window)
+    counts = late_counts(upstream, *window)
     return [variant, len(crit) / span, 100 * len(crit_ok) / len(crit) if crit else None,
             percentile(crit_ok, 99), shed_ok / span, shed_refused / span, gave_up / span,
-            100 * (len(crit_ok) + shed_ok) / span / CAPACITY, 100 * late / tagged if tagged else None,
+            100 * (len(crit_ok) + shed_ok) / span / CAPACITY, counts.late_share, counts.budget_ms,
             100 * used.cpu / (t1 - t0), load], window
 
 
