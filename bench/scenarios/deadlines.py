@@ -49,6 +49,7 @@ from ..aio import run as run_async
 from ..context import Context
 from ..deadline_load import ERROR, GAVE_UP, LATE_OK, PriorityLoop, closed_loop
 from ..loadgen import LATE, OVERFLOW, TIMEOUT
+from ..procs import Usage
 from ..report import Table, median_rows, percentile
 from ..servers import Limits, Server, control, gatewayd, haproxy, late_counts, python_upstream, served_rate
 
@@ -208,15 +209,14 @@ def _priorities(variant: str, server: Server, upstream: Server, seconds: float, 
                 ) -> tuple[list[object], tuple[float, float]]:
     gen = PriorityLoop(server.port, OFFERED, seconds, BUDGET, CRITICAL_EVERY, MAX_CONNS, PREWARM)
 
-    async def go() -> tuple[float, float]:
+    async def go() -> tuple[float, float, Usage, tuple[float, float]]:
         await gen.prewarm_connections()
         await asyncio.get_running_loop().run_in_executor(None, server.proc.wait_quiet)
-        t0 = time.monotonic()
+        t0, before, cpu0 = time.monotonic(), server.proc.usage(), _cpu_times(load_cpu)
         await gen.run()
-        return t0, time.monotonic()
+        return t0, time.monotonic(), before, cpu0
 
-    before, cpu0 = server.proc.usage(), _cpu_times(load_cpu)
-    t0, t1 = run_async(go())
+    t0, t1, before, cpu0 = run_async(go())
     used, load = server.proc.usage() - before, _load_share(load_cpu, cpu0)
     span = seconds - WARM
     window = (t0 + WARM, t0 + seconds)  # (the loop's t0 is within a few ms of this t0)
