@@ -52,11 +52,13 @@ class ClosedResult:
     outcomes: Counter[int] = field(default_factory=Counter)  # status (or GAVE_UP, ERROR) -> count
     ok_ms: list[float] = field(default_factory=list)  # latency of each 200 within its budget
     refused_ms: list[float] = field(default_factory=list)  # latency of every other answer
+    lag_ms: list[float] = field(default_factory=list)  # how late a 10 ms timer of each process fired
 
     def add(self, other: ClosedResult) -> None:
         self.outcomes.update(other.outcomes)
         self.ok_ms += other.ok_ms
         self.refused_ms += other.refused_ms
+        self.lag_ms += other.lag_ms
 
 
 class _GaveUp(Exception):
@@ -148,10 +150,18 @@ async def _clients(port: int, clients: int, sources: list[str], budget: float, s
         if conn is not None:
             conn.abort()
 
+    async def lag() -> None:
+        """A timer every 10 ms: how late it fires is how late this process reads its answers."""
+        while (t := time.monotonic()) < end:
+            await asyncio.sleep(0.01)
+            late = time.monotonic() - t - 0.01
+            if w0 <= t < w1:
+                result.lag_ms.append(late * 1000)
+
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     gc.disable()  # as the open loop: a collection over 200 clients' state would delay answers
     try:
-        await asyncio.gather(*(client(sources[i % len(sources)]) for i in range(clients)))
+        await asyncio.gather(lag(), *(client(sources[i % len(sources)]) for i in range(clients)))
     finally:
         gc.enable()
     return result

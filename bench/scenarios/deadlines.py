@@ -97,7 +97,7 @@ def run(ctx: Context) -> list[Table]:
         f"({CAPACITY:.0f} req/s); {seconds:g} s, median of {rounds}",
         ["proxy", "useful 2xx/s", "useful % of capacity", "2xx p50 ms", "2xx p99 ms", "refused/s",
          "refused p99 ms", "given up/s", "of which 2xx read late/s", "errors/s", "upstream served/s",
-         "upstream work wasted %", "budget at upstream ms", "proxy CPU %", "load CPU %"])
+         "upstream work wasted %", "budget at upstream ms", "proxy CPU %", "load CPU %", "client lag p99 ms"])
     prio = Table(
         f"Priorities: {OFFERED:,.0f} req/s offered (open loop, {100 // CRITICAL_EVERY} % critical, the rest "
         f"sheddable), each giving up after {BUDGET:g} s, same route and upstream; {seconds:g} s, median of {rounds}",
@@ -147,7 +147,9 @@ def run(ctx: Context) -> list[Table]:
         "same with timeout = 2.0, deadline_header = \"X-Request-Timeout\". HAProxy: maxconn 20, "
         "timeout queue 1s (its queue has no length limit); abortonclose: option abortonclose.",
         "load CPU %: the load CPU's busy share over the run (clients, upstream, and anything else on "
-        "it): near 100 and the upstream's 100 ms timers run late, which lowers the capacity itself.",
+        "it): near 100 and the upstream's 100 ms timers run late, which lowers the capacity itself. "
+        "client lag: how late a 10 ms timer in the client processes fired (p99): an answer is read "
+        "that much after it arrived, and one that arrives just in time is read too late.",
         "Goal (issue 24), gatewayd deadlines: useful goodput >= 90 % of capacity, upstream work "
         "wasted < 2 %.",
     ]
@@ -202,7 +204,7 @@ def _useful(variant: str, server: Server, upstream: Server, seconds: float, load
     return [variant, ok / span, 100 * ok / span / CAPACITY, percentile(result.ok_ms, 50),
             percentile(result.ok_ms, 99), refused / span, percentile(result.refused_ms, 99),
             gave_up / span, out[LATE_OK] / span, out[ERROR] / span, served, counts.late_share, counts.budget_ms,
-            100 * used.cpu / (seconds + 0.5), load], window
+            100 * used.cpu / (seconds + 0.5), load, percentile(result.lag_ms, 99)], window
 
 
 def _priorities(variant: str, server: Server, upstream: Server, seconds: float, load_cpu: int | None
