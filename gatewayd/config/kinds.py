@@ -1,9 +1,7 @@
 """Value kinds of configuration settings: how a TOML value is checked and turned
-into the Python value a frozen configuration holds, and back into TOML.
-
-Each kind raises ``Invalid`` with the text of what was expected; the loader adds
-the file, line and key path.
-"""
+into the Python value a frozen configuration holds, and back into TOML. Each kind
+raises ``Invalid`` with the text of what was expected; the loader adds the file,
+line and key path."""
 
 from __future__ import annotations
 
@@ -276,6 +274,19 @@ class Text(Kind):
 
     def parse(self, value: Any) -> str:
         if not isinstance(value, str) or (not value and not self.empty) or "\0" in value:
+            raise _expected(self.describe, value)
+        return value
+
+
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)  # RFC 9110 §5.6.2: a header name
+
+
+@dataclass(frozen=True)
+class HeaderName(Kind):
+    describe = "a header field name (letters, digits and !#$%&'*+-.^_`|~)"
+
+    def parse(self, value: Any) -> str:
+        if not isinstance(value, str) or not TOKEN.fullmatch(value):
             raise _expected(self.describe, value)
         return value
 

@@ -4,14 +4,11 @@ its kind (a table, every key checked and located as ``routes[0].rate_limit.rate`
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from .kinds import Int, Invalid, Kind, shown
+from .kinds import TOKEN, Int, Invalid, Kind, shown
 
-# RFC 9110 §5.6.2: a header field name is a token
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
 _HEADER = "header:"
 MAX_RATE = 1_000_000.0
 
@@ -51,7 +48,7 @@ def _rate(value: Any) -> float:
 
 def _key(value: Any) -> str:
     if isinstance(value, str) and (value == "client" or (
-            value.startswith(_HEADER) and _TOKEN.fullmatch(value[len(_HEADER):]))):
+            value.startswith(_HEADER) and TOKEN.fullmatch(value[len(_HEADER):]))):
         return value
     raise Invalid(f'expected "client" or "header:NAME" (NAME a header field name), got {shown(value)}')
 

@@ -385,7 +385,8 @@ class RouteConfig:
         k.Duration(), 2.0, "longest wait in the queue before a 503 queue_timeout", unit="seconds"
     )
     retry_after: int = setting(
-        k.Int(0, 86400), 1, "value of the Retry-After header on this route's 503s", unit="seconds"
+        k.Int(0, 86400), 1, "the Retry-After of this route's 503s until the gateway has estimated "
+        "when the route could take a request (then that estimate, 1 to 60)", unit="seconds"
     )
     queue_order: str = setting(
         k.Choice(("fifo", "fair")), "fifo",
@@ -406,6 +407,29 @@ class RouteConfig:
         "client address) or \"header:NAME\" (that header's value; the client address when it is "
         "absent). Gateway-wide: workers share one table of keys. Unset: no limit",
         reload="applied in place on reload; keys keep what they used, up to one new burst",
+    )
+    timeout: float | None = setting(
+        k.Duration(), None,
+        "longest time from a request's arrival to its upstream's response head, queue and "
+        "retries included; past it 504 route_timeout (unset: none)",
+        unit="seconds",
+    )
+    deadline_header: str | None = setting(
+        k.HeaderName(), None,
+        "a request header carrying the client's own budget in seconds (capped at timeout); a "
+        "malformed value is ignored. The remaining budget goes upstream in the same header "
+        "(unset: no client budgets)",
+    )
+    priority: str = setting(
+        k.Choice(("critical", "default", "sheddable")), "default",
+        "the class of this route's requests: waiters are served critical first, then default, "
+        "then sheddable; a higher class arriving at a full queue takes the place of the newest "
+        "waiter of the lowest class below it (503 preempted)",
+    )
+    priority_header: str | None = setting(
+        k.HeaderName(), None,
+        "a request header whose value (critical, default or sheddable) overrides priority, for "
+        "clients the operator trusts (unset: every request has the route's class)",
     )
     websocket: bool = setting(
         k.Bool(), False,

@@ -219,9 +219,13 @@ class Connection(BaseProtocol):
 class Request:
     """One request, as the gateway sees it; lives until its response is out."""
 
-    __slots__ = ("_chunked", "_client", "body_exists", "content", "headers", "keep_alive",
-                 "message", "method", "protocol", "raw_headers", "raw_path", "task", "version")
+    __slots__ = ("_chunked", "_client", "body_exists", "content", "deadline", "headers", "keep_alive",
+                 "message", "method", "priority", "protocol", "raw_headers", "raw_path", "task", "version")
     _client: str  # set on first use of ``client`` behind trusted proxies only
+    # set (and read) only on routes with deadline or class rules (proxy.deadlines): a
+    # request of another route pays nothing for them
+    deadline: float  # on the loop's clock; 0.0: none
+    priority: int  # its class: 0 critical, 1 default, 2 sheddable
 
     def __init__(self, message: RawRequestMessage, payload: StreamReader, protocol: Connection) -> None:
         self.message = message

@@ -44,7 +44,7 @@ def body_size(status: int) -> int:
     return 0 if body is None else len(body)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)  # (reasons x Retry-After values 1-60 x framing)
 def prebuilt(status: int, reason: str, retry_after: str | None, close: bool,
              http10_keep_alive: bool = False) -> bytes:
     """A whole gateway response as bytes, built once per kind (a pure function, memoized)."""

@@ -38,25 +38,31 @@ from collections.abc import Callable, Iterator
 from operator import attrgetter
 from typing import Protocol
 
+from .deadlines import DEADLINE, PREEMPTED, Estimator
+
 ADMITTED = None
 QUEUE_FULL = "queue_full"
 QUEUE_TIMEOUT = "queue_timeout"
 CLIENT_QUEUE_FULL = "client_queue_full"
+DEFAULT_CLASS = 1  # (deadlines.CLASSES: critical, default, sheddable)
 
 
 class Waiter:
     """One queued request: what the queue X-ray shows, and whom to wake."""
 
-    __slots__ = ("client", "method", "path", "since", "timer", "wake")
+    __slots__ = ("client", "deadline", "method", "path", "priority", "since", "timer", "wake")
 
     def __init__(self, wake: Callable[[str | None], bool | None], since: float,
-                 method: str, path: str, client: str) -> None:
+                 method: str, path: str, client: str, priority: int = DEFAULT_CLASS,
+                 deadline: float = 0.0) -> None:
         # called once: ADMITTED (the slot is the waiter's; False back declines it) or a reason
         self.wake = wake
         self.since = since
         self.method = method
         self.path = path
         self.client = client
+        self.priority = priority  # its class (SPEC §12): 0 critical, 1 default, 2 sheddable
+        self.deadline = deadline  # on the loop's clock; 0.0: none
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -84,6 +90,10 @@ class Discipline(Protocol):
 
     def oldest(self) -> Waiter | None:
         """The waiter that has waited longest; None when empty."""
+        ...
+
+    def newest(self) -> Waiter | None:
+        """The waiter that came last; None when empty."""
         ...
 
 
@@ -125,6 +135,9 @@ class Fifo:
 
     def oldest(self) -> Waiter | None:
         return next(iter(self._waiters), None)
+
+    def newest(self) -> Waiter | None:
+        return next(reversed(self._waiters), None)
 
 
 class Fair:
@@ -192,6 +205,10 @@ class Fair:
         firsts = [next(iter(mine)) for mine in self._clients.values()]
         return min(firsts, key=_since) if firsts else None
 
+    def newest(self) -> Waiter | None:
+        lasts = [next(reversed(mine)) for mine in self._clients.values()]
+        return max(lasts, key=_since) if lasts else None
+
     def holding(self, client: str) -> int:
         mine = self._clients.get(client)
         return 0 if mine is None else len(mine)
@@ -243,8 +260,74 @@ class Counted:
     def oldest(self) -> Waiter | None:
         return self.inner.oldest()
 
+    def newest(self) -> Waiter | None:
+        return self.inner.newest()
+
     def holding(self, client: str) -> int:
         return self._counts.get(client, 0)
+
+
+class Prioritized:
+    """Classes first (SPEC §12): every critical waiter before any default one, default
+    before sheddable; within a class, the route's own order (a discipline per class).
+    What a route with ``priority_header`` uses: without it all its waiters are of one
+    class."""
+
+    __slots__ = ("_count", "classes")
+
+    def __init__(self, make: Callable[[], Discipline]) -> None:
+        self.classes: tuple[Discipline, ...] = (make(), make(), make())
+        self._count = 0
+
+    def push(self, waiter: Waiter) -> None:
+        self.classes[waiter.priority].push(waiter)
+        self._count += 1
+
+    def pop(self) -> Waiter:
+        for waiters in self.classes:
+            if len(waiters):
+                self._count -= 1
+                return waiters.pop()
+        raise IndexError("pop from an empty queue")
+
+    def remove(self, waiter: Waiter) -> bool:
+        if self.classes[waiter.priority].remove(waiter):
+            self._count -= 1
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Waiter]:
+        for waiters in self.classes:
+            yield from waiters
+
+    def oldest(self) -> Waiter | None:
+        olds = [w for w in (c.oldest() for c in self.classes) if w is not None]
+        return min(olds, key=_since) if olds else None
+
+    def newest(self) -> Waiter | None:
+        news = [w for w in (c.newest() for c in self.classes) if w is not None]
+        return max(news, key=_since) if news else None
+
+    def ahead(self, priority: int) -> int:
+        """Waiters a new one of class ``priority`` would wait behind."""
+        return sum(len(c) for c in self.classes[:priority + 1])
+
+    def newest_below(self, priority: int) -> Waiter | None:
+        """The newest waiter of the lowest class below ``priority`` (SPEC §12's
+        preemption victim); None when no waiter is of a lower class."""
+        for waiters in reversed(self.classes[priority + 1:]):
+            if len(waiters):
+                return waiters.newest()
+        return None
+
+    def holding(self, client: str) -> int:
+        return sum(c.holding(client) for c in self.classes)  # type: ignore[attr-defined]
+
+    def by_class(self) -> list[int]:
+        return [len(c) for c in self.classes]
 
 
 _since = attrgetter("since")
@@ -256,13 +339,16 @@ ORDERS: dict[str, Callable[[], Discipline]] = {
 }
 
 
-def discipline(order: str, per_client: int) -> Discipline:
+def discipline(order: str, per_client: int, classes: bool = False) -> Discipline:
     """The discipline for ``order``; one that counts waiters by client if ``per_client``
-    (a bound on them) is set and the order does not count them itself."""
-    made = ORDERS[order]()
-    if per_client and not hasattr(made, "holding"):
-        return Counted(made)
-    return made
+    (a bound on them) is set and the order does not count them itself; by class first
+    when ``classes`` (a route with ``priority_header``)."""
+    def make() -> Discipline:
+        made = ORDERS[order]()
+        if per_client and not hasattr(made, "holding"):
+            return Counted(made)
+        return made
+    return Prioritized(make) if classes else make()
 
 
 class Gate:
@@ -270,17 +356,33 @@ class Gate:
     ``Discipline`` (``waiters``); at most ``per_client`` of them from one client when
     it is set (0: no bound)."""
 
-    __slots__ = ("_loop", "in_flight", "limit", "max_queue", "order", "per_client", "queued", "waiters")
+    __slots__ = ("_loop", "classes", "completed", "estimator", "in_flight", "limit", "max_queue", "order",
+                 "per_client", "queued", "waiters")
 
-    def __init__(self, limit: int, max_queue: int, order: str = "fifo", per_client: int = 0) -> None:
+    def __init__(self, limit: int, max_queue: int, order: str = "fifo", per_client: int = 0,
+                 classes: bool = False) -> None:
         self.limit = limit
         self.max_queue = max_queue
         self.in_flight = 0
         self.order = order
         self.per_client = per_client
-        self.waiters: Discipline = discipline(order, per_client)
+        self.classes = classes  # waiters ranked by class (Prioritized)
+        self.waiters: Discipline = discipline(order, per_client, classes)
         self.queued = 0  # len(waiters), kept here: the fast path and a shed call no method
+        self.completed = 0  # slots given back since start: the estimator's clock-free count
+        self.estimator = Estimator()
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def estimate(self, now: float) -> Estimator:
+        """The route's estimates, sampled now if a sample is due (deadlines.Estimator)."""
+        estimator = self.estimator
+        estimator.sample(now, self.completed, self.in_flight)
+        return estimator
+
+    def retry_after(self, now: float, fallback: str) -> str:
+        """The Retry-After of a 503 the gateway makes: whole seconds until the route
+        could take a request (1 to 60), ``fallback`` while nothing is known."""
+        return self.estimate(now).retry_after(self.queued, self.limit, fallback)
 
     def try_enter(self) -> bool:
         """Take a slot if one is free and nobody waits; the fast path."""
@@ -299,7 +401,7 @@ class Gate:
         return waiters.holding(client) >= self.per_client
 
     def enqueue(self, wake: Callable[[str | None], bool | None], timeout: float, method: str, path: str,
-                client: str) -> Waiter:
+                client: str, priority: int = DEFAULT_CLASS, deadline: float = 0.0) -> Waiter:
         """Wait in the queue. ``wake(ADMITTED)`` is called when a slot is the waiter's
         (from ``release`` or ``set_limits``, synchronously), or ``wake(reason)`` when it
         is shed (``QUEUE_TIMEOUT`` after ``timeout``, or by ``evict``); once. ``leave``
@@ -312,11 +414,59 @@ class Gate:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        waiter = Waiter(wake, loop.time(), method, path, client)
+        now = loop.time()
+        # the route is full: a sample of how fast it frees slots (deadlines.Estimator)
+        self.estimator.sample(now, self.completed, self.in_flight)
+        waiter = Waiter(wake, now, method, path, client, priority, deadline)
         self.waiters.push(waiter)
         self.queued += 1
-        waiter.timer = loop.call_later(timeout, self._expire, waiter)
+        if deadline:
+            self._watch(waiter, now, timeout)
+        else:
+            waiter.timer = loop.call_later(timeout, self._expire, waiter)
         return waiter
+
+    def _watch(self, waiter: Waiter, now: float, timeout: float) -> None:
+        """A waiter with a deadline leaves at its queue timeout, or as soon as its
+        remaining budget no longer covers the service time (``_doomed``), whichever
+        comes first."""
+        loop = self._loop
+        assert loop is not None
+        expires = waiter.since + timeout
+        leave = waiter.deadline - self.estimator.service
+        if leave < expires:
+            waiter.timer = loop.call_at(max(leave, now), self._doomed, waiter, expires)
+        else:
+            waiter.timer = loop.call_at(expires, self._expire, waiter)
+
+    def _doomed(self, waiter: Waiter, expires: float) -> None:
+        """A waiter's budget may no longer cover the service time: it leaves (503
+        deadline), unless the estimate has moved and it still may."""
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        if waiter.deadline - self.estimate(now).service > now + 0.001:
+            self._watch(waiter, now, expires - waiter.since)
+            return
+        if self.waiters.remove(waiter):
+            self.queued -= 1
+            waiter.wake(DEADLINE)
+
+    def ahead(self, priority: int) -> int:
+        """Waiters a new waiter of class ``priority`` would wait behind."""
+        waiters = self.waiters
+        if isinstance(waiters, Prioritized):
+            return waiters.ahead(priority)
+        return self.queued
+
+    def preempt(self, priority: int) -> bool:
+        """A waiter of class ``priority`` arrives at a full queue: the newest waiter of
+        the lowest class below it is shed (503 preempted) to make room; whether one was."""
+        waiters = self.waiters
+        if not isinstance(waiters, Prioritized):
+            return False
+        victim = waiters.newest_below(priority)
+        return victim is not None and self.evict(victim, PREEMPTED)
 
     def leave(self, waiter: Waiter) -> bool:
         """Take a waiter out of the queue (its client left); whether it was still in it."""
@@ -345,6 +495,7 @@ class Gate:
     def release(self) -> None:
         """Give a slot back; the next waiter gets it if the limit allows."""
         self.in_flight -= 1
+        self.completed += 1
         if self.queued:
             self._admit()
 
@@ -369,14 +520,32 @@ class Gate:
             self.max_queue = max_queue
         self._admit()
 
-    def set_policy(self, order: str, per_client: int) -> None:
-        """Change the queue order and the per-client bound in place (a reload). A new
-        discipline takes every waiter over, in arrival order (FIFO within each client
-        whatever the orders), so nobody waiting is lost or jumps ahead of an earlier
-        waiter of its own client; a lower bound drops nobody already waiting."""
+    def set_policy(self, order: str, per_client: int, classes: bool = False) -> None:
+        """Change the queue order, the per-client bound and the ranking by class in
+        place (a reload). A new discipline takes every waiter over, in arrival order
+        (FIFO within each client whatever the orders), so nobody waiting is lost or
+        jumps ahead of an earlier waiter of its own client; a lower bound drops nobody
+        already waiting."""
         counted = bool(per_client)
+        was_counted = bool(self.per_client)
         self.per_client = per_client
         waiters = self.waiters
+        if classes != self.classes:
+            new = discipline(order, per_client, classes)
+            for waiter in sorted(waiters, key=_since):
+                new.push(waiter)
+            self.waiters = new
+            self.order = order
+            self.classes = classes
+            return
+        if classes:
+            if order != self.order or counted != was_counted:
+                new = discipline(order, per_client, classes)
+                for waiter in sorted(waiters, key=_since):
+                    new.push(waiter)
+                self.waiters = new
+                self.order = order
+            return
         if order == self.order:
             if counted and not hasattr(waiters, "holding"):
                 self.waiters = Counted(waiters)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..config.settings import RouteConfig, UpstreamConfig
 from ..http.errors import UpstreamFailure
 from ..http.server import Cancellable
+from .deadlines import Rules
 
 __all__ = ["Cancellable", "Exchange", "Route", "Sink", "Upstream", "UpstreamFailure", "raising"]
 
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 class Route:
     """A route of one configuration generation; its gate and stats outlive it."""
 
-    __slots__ = ("_strip", "config", "gate", "limiter", "name", "retry_after", "stats", "tunnel_limit",
-                 "upstream")
+    __slots__ = ("_strip", "config", "gate", "limiter", "name", "retry_after", "rules", "stats",
+                 "tunnel_limit", "upstream")
 
     def __init__(self, config: RouteConfig, gate: Gate, stats: RouteStats, upstream: Upstream,
                  limiter: Limiter | None = None) -> None:
@@ -40,7 +41,8 @@ class Route:
         self.gate = gate
         self.stats = stats
         self.upstream = upstream
-        self.retry_after = str(config.retry_after)
+        self.retry_after = str(config.retry_after)  # a 503's Retry-After while the gate knows nothing
+        self.rules = Rules.of(config)  # deadlines and classes (SPEC §12); None: the route has none
         self._strip = len(config.path_prefix) if config.strip_prefix else 0
         # this worker's share of max_tunnels on a websocket route (set by the runtime);
         # 0: upgrades are not forwarded
@@ -59,7 +61,7 @@ class Route:
 class Exchange:
     """One admitted request on its way through an upstream."""
 
-    __slots__ = ("body", "head_sent", "path", "request", "route", "sent", "start", "status",
+    __slots__ = ("body", "fields", "head_sent", "path", "request", "route", "sent", "start", "status",
                  "truncated")
 
     def __init__(self, request: Request, route: Route, path: str, start: float,
@@ -73,6 +75,8 @@ class Exchange:
         self.head_sent = False
         self.sent = 0  # response body bytes written to the client
         self.truncated: str | None = None  # reason, when the upstream failed mid-body
+        # the header lines to send upstream when not the request's own (a deadline's budget)
+        self.fields: bytes | None = None
 
     @property
     def client_ip(self) -> str:

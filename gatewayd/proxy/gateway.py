@@ -22,9 +22,12 @@ from aiohttp.web_protocol import RequestPayloadError
 from ..http.body import BodyTimeout, BodyTooLarge, BufferFull, RequestBody
 from ..http.checks import Refused, origin_target
 from ..http.responses import body_size, prebuilt
-from .admission import ADMITTED, CLIENT_QUEUE_FULL, QUEUE_FULL, QUEUE_TIMEOUT, Waiter
+from .admission import CLIENT_QUEUE_FULL, QUEUE_FULL
+from .deadlines import DEADLINE, ROUTE_TIMEOUT
 from .exchange import Exchange, UpstreamFailure, raising
+from .queued import Queued, QueuedUpgrade
 from .ratelimit import RATE_LIMITED
+from .timed import Timed, with_budget
 from .tunnels import TUNNELS_FULL, Upgrade, is_websocket, reserve, switch
 
 if TYPE_CHECKING:
@@ -96,6 +99,13 @@ class Gateway:
         if route.tunnel_limit and request.message.upgrade and is_websocket(request):
             self._upgrade(request, route, target, start)
             return
+        rules = route.rules
+        if rules is not None:  # deadlines and classes (SPEC §12): their own admission
+            request.deadline = rules.deadline(request, start)
+            request.priority = rules.priority_of(request)
+            if not request.body_exists:
+                self._admit_ruled(request, route, target, start, None)
+                return
         if request.body_exists:  # (the parser makes a body for any Content-Length over 0)
             self._with_body(request, route, target, start)
             return
@@ -113,7 +123,7 @@ class Gateway:
             # counted from here, queued or not: a replaced upstream closes only after
             # the last request that chose it is done
             route.upstream.enter()
-            queued = _Queued(self, request, route, target, start)
+            queued = Queued(self, request, route, target, start)
             queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
                                          target, request.client)
             request.task = queued
@@ -148,7 +158,7 @@ class Gateway:
             return
         else:
             route.upstream.enter()
-            queued = _QueuedUpgrade(self, request, route, target, start)
+            queued = QueuedUpgrade(self, request, route, target, start)
             queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
                                          target, request.client)
             request.task = queued
@@ -267,7 +277,8 @@ class Gateway:
     def _end_unadmitted(self, request: Request, route: Route, status: int, reason: str,
                         start: float) -> None:
         request.task = None
-        answer(request, status, reason, route.retry_after if status == 503 else None, close=True)
+        retry_after = route.gate.retry_after(self._loop.time(), route.retry_after) if status == 503 else None
+        answer(request, status, reason, retry_after, close=True)
         route.stats.answered(status, self._loop.time() - start)
         self._log(request, route, status, body_size(status), start, reason)
         request.protocol.finish(request)
@@ -276,6 +287,9 @@ class Gateway:
                     body: RequestBody) -> None:
         """Admission (as in ``__call__``) for a request whose body is buffered, or is
         to stream once admitted."""
+        if route.rules is not None:
+            self._admit_ruled(request, route, target, start, body)
+            return
         stats = route.stats
         gate = route.gate
         if gate.try_enter():
@@ -291,7 +305,7 @@ class Gateway:
             self._client_queue_full(request, route, start)
         else:
             route.upstream.enter()
-            queued = _Queued(self, request, route, target, start, body)
+            queued = Queued(self, request, route, target, start, body)
             queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method,
                                          target, request.client)
             request.task = queued
@@ -300,6 +314,69 @@ class Gateway:
                       body: RequestBody) -> None:
         ex = Exchange(request, route, route.forward_path(target), start, body)
         self.handover(ex, route.upstream.serve(ex))
+
+    # -- routes with deadlines or classes (SPEC §12, proxy/deadlines.py) ---------------------
+    def _admit_ruled(self, request: Request, route: Route, target: str, start: float,
+                     body: RequestBody | None) -> None:
+        """Admission with the request's deadline and class: a free slot at once; else,
+        unless its expected wait and service do not fit its budget (503 deadline), a
+        place in the queue, made at a full queue by preempting the newest waiter of a
+        lower class (else 503 queue_full)."""
+        stats = route.stats
+        gate = route.gate
+        now = self._loop.time()
+        deadline = request.deadline
+        if deadline and now >= deadline:
+            if body is not None:
+                body.close()
+            stats.deadline += 1
+            self._refuse(request, route, 503, DEADLINE, start)
+            return
+        if gate.try_enter():
+            stats.queue_wait.observe_zero()
+            route.upstream.enter()
+            self._forward_ruled(request, route, target, start, body, now)
+            return
+        if gate.per_client and gate.client_full(request.client):
+            if body is not None:
+                body.close()
+            self._client_queue_full(request, route, start)
+            return
+        priority = request.priority
+        if deadline:
+            estimate = gate.estimate(now)
+            wait = estimate.wait(gate.ahead(priority), gate.limit)
+            if wait is not None and now + wait + estimate.service > deadline:
+                if body is not None:
+                    body.close()
+                stats.deadline += 1
+                self._refuse(request, route, 503, DEADLINE, start)
+                return
+        if gate.queue_full() and not gate.preempt(priority):
+            if body is not None:
+                body.close()
+            stats.queue_full += 1
+            self._refuse(request, route, 503, QUEUE_FULL, start)
+            return
+        route.upstream.enter()
+        queued = Queued(self, request, route, target, start, body)
+        queued.waiter = gate.enqueue(queued.wake, route.config.queue_timeout, request.method, target,
+                                     request.client, priority, deadline)
+        request.task = queued
+
+    def _forward_ruled(self, request: Request, route: Route, target: str, start: float,
+                       body: RequestBody | None, now: float) -> None:
+        """Forward in a timed exchange: 504 route_timeout if the response head is not in
+        by the deadline; the remaining budget goes upstream in ``deadline_header``."""
+        deadline = request.deadline
+        ex = Timed(request, route, route.forward_path(target), start, body, now)
+        rules = route.rules
+        if deadline:
+            assert rules is not None
+            if rules.deadline_header is not None:
+                ex.fields = with_budget(request.upstream_fields(), rules, deadline - now)
+            ex.timer = self._loop.call_at(deadline, ex.expire)
+        self.handover(ex, ex.within(route.upstream.serve(ex)))
 
     def _client_queue_full(self, request: Request, route: Route, start: float) -> None:
         """The request's client holds its route's ``max_queue_per_client`` queue places
@@ -317,9 +394,11 @@ class Gateway:
         This is the shedding path, taken most under overload: prebuilt bytes written
         straight to the transport, no task, no response object, so a shed costs far
         less than a served request and leaves the CPU to the admitted ones."""
-        answer(request, status, reason, route.retry_after if status == 503 else retry_after,
-               close=status == 413)
-        route.stats.answered(status, self._loop.time() - start)
+        now = self._loop.time()
+        if status == 503:  # the estimated seconds until the route could take it (SPEC §12)
+            retry_after = route.gate.retry_after(now, route.retry_after)
+        answer(request, status, reason, retry_after, close=status == 413)
+        route.stats.answered(status, now - start)
         if self.serving.access_log.enabled:  # (as in settle: an off log costs no call)
             self._log(request, route, status, body_size(status), start, reason)
         request.protocol.finish(request)
@@ -341,9 +420,18 @@ class Gateway:
             if reason is not None:
                 stats.upstream_error(reason)
         except asyncio.CancelledError:
-            stats.cancelled_in_flight += 1
-            self._log(request, route, 499, ex.sent, start, "client_gone")
-            raise
+            if type(ex) is Timed and ex.expired and not ex.head_sent:
+                # its deadline passed before the response head (Timed.expire): 504, not a leaver
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                stats.route_timeout += 1
+                status, reason = 504, ROUTE_TIMEOUT
+                self._fail(request, status, reason, False)
+            else:
+                stats.cancelled_in_flight += 1
+                self._log(request, route, 499, ex.sent, start, "client_gone")
+                raise
         except ConnectionError:  # (reset, or lost while a write waited for room)
             # the client went away while we wrote to it, before its cancellation
             stats.cancelled_in_flight += 1
@@ -450,90 +538,6 @@ def kept_target(refused: Refused, router: Router[Route], host: str | None) -> st
     if route is None or route.config.escaped_slashes != "keep":
         return None
     return target
-
-
-class _Queued:
-    """A request in its route's queue: a timer and this, no task. The gate wakes it
-    with its slot (or at its queue timeout); its connection cancels it when the
-    client leaves (``request.task``)."""
-
-    __slots__ = ("body", "gateway", "request", "route", "start", "target", "waiter")
-
-    def __init__(self, gateway: Gateway, request: Request, route: Route, target: str, start: float,
-                 body: RequestBody | None = None) -> None:
-        self.gateway = gateway
-        self.request = request
-        self.route = route
-        self.target = target
-        self.start = start
-        self.body = body
-        self.waiter: Waiter | None = None
-
-    def wake(self, outcome: str | None) -> bool:
-        """From the gate: a slot (ADMITTED) or the queue timeout. False declines the
-        slot (the gate passes it on)."""
-        self.waiter = None
-        gateway = self.gateway
-        request = self.request
-        route = self.route
-        request.task = None
-        body = self.body
-        if outcome is not ADMITTED:
-            assert outcome == QUEUE_TIMEOUT
-            if body is not None:
-                body.close()
-            route.upstream.leave()
-            route.stats.queue_timeout += 1
-            gateway._refuse(request, route, 503, QUEUE_TIMEOUT, self.start)
-            return False
-        if request.protocol.current is not request:
-            # its client left in this loop turn; the cancel on its way comes too late
-            self._gone()
-            return False
-        route.stats.queue_wait.observe(gateway._loop.time() - self.start)
-        if body is None:
-            gateway._forward(request, route, self.target, self.start)
-        else:
-            gateway._forward_body(request, route, self.target, self.start, body)
-        return True
-
-    def cancel(self) -> None:
-        """The client left while its request waited: out of the queue, nothing sent."""
-        waiter = self.waiter
-        if waiter is not None and self.route.gate.leave(waiter):
-            self.waiter = None
-            self._gone()
-
-    def _gone(self) -> None:
-        self.request.task = None  # (it refers back to this)
-        if self.body is not None:
-            self.body.close()
-        route = self.route
-        route.upstream.leave()
-        route.stats.cancelled_queued += 1
-        self.gateway._log(self.request, route, 499, 0, self.start, "client_gone_queued")
-
-
-class _QueuedUpgrade(_Queued):
-    """A queued WebSocket upgrade: its tunnel place is given back unless it is admitted."""
-
-    __slots__ = ()
-
-    def wake(self, outcome: str | None) -> bool:
-        if outcome is not ADMITTED:  # (its queue timeout)
-            self.route.stats.tunnels_opening -= 1
-            return super().wake(outcome)
-        if self.request.protocol.current is not self.request:
-            return super().wake(outcome)  # (gone: _gone gives the place back)
-        self.waiter = None
-        self.request.task = None
-        self.route.stats.queue_wait.observe(self.gateway._loop.time() - self.start)
-        self.gateway._switch(self.request, self.route, self.target, self.start)
-        return True
-
-    def _gone(self) -> None:
-        super()._gone()
-        self.route.stats.tunnels_opening -= 1
 
 
 def _unread_body_too_big(request: Request) -> bool:

@@ -363,7 +363,8 @@ class Runtime:
         for route in self.table.routes.values():
             route.tunnel_limit = self._tunnel_limit(route.config)
             route.gate.set_limits(*self._route_limits(route.config))
-            route.gate.set_policy(route.config.queue_order, self._per_client(route.config.max_queue_per_client))
+            route.gate.set_policy(route.config.queue_order, self._per_client(route.config.max_queue_per_client),
+                                  route.config.priority_header is not None)
         self.acceptor.set_limit(self._share(self.config.server.max_connections, 1))
         self.server.set_client_limit(self._per_client(self.config.server.max_connections_per_client))
         self.body_memory.limit = self._share(self.config.server.request_buffer_memory, 0)

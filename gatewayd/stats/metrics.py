@@ -155,13 +155,16 @@ class RouteStats:
         "client_queue_full",
         "clients",
         "codes",
+        "deadline",
         "gateway_latency",
         "latency",
+        "preempted",
         "queue_full",
         "queue_timeout",
         "queue_wait",
         "rate_limited",
         "requests",
+        "route_timeout",
         "tunnels",
         "tunnels_full",
         "tunnels_opening",
@@ -177,6 +180,11 @@ class RouteStats:
         self.queue_timeout = 0
         self.client_queue_full = 0  # 429: the client held max_queue_per_client places already
         self.rate_limited = 0  # 429s of the route's rate_limit
+        # SPEC §12: 503 deadline (could not be served in the client's budget), 503 preempted
+        # (a higher class took the place), 504 route_timeout (no response head in time)
+        self.deadline = 0
+        self.preempted = 0
+        self.route_timeout = 0
         self.cancelled_queued = 0
         self.cancelled_in_flight = 0
         # WebSocket tunnels (websocket = true): open now, upgrades on their way to a 101

@@ -204,7 +204,7 @@ class HttpUpstream(Upstream):
         server = self._pick()
         request = ex.request
         method = request.method
-        headers = request.upstream_fields()
+        headers = request.upstream_fields() if ex.fields is None else ex.fields
         body: RequestBody | None = ex.body
         began = self._now() if self._retries else 0.0
         server.in_flight += 1

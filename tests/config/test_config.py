@@ -548,6 +548,8 @@ def _valid_values(kind: k.Kind) -> st.SearchStrategy[Any]:
             plain = st.from_regex(r"/[A-Za-z0-9/_~?=&-]{0,12}", fullmatch=True)
             return plain.filter(lambda p: "//" not in p.partition("?")[0]) | st.sampled_from(
                 ["/a.b/", "/.well-known/", "/x..y", "/files%2F", "/%C3%A9t%C3%A9", "/a?%2e"])
+        case k.HeaderName():
+            return st.from_regex(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,16}", fullmatch=True)
         case k.HostName():
             return st.from_regex(r"[A-Za-z0-9_-]{1,8}(\.[A-Za-z0-9_-]{1,8}){0,2}", fullmatch=True) | st.just("[::1]")
         case k.Listen():
