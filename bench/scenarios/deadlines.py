@@ -107,8 +107,8 @@ def run(ctx: Context) -> list[Table]:
     counters = Table(
         "Deadlines: gatewayd's route counters over the measured window (per second; queue and "
         "in flight: mean of the 0.25 s samples)",
-        ["run", "requests/s", *(f"{r}/s" for r in REASONS), "cancelled queued/s", "cancelled in flight/s",
-         "queued", "in flight"])
+        ["run", "requests/s", "503/s", "504/s", *(f"{r}/s" for r in REASONS), "cancelled queued/s",
+         "cancelled in flight/s", "queued", "in flight"])
     rows: dict[str, list[list[object]]] = {}
     count_rows: dict[str, list[list[object]]] = {}
     estimators: dict[str, Any] = {}
@@ -157,7 +157,8 @@ def run(ctx: Context) -> list[Table]:
         f"Every {CRITICAL_EVERY}th request carries X-Priority: critical, the others X-Priority: "
         f"sheddable; all carry X-Request-Timeout: {BUDGET:g} and are given up after it (the "
         f"connection aborted). {PREWARM:,} connections are opened first. critical success: a 200 "
-        "within the budget, of the critical requests scheduled in the steady part.",
+        "within the budget, of the critical requests scheduled in the steady part; the rates "
+        "(useful, refused, given up) count what ended in it.",
         "gatewayd priorities: the deadlines route with priority = \"sheddable\", priority_header = "
         "\"X-Priority\". haproxy priority-class: http-request set-priority-class int(-1) for "
         "X-Priority: critical (lower is served first), maxconn 20, timeout queue 1s.",
@@ -169,7 +170,8 @@ def run(ctx: Context) -> list[Table]:
         useful.notes.append(note)
         prio.notes.append(note)
     counters.notes.append("Per-second rates of the snapshot's route counters between the samples "
-                          "closest to the window's ends; cancelled: the client left while its request was "
+                          "closest to the window's ends (n/a: not in this gatewayd's snapshot; 503/s and "
+                          "504/s from its counts by status); cancelled: the client left while its request was "
                           "queued, or at the upstream (the gateway aborts it, the upstream's worker finishes "
                           "it anyway).")
     if estimators:
@@ -222,17 +224,19 @@ def _priorities(variant: str, server: Server, upstream: Server, seconds: float, 
     used, load = server.proc.usage() - before, _load_share(load_cpu, cpu0)
     span = seconds - WARM
     window = (t0 + WARM, t0 + seconds)  # (the loop's t0 is within a few ms of this t0)
-    steady = gen.result.window(WARM, seconds)
+    steady = gen.result.window(WARM, seconds)  # by scheduled start: the success rate's base
     crit = [(s, lat) for off, s, lat in steady if gen.critical(off)]
-    shed = [(s, lat) for off, s, lat in steady if not gen.critical(off)]
     crit_ok = [lat * 1000 for s, lat in crit if s == 200]
-    shed_ok = sum(1 for s, _ in shed if s == 200)
-    shed_refused = sum(1 for s, _ in shed if s > 0 and s != 200)
-    gave_up = sum(1 for _, s, _ in steady if s in (TIMEOUT, LATE, OVERFLOW))
+    # rates by completion: what ended inside the window (a request started late in it may end after)
+    ended = [(off, s) for off, s, lat in gen.result.samples if WARM <= off + lat < seconds]
+    useful = sum(1 for _, s in ended if s == 200)
+    shed_ok = sum(1 for off, s in ended if s == 200 and not gen.critical(off))
+    shed_refused = sum(1 for off, s in ended if s > 0 and s != 200 and not gen.critical(off))
+    gave_up = sum(1 for _, s in ended if s in (TIMEOUT, LATE, OVERFLOW))
     counts = late_counts(upstream, *window)
     return [variant, len(crit) / span, 100 * len(crit_ok) / len(crit) if crit else None,
             percentile(crit_ok, 99), shed_ok / span, shed_refused / span, gave_up / span,
-            100 * (len(crit_ok) + shed_ok) / span / CAPACITY, counts.late_share, counts.budget_ms,
+            100 * useful / span / CAPACITY, counts.late_share, counts.budget_ms,
             100 * used.cpu / (t1 - t0), load], window
 
 
@@ -288,15 +292,19 @@ class _Snapshots:
     def counters(self, start: float, end: float) -> list[object]:
         inside = [(t, r) for t, r in self.samples if start <= t <= end]
         if len(inside) < 2:
-            return [None] * (len(REASONS) + 5)
+            return [None] * (len(REASONS) + 7)
         (ta, a), (tb, b) = inside[0], inside[-1]
         span = tb - ta
 
-        def rate(get: Any) -> float:
-            return (float(get(b)) - float(get(a))) / span
+        def rate(get: Any) -> float | None:
+            """The counter's rate; None when this gatewayd's snapshot does not have it."""
+            x, y = get(a), get(b)
+            return None if x is None or y is None else (float(y) - float(x)) / span
 
-        return [rate(lambda r: r.get("requests", 0)),
-                *(rate(lambda r, k=k: r.get("rejected", {}).get(k, 0)) for k in REASONS),
+        return [rate(lambda r: r.get("requests")),
+                rate(lambda r: r.get("codes", {}).get("503", 0)),
+                rate(lambda r: r.get("codes", {}).get("504", 0)),
+                *(rate(lambda r, k=k: r.get("rejected", {}).get(k)) for k in REASONS),
                 rate(lambda r: r.get("cancelled_queued", 0)),
                 rate(lambda r: r.get("cancelled_in_flight", 0)),
                 sum(r.get("queued", 0) for _, r in inside) / len(inside),
