@@ -66,9 +66,11 @@ class _GaveUp(Exception):
 
 
 def closed_loop(port: int, clients: int, budget: float, start: float, window: tuple[float, float],
-                end: float) -> ClosedResult:
+                end: float, pause: float = 0.0, header_budget: float | None = None) -> ClosedResult:
     """Run ``clients`` closed-loop clients over ``PROCESSES`` processes from ``start`` to
-    ``end`` (``time.monotonic()`` instants); count what ended inside ``window``."""
+    ``end`` (``time.monotonic()`` instants); count what ended inside ``window``. With
+    ``pause``, a client waits that long after an answer other than 200 before it asks again;
+    ``header_budget``: the X-Request-Timeout sent, when not ``budget``."""
     ctx = multiprocessing.get_context("fork")
     pipes, procs = [], []
     for i in range(PROCESSES):
@@ -76,7 +78,8 @@ def closed_loop(port: int, clients: int, budget: float, start: float, window: tu
         sources = [f"127.0.0.{10 + i * ADDRESSES_PER_PROCESS + k}" for k in range(ADDRESSES_PER_PROCESS)]
         parent, child = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_process_main, daemon=True,
-                           args=(child, port, share, sources, budget, start, window, end, i))
+                           args=(child, port, share, sources, budget, start, window, end, i, pause,
+                                 budget if header_budget is None else header_budget))
         proc.start()
         child.close()
         pipes.append(parent)
@@ -95,12 +98,14 @@ def closed_loop(port: int, clients: int, budget: float, start: float, window: tu
 
 
 def _process_main(out: Connection, port: int, clients: int, sources: list[str], budget: float,
-                  start: float, window: tuple[float, float], end: float, index: int) -> None:
-    out.send(run_async(_clients(port, clients, sources, budget, start, window, end, index)))
+                  start: float, window: tuple[float, float], end: float, index: int, pause: float,
+                  sent: float) -> None:
+    out.send(run_async(_clients(port, clients, sources, budget, start, window, end, index, pause, sent)))
 
 
 async def _clients(port: int, clients: int, sources: list[str], budget: float, start: float,
-                   window: tuple[float, float], end: float, index: int) -> ClosedResult:
+                   window: tuple[float, float], end: float, index: int, pause: float, sent: float
+                   ) -> ClosedResult:
     result = ClosedResult()
     ids = itertools.count(index * 1_000_000_000)
     loop = asyncio.get_running_loop()
@@ -118,7 +123,7 @@ async def _clients(port: int, clients: int, sources: list[str], budget: float, s
                 if conn is None or conn.closed:
                     async with asyncio.timeout(budget):
                         _, conn = await loop.create_connection(Conn, "127.0.0.1", port, local_addr=(source, 0))
-                fut = conn.request(b"/", headers(budget, next(ids), give_up))
+                fut = conn.request(b"/", headers(sent, next(ids), give_up))
                 timer = loop.call_later(give_up - time.monotonic(), expire, fut)
                 try:
                     response = await fut
@@ -147,6 +152,8 @@ async def _clients(port: int, clients: int, sources: list[str], budget: float, s
                     result.ok_ms.append((done - now) * 1000)
                 elif status > 0:
                     result.refused_ms.append((done - now) * 1000)
+            if pause and status > 0 and status != 200:
+                await asyncio.sleep(pause)
         if conn is not None:
             conn.abort()
 

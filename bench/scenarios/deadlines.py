@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import threading
 import time
@@ -63,6 +64,11 @@ CRITICAL_EVERY = 10
 PREWARM = int(OFFERED * (BUDGET + DELAY) * 1.1)
 MAX_CONNS = PREWARM + 2000
 WARM = 2.0
+# a diagnostic, not the scenario: seconds a refused client waits before it asks again (the
+# scenario's clients ask at once, and their refusals keep the load CPU busy)
+PAUSE = float(os.environ.get("BENCH_DEADLINES_PAUSE", "0"))
+# ... and the budget the closed loop's clients send, when not the 1.0 s they wait
+HEADER_BUDGET = float(os.environ.get("BENCH_DEADLINES_SENT", str(BUDGET)))
 LIMITS = Limits(max_concurrency=SLOTS, max_queue=200, queue_timeout=1.0)
 DEADLINE_KEYS = 'timeout = 2.0\ndeadline_header = "X-Request-Timeout"\n'
 PRIORITY_KEYS = DEADLINE_KEYS + 'priority = "sheddable"\npriority_header = "X-Priority"\n'
@@ -137,7 +143,11 @@ def run(ctx: Context) -> list[Table]:
         "(gatewayd's 503s, HAProxy's 503 on a queue timeout); given up: no answer within the budget "
         "(the client closed its connection), or a 200 its client's process read only after it "
         "(a busy load CPU: \"of which 2xx read late\"); counted by when they happened, over the "
-        f"steady part (the first {WARM:g} s left out). Every client asks again at once.",
+        f"steady part (the first {WARM:g} s left out). "
+        + (f"DIAGNOSTIC RUN: a refused client waits {PAUSE:g} s before it asks again "
+           "($BENCH_DEADLINES_PAUSE). " if PAUSE else "Every client asks again at once. ")
+        + (f"DIAGNOSTIC RUN: the clients send X-Request-Timeout: {HEADER_BUDGET:g} "
+           f"($BENCH_DEADLINES_SENT) and give up after {BUDGET:g} s." if HEADER_BUDGET != BUDGET else ""),
         "upstream work wasted: the share of the requests the upstream finished that it finished after "
         "their client had given up (the client's give-up instant travels in a header); upstream "
         "served/s: its own count (the capacity is 200). budget at upstream: the mean "
@@ -194,7 +204,7 @@ def _useful(variant: str, server: Server, upstream: Server, seconds: float, load
     before, cpu0 = server.proc.usage(), _cpu_times(load_cpu)
     start = time.monotonic() + 0.5  # the client processes are forked and ready by then
     window = (start + WARM, start + seconds)
-    result = closed_loop(server.port, CLIENTS, BUDGET, start, window, start + seconds)
+    result = closed_loop(server.port, CLIENTS, BUDGET, start, window, start + seconds, PAUSE, HEADER_BUDGET)
     used, load = server.proc.usage() - before, _load_share(load_cpu, cpu0)
     span = window[1] - window[0]
     out = result.outcomes
