@@ -1,7 +1,11 @@
-"""The Debian tools the harness drives: found, or installed with apt-get."""
+"""The Debian tools the harness drives: found, or installed with apt-get; and the
+Python packages some scenarios serve with (``uvicorn[standard]`` for the apps
+scenario): found in the harness's own interpreter, or installed into it with pip.
+They are the bench's dependencies only, never gatewayd's or its tests'."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,6 +17,10 @@ TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "taskset": "util-
 # command -> Debian package, only for the scenarios that ask for them (scenarios.NEEDS)
 EXTRA = {"hey": "hey", "valgrind": "valgrind", "callgrind_control": "valgrind"}
 PACKAGES = {**TOOLS, **EXTRA}
+# importable module -> the pip requirement that brings it (into sys.executable's environment),
+# only for the scenarios that ask for them. uvicorn[standard] is uvicorn as deployed (uvloop,
+# httptools); watchfiles, one of its extras, tells a plain uvicorn from it.
+PYTHON = {"uvicorn": "uvicorn[standard]", "starlette": "starlette>=0.37", "watchfiles": "uvicorn[standard]"}
 _SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
 
 
@@ -34,10 +42,34 @@ def missing(names: Iterable[str] = TOOLS) -> list[str]:
     return out
 
 
+def missing_modules(names: Iterable[str]) -> list[str]:
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
+def ensure_python(names: Iterable[str], install: bool = True) -> None:
+    """pip-install the requirements (PYTHON) of the missing modules ``names`` into the
+    harness's own environment; raise if any stays missing."""
+    need = missing_modules(names)
+    if not need:
+        return
+    if not install:
+        raise SystemExit(f"missing Python modules: {', '.join(need)} (pip install "
+                         f"{' '.join(sorted({PYTHON[n] for n in need}))})")
+    requirements = sorted({PYTHON[n] for n in need})
+    print(f"installing {' '.join(requirements)} with pip", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *requirements], timeout=600, check=False)
+    importlib.invalidate_caches()
+    still = missing_modules(need)
+    if still:
+        raise SystemExit(f"could not install: {', '.join(still)}")
+
+
 def ensure(install: bool = True, extra: Iterable[str] = ()) -> None:
-    """Install missing tools (TOOLS and ``extra``) from Debian (needs root or sudo); raise if
-    any stays missing."""
-    names = [*TOOLS, *extra]
+    """Install missing tools (TOOLS and ``extra``) from Debian (needs root or sudo), and the
+    Python packages ``extra`` names (PYTHON) with pip; raise if any stays missing."""
+    extra = list(extra)
+    ensure_python([n for n in extra if n in PYTHON], install)
+    names = [*TOOLS, *(n for n in extra if n not in PYTHON)]
     need = missing(names)
     if not need:
         return

@@ -54,6 +54,7 @@ def describe() -> dict[str, str]:
         "aiohttp": _version("aiohttp"),
         "uvloop": _version("uvloop"),
         "gatewayd": _version("gatewayd"),
+        "uvicorn / starlette": f"{_version('uvicorn')} / {_version('starlette')}",
         "nginx": version_of("nginx", "-v"),
         "haproxy": version_of("haproxy", "-v"),
         "wrk": version_of("wrk", "-v"),

@@ -232,6 +232,62 @@ def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False,
     return Server("gatewayd", proc, port, conf, d, _scheme(tls))
 
 
+def gatewayd_app(env: Env, app: str, limits: Limits, interface: str = "asgi") -> Server:
+    """gatewayd, one worker, serving the application ``app`` ("module:callable", imported from
+    the repository's root) in-process on the route every scenario measures."""
+    d = env.folder("gatewayd-app")
+    port = free_port()
+    conf = d / "gatewayd.toml"
+    conf.write_text(textwrap.dedent(f"""\
+        [server]
+        listen = ["127.0.0.1:{port}"]
+        workers = 1
+        backlog = 4096
+        max_connections = 15000
+        keepalive_timeout = 75.0
+        shutdown_timeout = 1.0
+
+        [control]
+        socket = "{d / 'gatewayd.sock'}"
+
+        [log]
+        level = "warning"
+        access_log = "off"
+
+        [upstreams.app]
+        handler = "{app}"
+        interface = "{interface}"
+
+        [[routes]]
+        name = "{ROUTE}"
+        path_prefix = "/"
+        upstream = "app"
+        max_concurrency = {limits.max_concurrency}
+        max_queue = {limits.max_queue}
+        queue_timeout = {limits.queue_timeout}
+    """))
+    proc = env.procs.start("gatewayd-app", [env.python, "-m", "gatewayd", "--config", str(conf)],
+                           env.proxy_cpu, cwd=_repo())
+    proc.wait_port(port)
+    return Server("gatewayd", proc, port, conf, d)
+
+
+def uvicorn(env: Env, app: str, limit_concurrency: int | None = None) -> Server:
+    """uvicorn serving the ASGI application ``app`` as its users run it in production: one
+    process (no --workers supervisor), uvloop and httptools (``uvicorn[standard]``), no access
+    log, log level warning; ``limit_concurrency``: ``--limit-concurrency`` (a 503 past it)."""
+    d = env.folder("uvicorn")
+    port = free_port()
+    argv = [env.python, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+            "--backlog", "4096", "--timeout-keep-alive", "75"]
+    if limit_concurrency is not None:
+        argv += ["--limit-concurrency", str(limit_concurrency)]
+    proc = env.procs.start("uvicorn", argv, env.proxy_cpu, cwd=_repo())
+    proc.wait_port(port)
+    return Server("uvicorn", proc, port, None, d)
+
+
 def nginx_proxy(env: Env, upstream_port: int, tls: Pem | None = None) -> Server:
     """nginx ``proxy_pass`` with upstream keep-alive, one worker; ``tls``: ``listen ... ssl``."""
     d = env.folder("nginx")

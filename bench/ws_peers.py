@@ -14,7 +14,8 @@ Every tunnel is a real WebSocket upgrade: the client sends ``GET`` with
 the client's masked, the upstream's not. The upstream echoes every data frame;
 a text frame ``STREAM n`` makes it send n MiB of binary frames instead (1 MiB
 on the wire each, with back-pressure: it writes only while its transport is
-not paused).
+not paused; the first pause of a stream is printed, ``{"event": "paused"}``
+with the MiB handed to its transport by then).
 
 The clients print JSON lines ``{"event": ...}`` on stdout (the harness reads
 them from the process's log):
@@ -114,14 +115,16 @@ BLOCK = server_frame(b"\0" * (MIB - 10))  # exactly 1 MiB on the wire
 class UpstreamConn(asyncio.Protocol):
     """One upstream connection: the handshake, then echo (or a stream of BLOCKs)."""
 
-    __slots__ = ("buf", "left", "paused", "transport", "upgraded")
+    __slots__ = ("buf", "left", "paused", "said", "sent", "transport", "upgraded")
 
     def __init__(self) -> None:
         self.transport: Any = None
         self.buf = b""
         self.upgraded = False
         self.left = 0  # MiB still to stream
+        self.sent = 0  # MiB streamed
         self.paused = False
+        self.said = False  # the first pause of a stream reported
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -186,10 +189,15 @@ class UpstreamConn(asyncio.Protocol):
     def pump(self) -> None:
         while self.left and not self.paused and not self.transport.is_closing():
             self.left -= 1
+            self.sent += 1
             self.transport.write(BLOCK)  # may call pause_writing
 
     def pause_writing(self) -> None:
         self.paused = True
+        if self.left and not self.said:  # how much got out before the reader's side held it back
+            self.said = True
+            print(json.dumps({"event": "paused", "sent_mib": self.sent,
+                              "buffered": self.transport.get_write_buffer_size()}), flush=True)
 
     def resume_writing(self) -> None:
         self.paused = False

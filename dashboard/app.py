@@ -42,6 +42,7 @@ from .model import (
     most_pressed,
     num_at,
     ordered,
+    reports_deadlines,
     reports_refusals,
     reports_tunnels,
     route_views,
@@ -55,6 +56,7 @@ from .socketpath import ConfigProblem, socket_from_config
 from .trends import Trends
 from .widgets import (
     COLUMNS,
+    DEADLINE_COLUMNS,
     TUNNEL_COLUMNS,
     WIDE_429,
     EventPane,
@@ -62,6 +64,7 @@ from .widgets import (
     StatusBar,
     Summary,
     XRay,
+    estimates_text,
     layout,
     row_cells,
     tunnels_text,
@@ -115,6 +118,7 @@ class DashboardApp(App[int]):
         self._table_width = 0  # cells the routes table's columns may take
         self._refusals = False  # the gatewayd counts 429 refusals: the wide layout may show them
         self._tunnels = False  # a route carries WebSocket tunnels: the wide layout may show them
+        self._deadlines = False  # a route refused requests for their deadline or class: likewise
         self.clients_answer: tuple[str, dict[str, Any]] | None = None  # the last clients answer, and its route
 
     # -- layout --------------------------------------------------------------------
@@ -159,7 +163,7 @@ class DashboardApp(App[int]):
 
     def _set_layout(self) -> None:
         """The routes table's columns for the terminal's width and what the gatewayd counts."""
-        self.table.set_columns(*layout(self._table_width, self._refusals, self._tunnels))
+        self.table.set_columns(*layout(self._table_width, self._refusals, self._tunnels, self._deadlines))
         self._show_sort()
 
     def toast(self, message: str, title: str = "", severity: SeverityLevel = "information",
@@ -205,8 +209,9 @@ class DashboardApp(App[int]):
         self.window.push(sample)
         base = self.window.base()
         self.views = route_views(sample, base)
-        if (reports_refusals(self.views), reports_tunnels(self.views)) != (self._refusals, self._tunnels):
-            self._refusals, self._tunnels = reports_refusals(self.views), reports_tunnels(self.views)
+        reports = (reports_refusals(self.views), reports_tunnels(self.views), reports_deadlines(self.views))
+        if reports != (self._refusals, self._tunnels, self._deadlines):
+            self._refusals, self._tunnels, self._deadlines = reports
             self._set_layout()
         self.now = totals(sample, base)
         self.history.add(self.now)
@@ -277,7 +282,8 @@ class DashboardApp(App[int]):
         if self.full_queue and self.full_queue[0] == route and queued and queued > len(summary):
             listed = waiters(self.full_queue[1])
         view = next((v for v in self.views if v.name == route), None)
-        self.xray.show(route, listed, queued, following=auto is not None, tunnels=tunnels_text(view))
+        self.xray.show(route, listed, queued, following=auto is not None, tunnels=tunnels_text(view),
+                       estimates=estimates_text(view))
 
     def _show_clients(self) -> None:
         if not self.clients_pane.display:
@@ -305,7 +311,7 @@ class DashboardApp(App[int]):
             table.border_title = title
 
     def _sort_label(self) -> str:
-        label = next(c.label for c in (*WIDE_429, *TUNNEL_COLUMNS) if c.key == self.sort_column)
+        label = next(c.label for c in (*WIDE_429, *TUNNEL_COLUMNS, *DEADLINE_COLUMNS) if c.key == self.sort_column)
         ascending = (self.sort_column == "name") != self.sort_reverse
         return f"{label} {'▲' if ascending else '▼'}"
 

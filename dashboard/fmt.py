@@ -43,6 +43,17 @@ def ms(v: float | None) -> str:
     return f"{v / 1000:.2f}s"
 
 
+def seconds_left(v: float | None) -> str:
+    """What is left of a deadline: ``0.35s``, ``4.93s``, ``12.5s``, ``300s``."""
+    if v is None:
+        return ""
+    if v < 10:
+        return f"{v:.2f}s"
+    if v < 100:
+        return f"{v:.1f}s"
+    return f"{v:.0f}s"
+
+
 def age(v: float | None) -> str:
     """The oldest waiter's age: ``-`` when nobody waits."""
     if v is None:

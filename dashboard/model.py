@@ -130,11 +130,25 @@ class RouteView:
     max_tunnels: float | None = None
     tunnels_full: float | None = None
     tunnels_full_rps: float | None = None
+    # deadlines and classes: 503 deadline, 503 preempted, 504 route_timeout (totals, and
+    # the three per second), the route's estimates (service time, completions a second);
+    # None from a gatewayd that does not count them
+    deadline: float | None = None
+    preempted: float | None = None
+    route_timeout: float | None = None
+    deadlines_rps: float | None = None
+    service_ms: float | None = None
+    completion_rate: float | None = None
 
     @property
     def websocket(self) -> bool:
         """The route carries WebSocket tunnels (a gatewayd that says so: max_tunnels > 0)."""
         return bool(self.max_tunnels)
+
+    @property
+    def refuses_by_deadline(self) -> bool:
+        """The route has answered 503 deadline, 503 preempted or 504 route_timeout."""
+        return bool(self.deadline or self.preempted or self.route_timeout)
 
     def sort_value(self, column: str) -> Any:
         return getattr(self, column, None)
@@ -159,6 +173,22 @@ def _refused(r: dict[str, Any]) -> tuple[float | None, float | None, float | Non
     limited, capped = number(rej.get("rate_limited")), number(rej.get("client_queue_full"))
     both = None if limited is None and capped is None else (limited or 0.0) + (capped or 0.0)
     return limited, capped, both
+
+
+DEADLINE_REASONS = ("deadline", "preempted", "route_timeout")
+
+
+def _deadlines(r: dict[str, Any]) -> tuple[float | None, float | None, float | None, float | None]:
+    """deadline, preempted, route_timeout and their sum (None only when all are missing)."""
+    rej = _table(r, "rejected")
+    got = [number(rej.get(k)) for k in DEADLINE_REASONS]
+    present = [v for v in got if v is not None]
+    return got[0], got[1], got[2], sum(present) if present else None
+
+
+def reports_deadlines(views: Iterable[RouteView]) -> bool:
+    """Whether any route has refused a request for its deadline or class."""
+    return any(v.refuses_by_deadline for v in views)
 
 
 def reports_refusals(views: Iterable[RouteView]) -> bool:
@@ -207,6 +237,8 @@ def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
         errors = number(r.get("upstream_errors"))
         latency = _table(r, "latency_ms")
         tunnels_full = number(_table(r, "rejected").get("tunnels_full"))
+        deadline, preempted, route_timeout, by_deadline = _deadlines(r)
+        estimates = _table(r, "estimates")
         out.append(RouteView(
             name=r["name"],
             in_flight=number(r.get("in_flight")),
@@ -232,13 +264,19 @@ def route_views(cur: Sample, base: Sample | None) -> list[RouteView]:
             max_tunnels=number(r.get("max_tunnels")),
             tunnels_full=tunnels_full,
             tunnels_full_rps=rate(tunnels_full, number(_table(old, "rejected").get("tunnels_full")), dt),
+            deadline=deadline,
+            preempted=preempted,
+            route_timeout=route_timeout,
+            deadlines_rps=rate(by_deadline, _deadlines(old)[3], dt),
+            service_ms=number(estimates.get("service_ms")),
+            completion_rate=number(estimates.get("completion_rate")),
         ))
     return out
 
 
 SORT_COLUMNS = ("name", "in_flight", "queued", "oldest_wait_ms", "served_rps", "shed_rps", "p50", "p99",
                 "queue_full", "queue_timeout", "cancelled", "upstream_errors", "rate_limited", "client_queue_full",
-                "tunnels", "tunnels_full")
+                "tunnels", "tunnels_full", "deadline", "preempted", "route_timeout")
 
 
 def pressure(v: RouteView) -> tuple[float, float]:

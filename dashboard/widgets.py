@@ -62,6 +62,13 @@ TUNNEL_COLUMNS = (
     Column("tunnels", "Tunnels", 11),
     Column("tunnels_full", "503 tun", 8),
 )
+# With a route that has refused requests for their deadline or class and room left:
+# its 503 deadline, 503 preempted and 504 route_timeout totals; else the X-ray says them.
+DEADLINE_COLUMNS = (
+    Column("deadline", "503 ddl", 7),
+    Column("preempted", "503 pre", 7),
+    Column("route_timeout", "504 rto", 7),
+)
 BAR = 7
 
 
@@ -73,6 +80,7 @@ def width_of(columns: tuple[Column, ...]) -> int:
 WIDE_WIDTH = width_of(COLUMNS)
 WIDE_429_WIDTH = width_of(WIDE_429)
 TUNNELS_WIDTH = width_of(TUNNEL_COLUMNS)
+DEADLINES_WIDTH = width_of(DEADLINE_COLUMNS)
 
 
 def _load_style(value: float | None, limit: float | None) -> str:
@@ -123,28 +131,35 @@ def tunnel_cells(v: RouteView) -> tuple[Cell, Cell]:
             (fmt.count(v.tunnels_full), "bold red" if v.tunnels_full_rps else ""))
 
 
-def row_cells_tunnels(v: RouteView) -> tuple[Cell, ...]:
-    return (*row_cells(v), *tunnel_cells(v))
+def deadline_cells(v: RouteView) -> tuple[Cell, Cell, Cell]:
+    """503 deadline, 503 preempted and 504 route_timeout totals; red while rising."""
+    style = "bold red" if v.deadlines_rps else ""
+    return ((fmt.count(v.deadline), style), (fmt.count(v.preempted), style), (fmt.count(v.route_timeout), style))
 
 
-def row_cells_429_tunnels(v: RouteView) -> tuple[Cell, ...]:
-    return (*row_cells_429(v), *tunnel_cells(v))
+def _joined(parts: list[Callable[[RouteView], tuple[Cell, ...]]]) -> Callable[[RouteView], tuple[Cell, ...]]:
+    def cells(v: RouteView) -> tuple[Cell, ...]:
+        return tuple(c for part in parts for c in part(v))
+    return cells
 
 
-def layout(width: int, refusals: bool, tunnels: bool = False
+def layout(width: int, refusals: bool, tunnels: bool = False, deadlines: bool = False
            ) -> tuple[tuple[Column, ...], Callable[[RouteView], tuple[Cell, ...]]]:
     """The routes table's columns for a table ``width`` cells wide (inside its border
     and scroll bar); ``refusals``: the gatewayd counts 429 refusals; ``tunnels``: a
-    route carries WebSocket tunnels."""
+    route carries WebSocket tunnels; ``deadlines``: a route has refused requests for
+    their deadline or class. The wide layout, then each group of columns that fits,
+    in that order."""
     if width < WIDE_WIDTH:
         return NARROW, narrow_cells
+    columns, parts = COLUMNS, [row_cells]
     if refusals and width >= WIDE_429_WIDTH:
-        if tunnels and width >= WIDE_429_WIDTH + TUNNELS_WIDTH:
-            return (*WIDE_429, *TUNNEL_COLUMNS), row_cells_429_tunnels
-        return WIDE_429, row_cells_429
-    if tunnels and width >= WIDE_WIDTH + TUNNELS_WIDTH:
-        return (*COLUMNS, *TUNNEL_COLUMNS), row_cells_tunnels
-    return COLUMNS, row_cells
+        columns, parts = WIDE_429, [row_cells_429]
+    if tunnels and width >= width_of(columns) + TUNNELS_WIDTH:
+        columns, parts = (*columns, *TUNNEL_COLUMNS), [*parts, tunnel_cells]
+    if deadlines and width >= width_of(columns) + DEADLINES_WIDTH:
+        columns, parts = (*columns, *DEADLINE_COLUMNS), [*parts, deadline_cells]
+    return columns, parts[0] if len(parts) == 1 else _joined(parts)
 
 
 def narrow_cells(v: RouteView) -> tuple[Cell, ...]:
@@ -287,11 +302,45 @@ def tunnels_text(v: RouteView | None) -> Text | None:
     return out
 
 
+def estimates_text(v: RouteView | None) -> Text | None:
+    """The X-ray's lines of a route's estimates and deadline refusals: ``service 100ms ·
+    200/s``, then, once the route has refused any, ``deadline 3 · preempted 1 · timeout
+    2`` (the refusals that happened, red while rising): two short lines, so that the
+    pane at 80 columns shows the figures before its cut. None when the route has none
+    of them (or from a gatewayd that does not say them)."""
+    if v is None or (v.service_ms is None and not v.completion_rate and not v.refuses_by_deadline):
+        return None
+    estimates: list[tuple[str, str, str]] = []
+    if v.service_ms is not None:
+        estimates.append(("service ", fmt.ms(v.service_ms), "bold"))
+    if v.completion_rate:
+        estimates.append(("", fmt.per_second(v.completion_rate) + "/s", "bold"))
+    rising = "bold red" if v.deadlines_rps else "bold"
+    refused = [(label, fmt.count(value), rising) for label, value in (
+        ("deadline ", v.deadline), ("preempted ", v.preempted), ("timeout ", v.route_timeout)) if value]
+    out = Text(no_wrap=True, overflow="ellipsis")
+    for n, pieces in enumerate(p for p in (estimates, refused) if p):
+        if n:
+            out.append("\n")
+        for i, (label, value, style) in enumerate(pieces):
+            if i:
+                out.append(" · ", style="dim")
+            if label:
+                out.append(label, style="dim")
+            out.append(value, style=style)
+    return out
+
+
 def xray_body(route: str | None, waiting: list[dict[str, Any]], queued: float | None,
-              tunnels: Text | None = None) -> RenderableType:
-    """The X-ray's content: its route's tunnels line (a WebSocket route), then the waiters."""
+              tunnels: Text | None = None, estimates: Text | None = None) -> RenderableType:
+    """The X-ray's content: its route's tunnels line (a WebSocket route) and estimates
+    line (a route with estimates or deadline refusals), then the waiters."""
     table = xray_table(route, waiting, queued)
-    return table if tunnels is None else Group(tunnels, table)
+    lines = [line for line in (tunnels, estimates) if line is not None]
+    return Group(*lines, table) if lines else table
+
+
+CLASS_SHORT = {"critical": "crit", "default": "dflt", "sheddable": "shed"}
 
 
 def xray_table(route: str | None, waiting: list[dict[str, Any]], queued: float | None) -> Table | Text:
@@ -301,7 +350,16 @@ def xray_table(route: str | None, waiting: list[dict[str, Any]], queued: float |
         return Text(f"{route}: nobody waiting" if queued == 0 or queued is None else
                     f"{route}: {fmt.count(queued)} waiting", style="dim")
     t = Table(box=None, expand=True, padding=(0, 1), show_edge=False, header_style="dim")
-    t.add_column("waited", justify="right", no_wrap=True)
+    t.add_column("waited", justify="right", no_wrap=True, min_width=6)  # (fmt.ms: at most 6)
+    # a waiter's class when one is not of the default class, the seconds left of its
+    # deadline when one has a deadline (SPEC §12): columns only where they say something,
+    # next to the wait, so that a narrow pane cuts the path and client first
+    classes = any(text_at(w, "priority") not in (None, "default") for w in waiting)
+    if classes:
+        t.add_column("class", no_wrap=True, min_width=4)
+    budgets = any(num_at(w, "deadline_in") is not None for w in waiting)
+    if budgets:
+        t.add_column("left", justify="right", no_wrap=True, min_width=5)
     t.add_column("method", no_wrap=True)
     t.add_column("path", ratio=1, no_wrap=True, overflow="ellipsis")
     t.add_column("client", no_wrap=True, overflow="ellipsis", max_width=15)
@@ -310,9 +368,19 @@ def xray_table(route: str | None, waiting: list[dict[str, Any]], queued: float |
     if pids:
         t.add_column("pid", justify="right", no_wrap=True)
     for w in waiting:
-        cells = [fmt.ms(num_at(w, "wait_ms")), text_at(w, "method") or "", text_at(w, "path") or "",
-                 text_at(w, "client") or ""]
-        t.add_row(*cells, *([fmt.count(num_at(w, "pid"))] if pids else []))
+        cells: list[Text | str] = [fmt.ms(num_at(w, "wait_ms"))]
+        if classes:
+            priority = text_at(w, "priority") or ""
+            cells.append(Text(CLASS_SHORT.get(priority, priority),
+                              style="bold" if priority == "critical" else "dim" if priority == "sheddable" else ""))
+        if budgets:
+            left = num_at(w, "deadline_in")
+            cells.append(Text("-", style="dim") if left is None else
+                         Text(fmt.seconds_left(left), style="yellow" if left < 1 else ""))
+        cells += [text_at(w, "method") or "", text_at(w, "path") or "", text_at(w, "client") or ""]
+        if pids:
+            cells.append(fmt.count(num_at(w, "pid")))
+        t.add_row(*cells)
     return t
 
 
@@ -325,19 +393,20 @@ class XRay(Static):
         return len(self._shown[1]) if self._shown else 0
 
     def show(self, route: str | None, waiting: list[dict[str, Any]], queued: float | None,
-             following: bool = False, tunnels: Text | None = None) -> None:
+             following: bool = False, tunnels: Text | None = None, estimates: Text | None = None) -> None:
         """``following``: the route is the most pressed one, not one the operator picked;
-        ``tunnels``: its tunnels line (``tunnels_text``), for a route that carries WebSocket."""
-        if (route, waiting, queued, following, tunnels) == self._shown:
+        ``tunnels``: its tunnels line (``tunnels_text``), for a route that carries WebSocket;
+        ``estimates``: its estimates line (``estimates_text``)."""
+        if (route, waiting, queued, following, estimates, tunnels) == self._shown:
             return
-        self._shown = (route, waiting, queued, following, tunnels)
+        self._shown = (route, waiting, queued, following, estimates, tunnels)
         self.border_title = f"Queue X-ray: {route}" if route else "Queue X-ray"
         # "most pressed": chosen by the dashboard, not the operator (a in the help)
         parts = ["most pressed"] if following else []
         if queued:
             parts.append(f"{fmt.count(queued)} waiting")
         self.border_subtitle = " · ".join(parts)
-        self.update(xray_body(route, waiting, queued, tunnels), layout=False)
+        self.update(xray_body(route, waiting, queued, tunnels, estimates), layout=False)
 
 
 LEVEL_STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
@@ -374,10 +443,15 @@ HELP = """\
   over the last second, p50 and p99 of served requests, (wide: 503 totals by reason),
   cancellations and upstream errors (totals; red while rising); 158 columns and more:
   429 totals by reason when the gatewayd counts them (else under the clients pane); with a
-  WebSocket route and room left, its tunnels open / max_tunnels and 503 tunnels_full total.
+  WebSocket route and room left, its tunnels open / max_tunnels and 503 tunnels_full total;
+  with a route that refused requests for their deadline or class and room left, its
+  503 deadline, 503 preempted and 504 route_timeout totals.
 [b]X-ray[/b]   the waiters of the most pressed route (deepest queue, then oldest waiter),
-  or of the route under the cursor once you move it; above them, for a WebSocket route,
-  its tunnels open / max_tunnels and its upgrades refused at the cap (full).
+  or of the route under the cursor once you move it, with their class (when not default)
+  and the seconds left of their deadline (when they have one); above them, for a WebSocket
+  route, its tunnels open / max_tunnels and its upgrades refused at the cap (full); for a
+  route with estimates, its service time and completions a second, then its 503 deadline,
+  503 preempted and 504 route_timeout totals.
 [b]Trends[/b]  the last minutes, one point an update: req/s, queued requests (all routes),
   event-loop lag, GC pause milliseconds per second.
 [b]Clients[/b] who floods the selected route: the most queue places now, then the most 429s since

@@ -152,6 +152,28 @@ async def ws_upstream() -> AsyncIterator[WsUpstream]:
     await u.stop()
 
 
+class TasksMade:
+    """Counts the tasks made on the running loop while it is installed (``with``):
+    the loop's task factory, put back as it was after."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self._loop = asyncio.get_running_loop()
+        self._before: Any = None
+
+    def _factory(self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        self.made += 1
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    def __enter__(self) -> TasksMade:
+        self._before = self._loop.get_task_factory()
+        self._loop.set_task_factory(self._factory)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.set_task_factory(self._before)
+
+
 # ----------------------------------------------------------------------------- gateway in-process
 class InProcessGateway:
     """gatewayd's runtime and control socket on the test's loop, wired as in production

@@ -9,6 +9,8 @@ from ..context import Context
 from ..report import Table
 from . import (
                admission,
+               apps,
+               apps_instructions,
                cancel,
                deadlines,
                eject,
@@ -45,7 +47,11 @@ SCENARIOS: dict[str, Scenario] = {
     "deadlines": deadlines.run,
     "tls": tls.run,
     "tunnels": tunnels.run,
+    "apps": apps.run,
+    "apps-instructions": apps_instructions.run,
 }
 DEFAULT = ("throughput", "admission", "overload", "cancel", "reload", "idle")
-# scenario -> the tools (bench.deps.EXTRA) it needs beyond those every run needs
-NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS, "tls": tls.TOOLS}
+# scenario -> the tools (bench.deps.EXTRA) and Python modules (bench.deps.PYTHON) it needs
+# beyond those every run needs
+NEEDS: dict[str, tuple[str, ...]] = {"instructions": instructions.TOOLS, "tls": tls.TOOLS, "apps": apps.TOOLS,
+                                     "apps-instructions": apps.TOOLS + apps_instructions.TOOLS}

@@ -5,10 +5,15 @@ depend on: ``pip install py-spy``). Samples are taken without pausing the
 process (``--nonblocking``); each sample's innermost Python frame gets the
 sample as "own" time, every frame on the stack as "total" time. Time in C
 code (uvloop, aiohttp's parser) is charged to the Python frame that called it.
+
+``GATEWAYD_APP=bench.apps:hello bench/run --scenarios profile``: gatewayd serving
+that ASGI application in-process (as the apps scenario does) instead of
+proxying to nginx.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +24,7 @@ from .. import wrk
 from ..context import Context
 from ..procs import pinned
 from ..report import Table
-from ..servers import Limits, gatewayd
+from ..servers import Limits, gatewayd, gatewayd_app
 
 TOP = 25
 ROOT = str(Path(__file__).resolve().parents[2]) + "/"
@@ -30,11 +35,15 @@ def run(ctx: Context) -> list[Table]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return [Table("Profile: skipped (py-spy not installed: pip install py-spy)", ["-"])]
-    upstream = ctx.upstream()
+    app = os.environ.get("GATEWAYD_APP")
     seconds = max(ctx.options.duration, 10.0)
     raw = ctx.env.tmp / "gatewayd.pyspy.txt"
-    ctx.say(f"profile: gatewayd under wrk -c50 for {seconds:g} s")
-    server = gatewayd(ctx.env, upstream.port, Limits())
+    what = f"gatewayd serving {app}" if app else "gatewayd"
+    ctx.say(f"profile: {what} under wrk -c50 for {seconds:g} s")
+    if app:
+        server = gatewayd_app(ctx.env, app, Limits())
+    else:
+        server = gatewayd(ctx.env, ctx.upstream().port, Limits())
     try:
         ctx.warm(server)
         argv = [spy, "record", "--pid", str(server.proc.pid), "--duration", str(round(seconds)),
@@ -48,7 +57,7 @@ def run(ctx: Context) -> list[Table]:
         ctx.env.procs.stop(server.proc)
     own, total, samples = _fold(raw.read_text())
     table = Table(
-        f"Profile: gatewayd under wrk -c50 ({result.rps:,.0f} req/s while sampled), "
+        f"Profile: {what} under wrk -c50 ({result.rps:,.0f} req/s while sampled), "
         f"{samples:,} samples, top {TOP} by own time",
         ["function", "own %", "total %"],
     )

@@ -39,7 +39,7 @@ from gatewayd.http.server import PARSER_IDLE, SWEEP_INTERVAL
 from ..context import Context
 from ..procs import Proc, free_port, tree
 from ..report import Table, median, ratio
-from ..servers import Server, _repo, tunnel_proxy
+from ..servers import ROUTE, Server, _repo, control, tunnel_proxy
 
 PROXIES = ("gatewayd", "nginx")
 IDLE = ((2, 10_000), (1, 9_000))  # (workers, tunnels)
@@ -74,8 +74,12 @@ def run(ctx: Context) -> list[Table]:
     flood: dict[str, dict[str, Any]] = {}
     for kind in proxies:
         ctx.say(f"tunnels: back-pressure, {kind}")
-        with _Setup(ctx, kind, 1) as (server, _up):
+        with _Setup(ctx, kind, 1) as (server, up):
             flood[kind] = _client(ctx, server, "flood", "--mib", str(FLOOD_MIB), "--pause", str(FLOOD_PAUSE))
+            try:  # the upstream's first pause: what it got out before the proxy stopped reading it
+                flood[kind]["upstream_paused_mib"] = _event(up, "paused", 1.0)["sent_mib"]
+            except RuntimeError:
+                flood[kind]["upstream_paused_mib"] = None
     tables = [_idle_table(idle), _echo_table(ctx, proxies, echo), _bulk_table(ctx, proxies, bulk, mib),
               _flood_table(proxies, flood)]
     ctx.figures["tunnels"] = {"idle": {f"{k}/{w}": v for (k, w), v in idle.items()}, "echo": echo,
@@ -175,6 +179,7 @@ def _idle(ctx: Context, kind: str, workers: int, n: int) -> dict[str, Any]:
             time.sleep(SETTLE)
             after = server.proc.usage().rss
             fds_after = _fds(server)
+            counted = _counted(server)
             for c in clients:
                 c.signal(signal.SIGUSR1)
             checked = [_event(c, "checked", 60.0) for c in clients]
@@ -193,7 +198,24 @@ def _idle(ctx: Context, kind: str, workers: int, n: int) -> dict[str, Any]:
             "alive": sum(c["alive"] for c in checked), "rss_before": before, "rss_after": after,
             "kib_per_tunnel": (after - before) / 1024 / opened if opened else float("nan"),
             "fds_per_tunnel": (fds_after - fds_before) / opened if opened else float("nan"),
-            "open_seconds": open_s, "warmup": warm}
+            "open_seconds": open_s, "counted": counted, "warmup": warm}
+
+
+def _counted(server: Server) -> int | None:
+    """The open tunnels gatewayd's snapshot gives for the route (all workers summed); None for
+    nginx, or if the snapshot has no such figure."""
+    if server.kind != "gatewayd":
+        return None
+    try:
+        answer = control(server.workdir / "gatewayd.sock", {"cmd": "snapshot"})
+    except (OSError, ValueError):
+        return None
+    snap = answer.get("snapshot")
+    routes = snap.get("routes", []) if isinstance(snap, dict) else []
+    for r in routes:
+        if isinstance(r, dict) and r.get("name") == ROUTE and isinstance(r.get("tunnels"), int):
+            return int(r["tunnels"])
+    return None
 
 
 def _fds(server: Server) -> int:
@@ -212,21 +234,23 @@ def _failures(failed: dict[str, int]) -> str:
 
 def _idle_table(idle: dict[tuple[str, int], dict[str, Any]]) -> Table:
     table = Table("WebSocket tunnels, idle: the proxy's RSS per open tunnel (all its processes, both sockets)",
-                  ["proxy", "workers", "tunnels asked", "opened", "alive after", "RSS before MiB",
+                  ["proxy", "workers", "tunnels asked", "opened", "counted by the proxy", "alive after",
+                   "RSS before MiB",
                    "RSS after MiB", "KiB per tunnel", "vs nginx", "fds per tunnel", "failed upgrades"])
     for (kind, workers), r in idle.items():
         if "error" in r:
-            table.add(kind, workers, r["tunnels"], None, None, None, None, None, None, None, r["error"])
+            table.add(kind, workers, r["tunnels"], None, None, None, None, None, None, None, None, r["error"])
             continue
         base = idle.get(("nginx", workers), {}).get("kib_per_tunnel")
-        table.add(kind, workers, r["tunnels"], r["opened"], r["alive"], r["rss_before"] / 2**20,
+        table.add(kind, workers, r["tunnels"], r["opened"], r["counted"], r["alive"], r["rss_before"] / 2**20,
                   r["rss_after"] / 2**20, r["kib_per_tunnel"], ratio(r["kib_per_tunnel"], base),
                   r["fds_per_tunnel"], _failures(r["failed"]))
     table.notes += [
         "Goal: gatewayd <= 8 KiB per idle tunnel (nginx measured 17.6 KiB).",
         f"RSS read after a warm-up (200 tunnels echoing 1 s, closed) and {SETTLE:g} s after the last "
         f"tunnel opened; {CLIENTS} client processes, source addresses 127.0.0.11-{10 + CLIENTS}. "
-        "alive after: tunnels that echoed a frame once the RSS was read.",
+        "alive after: tunnels that echoed a frame once the RSS was read. counted by the proxy: "
+        "gatewayd's snapshot, the route's tunnels (n/a: nginx has no such figure).",
     ]
     return table
 
@@ -301,16 +325,17 @@ def _bulk_table(ctx: Context, proxies: list[str], runs: dict[str, list[dict[str,
 def _flood_table(proxies: list[str], runs: dict[str, dict[str, Any]]) -> Table:
     table = Table(f"WebSocket tunnels, back-pressure: {FLOOD_MIB} MiB sent down a tunnel whose client does not "
                   f"read for {FLOOD_PAUSE:g} s (1 worker)",
-                  ["proxy", "RSS growth, peak KiB", "RSS growth at the end KiB", "MiB read after",
-                   "seconds to read", "errors"])
+                  ["proxy", "upstream held back after MiB", "RSS growth, peak KiB", "RSS growth at the end KiB",
+                   "MiB read after", "seconds to read", "errors"])
     for kind in proxies:
         r = runs[kind]
         if "error" in r:
-            table.add(kind, None, None, None, None, r["error"])
+            table.add(kind, None, None, None, None, None, r["error"])
             continue
-        table.add(kind, r["peak_growth"] // 1024, r["held_growth"] // 1024, r["read_after"] / 2**20,
-                  r["read_seconds"], "-")
+        table.add(kind, r.get("upstream_paused_mib"), r["peak_growth"] // 1024, r["held_growth"] // 1024,
+                  r["read_after"] / 2**20, r["read_seconds"], "-")
     table.notes.append("Bounded if the growth stays far below the flood (a few write buffers, not "
                        f"{FLOOD_MIB} MiB); the client's receive buffer is 64 KiB. MiB read after: every "
-                       "byte must still arrive once it reads.")
+                       "byte must still arrive once it reads. upstream held back after: the MiB the upstream had "
+                       "written when its transport first paused (n/a: it never paused, the proxy took it all).")
     return table

@@ -21,7 +21,7 @@ from ..config.loader import DEFAULT_CONFIG
 from ..exits import EXIT_CONNECT, EXIT_OK, EXIT_PIPE, EXIT_REFUSED, EXIT_USAGE
 
 if TYPE_CHECKING:  # types only: importing them would load the proxy and aiohttp (~0.3 s a command)
-    from .protocol import Request, RouteSnapshot, ServerSnapshot, SetLimitRequest, Snapshot
+    from .protocol import Request, RouteSnapshot, ServerSnapshot, SetLimitRequest, Snapshot, Waiter
 
 
 class Unreachable(ConnectionError):
@@ -94,6 +94,9 @@ def print_status(s: Snapshot) -> None:
         tunnels = tunnels_line(r)
         if tunnels:
             print(tunnels)
+        deadlines = deadlines_line(r)
+        if deadlines:
+            print(deadlines)
 
 
 def tunnels_line(r: RouteSnapshot) -> str | None:
@@ -104,6 +107,33 @@ def tunnels_line(r: RouteSnapshot) -> str | None:
         return None
     return (f"  tunnels {r.get('tunnels', 0)}/{cap}  opened {r.get('tunnels_total', 0)}  "
             f"full {r.get('rejected', {}).get('tunnels_full', 0)}")
+
+
+def deadlines_line(r: RouteSnapshot) -> str | None:
+    """``  service 100.0 ms  completes 200.0/s  deadline 3  preempted 1  route timeout 0``:
+    the route's estimates and its deadline and class refusals (SPEC §12), for a route
+    with an estimate or one of those refusals; None for another, or from a gatewayd
+    without them."""
+    est = r.get("estimates")
+    rej = r.get("rejected", {})
+    counts = [rej.get(k, 0) for k in ("deadline", "preempted", "route_timeout")]
+    service = est.get("service_ms") if est else None
+    rate = est.get("completion_rate", 0.0) if est else 0.0
+    if service is None and not rate and not any(counts):
+        return None
+    return (f"  service {_ms(service)} ms  completes {rate:.1f}/s  deadline {counts[0]}  "
+            f"preempted {counts[1]}  route timeout {counts[2]}")
+
+
+def waiter_line(w: Waiter) -> str:
+    """A waiter of ``queue``: its wait, request and client, then its class and the seconds
+    left of its deadline (SPEC §12) when the gatewayd says them."""
+    line = f"{w['wait_ms'] / 1000:8.3f}s  {w['method']:<7} {w['path']}  from {w['client']}"
+    priority = w.get("priority")
+    if priority is not None:
+        left = w.get("deadline_in")
+        line += f"  {priority}  " + ("no deadline" if left is None else f"{left:.3f}s left")
+    return line
 
 
 def expiry_text(not_after: float, now: float) -> str:
@@ -302,7 +332,7 @@ def run(argv: list[str] | None) -> int:
         waiters = answer.get("waiters", [])
         print(f"{len(waiters)} waiting on route {args.route}")
         for w in waiters:
-            print(f"{w['wait_ms'] / 1000:8.3f}s  {w['method']:<7} {w['path']}  from {w['client']}")
+            print(waiter_line(w))
     elif cmd == "clients":
         rows = answer.get("clients", [])
         print(f"{'client':<39} {'queued':>7} {'rate_limited':>12} {'queue_full':>10}")

@@ -10,21 +10,23 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, TypedDict
 
-from ..stats.metrics import Counts, RouteCounters
+from ..proxy.admission import Gate, Prioritized
+from ..proxy.deadlines import CLASSES, Estimator
+from ..stats.metrics import Counts, RouteCounters, RouteStats
 from ..stats.process import GcExport, cpu_seconds, fd_limit, open_fds, rss_bytes
 from ..upstreams.state import UpstreamExport
-from .protocol import ClientRow, LoopLag, ProxyProtocolSnapshot, TlsSnapshot, Waiter
+from .protocol import ClientRow, Estimates, LoopLag, ProxyProtocolSnapshot, TlsSnapshot, Waiter
 
 if TYPE_CHECKING:
-    from ..proxy.exchange import Upstream
+    from ..proxy.exchange import Route, Upstream
     from ..runtime.state import Runtime
 
 XRAY_SUMMARY = 5  # waiters listed per route in a snapshot (the queue command lists all)
 
 
 class RouteTotals(RouteCounters):
-    """A route's counters (``rejected`` with ``tunnels_full`` too): what a worker that
-    exits leaves behind (``merge.retire``)."""
+    """A route's counters (``rejected`` with ``tunnels_full``, ``deadline``, ``preempted``
+    and ``route_timeout`` too): what a worker that exits leaves behind (``merge.retire``)."""
 
     tunnels_total: int  # WebSocket tunnels opened since start
 
@@ -35,6 +37,8 @@ class RouteFigures(RouteTotals):
     tunnels: int  # WebSocket tunnels open now
     in_flight: int
     queued: int
+    queued_by_priority: Counts  # by class (CLASSES)
+    estimates: Estimates  # rate summed, service time the largest
     oldest_wait_ms: float
     waiters: list[Waiter]  # the oldest few (XRAY_SUMMARY) of each process
 
@@ -84,12 +88,46 @@ def waiters(runtime: Runtime, route: str, limit: int | None = None) -> list[Wait
         return []
     now = runtime.lag._loop.time() if runtime.lag._loop else 0.0
     out: list[Waiter] = []
+    pid = os.getpid()
     for w in r.gate.waiters:
+        deadline = w.deadline
         out.append({"wait_ms": round((now - w.since) * 1000, 3), "method": w.method,
-                    "path": w.path, "client": w.client, "pid": os.getpid()})
+                    "path": w.path, "client": w.client, "pid": pid, "priority": CLASSES[w.priority],
+                    "deadline_in": round(max(deadline - now, 0.0), 3) if deadline else None})
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def rejected(stats: RouteStats) -> Counts:
+    """A route's refusals by reason: ``RouteStats.export``'s and those it counts apart
+    (WebSocket tunnels, SPEC §11; deadlines and classes, SPEC §12)."""
+    return {"queue_full": stats.queue_full, "queue_timeout": stats.queue_timeout,
+            "client_queue_full": stats.client_queue_full, "rate_limited": stats.rate_limited,
+            "tunnels_full": stats.tunnels_full, "deadline": stats.deadline, "preempted": stats.preempted,
+            "route_timeout": stats.route_timeout}
+
+
+def queued_by_priority(route: Route) -> Counts:
+    """The route's waiters by class. A route that ranks its waiters (``priority_header``)
+    counts them by class; on another, every waiter is of the route's ``priority``."""
+    waiters = route.gate.waiters
+    if isinstance(waiters, Prioritized):
+        return dict(zip(CLASSES, waiters.by_class(), strict=True))
+    counts = dict.fromkeys(CLASSES, 0)
+    counts[route.config.priority] = len(waiters)
+    return counts
+
+
+def estimator(gate: Gate, now: float | None) -> Estimator:
+    """The route's estimator, sampled now if a sample is due (as it is without a loop)."""
+    return gate.estimator if now is None else gate.estimate(now)
+
+
+def estimates(e: Estimator) -> Estimates:
+    """What the snapshot says of a route's estimates."""
+    return {"completion_rate": round(e.rate, 3),
+            "service_ms": round(e.service * 1000, 3) if e.service > 0 else None}
 
 
 def clients(runtime: Runtime, route: str) -> list[ClientRow]:
@@ -117,17 +155,20 @@ def clients(runtime: Runtime, route: str) -> list[ClientRow]:
 
 def export(runtime: Runtime) -> ProcessExport:
     """This process's raw figures."""
-    loop_now = runtime.lag._loop.time() if runtime.lag._loop else 0.0
+    loop = runtime.lag._loop
+    loop_now = loop.time() if loop else 0.0
     routes: dict[str, RouteExport] = {}
     for name, r in runtime.table.routes.items():
         gate = r.gate
         stats = r.stats
         counters = stats.export()
-        counters["rejected"]["tunnels_full"] = stats.tunnels_full  # a fresh dict, ours to add to
+        counters["rejected"] = rejected(stats)
         routes[name] = {
             **counters,
             "tunnels": stats.tunnels, "tunnels_total": stats.tunnels_total,
             "in_flight": gate.in_flight, "queued": len(gate.waiters),
+            "queued_by_priority": queued_by_priority(r),
+            "estimates": estimates(estimator(gate, loop_now if loop else None)),
             "limit": gate.limit, "queue_limit": gate.max_queue,
             "oldest_wait_ms": round(gate.oldest_wait(loop_now) * 1000, 3),
             "waiters": waiters(runtime, name, XRAY_SUMMARY),

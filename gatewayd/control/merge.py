@@ -2,7 +2,8 @@
 take the maximum, for ``max`` and age fields), and the counters of workers that
 exited are kept (``retire``) so that gateway-wide totals never go backwards when
 a worker is replaced. A route's open tunnels are a gauge (a worker's tunnels end with
-it); the tunnels it opened are a counter, kept.
+it); the tunnels it opened are a counter, kept. A route's estimates are each worker's
+of its own share: the completion rates add up, the service time is the largest.
 
 TLS handshakes sum like the other counters; the certificates are those of the
 configuration in force, the same in every worker, so they are taken once.
@@ -21,7 +22,15 @@ from ..stats.metrics import LATENCY_BUCKETS, PAUSE_BUCKETS, RESPONSE_CLASSES, Co
 from ..stats.process import GcExport, GcGeneration, GcPause
 from ..upstreams.state import ServerExport
 from .export import XRAY_SUMMARY, ProcessExport, ProcessFigures, RouteFigures, RouteTotals
-from .protocol import ClientRow, ProxyProtocolSnapshot, ServerSnapshot, TlsSnapshot, UpstreamSnapshot, Waiter
+from .protocol import (
+    ClientRow,
+    Estimates,
+    ProxyProtocolSnapshot,
+    ServerSnapshot,
+    TlsSnapshot,
+    UpstreamSnapshot,
+    Waiter,
+)
 
 # Worst first: the merged state of a server is the first any worker reports.
 STATES = ("down", "unhealthy", "ejected", "trial", "kept", "up")
@@ -79,7 +88,7 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
     responses = {c: 0 for c in RESPONSE_CLASSES}
     codes: Counts = {}
     rejected = {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0, "rate_limited": 0,
-                "tunnels_full": 0}
+                "tunnels_full": 0, "deadline": 0, "preempted": 0, "route_timeout": 0}
     errors: Counts = {}
     latency: HistogramExport | None = None
     own: HistogramExport | None = None
@@ -100,10 +109,14 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
     in_flight = queued = tunnels = 0
     oldest = 0.0
     xray: list[Waiter] = []
+    by_priority: Counts = {}
+    estimates: Estimates = {"completion_rate": 0.0, "service_ms": None}
     for r in live:
         tunnels += r["tunnels"]  # a gauge: the tunnels of a worker that exited closed with it
         in_flight += r["in_flight"]
         queued += r["queued"]
+        add_counts(by_priority, r["queued_by_priority"])
+        add_estimates(estimates, r["estimates"])
         oldest = max(oldest, r["oldest_wait_ms"])
         xray.extend(r["waiters"])
     xray.sort(key=_age)
@@ -114,9 +127,19 @@ def merge_route(name: str, exports: Sequence[ProcessExport], retired: Retired | 
         "gateway_latency": own or empty_histogram(LATENCY_BUCKETS),
         "queue_wait": qwait or empty_histogram(LATENCY_BUCKETS),
         "tunnels": tunnels, "tunnels_total": opened,
-        "in_flight": in_flight, "queued": queued, "oldest_wait_ms": oldest,
+        "in_flight": in_flight, "queued": queued, "queued_by_priority": by_priority,
+        "estimates": estimates, "oldest_wait_ms": oldest,
         "waiters": xray[:XRAY_SUMMARY],
     }
+
+
+def add_estimates(into: Estimates, more: Estimates) -> None:
+    """A worker's estimates into the route's: rates summed (each worker completes its
+    share), the service time the largest known."""
+    into["completion_rate"] = round(into["completion_rate"] + more["completion_rate"], 3)
+    service = more["service_ms"]
+    if service is not None and (into["service_ms"] is None or service > into["service_ms"]):
+        into["service_ms"] = service
 
 
 def _age(w: Waiter) -> float:

@@ -23,7 +23,7 @@ from .merge import (
     merge_upstreams,
     worker_totals,
 )
-from .protocol import RouteSnapshot, RuntimeInfo, Snapshot, Waiter, WorkerSnapshot
+from .protocol import Estimates, RouteSnapshot, RuntimeInfo, Snapshot, Waiter, WorkerSnapshot
 
 if TYPE_CHECKING:
     from ..config.settings import Config
@@ -81,8 +81,8 @@ def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
                   responses: Counts, codes: Counts, rejected: Counts, cancelled_queued: int,
                   cancelled_in_flight: int, upstream_errors: Counts, latency: HistogramExport,
                   latency_ms: Quantiles, gateway_latency: HistogramExport, queue_wait: HistogramExport,
-                  queue_wait_ms: Quantiles, tunnels: int, max_tunnels: int, tunnels_total: int
-                  ) -> RouteSnapshot:
+                  queue_wait_ms: Quantiles, tunnels: int, max_tunnels: int, tunnels_total: int,
+                  queued_by_priority: Counts, estimates: Estimates) -> RouteSnapshot:
     """The route an operator reads, the one place one is made: from a configured
     route's merged figures (``present``) or from one process's counters, read
     directly (``snapshot.Presenter``). Positional fields, not a dict of them: the
@@ -98,6 +98,7 @@ def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
         "queued": queued,
         "max_queue": max_queue,
         "queue_timeout": queue_timeout,
+        "queued_by_priority": queued_by_priority,
         "oldest_wait_ms": oldest_wait_ms,
         "waiters": waiters,
         "requests": requests,
@@ -113,6 +114,7 @@ def present_route(name: str, upstream: str, path_prefix: str, host: str | None,
         "upstream_error_reasons": upstream_errors,
         "latency_ms": latency_ms,
         "queue_wait_ms": queue_wait_ms,
+        "estimates": estimates,
         "tunnels": tunnels,
         "max_tunnels": max_tunnels,
         "tunnels_total": tunnels_total,
@@ -137,7 +139,7 @@ def present(runtime_info: RuntimeInfo, exports: Sequence[ProcessExport],
             r["cancelled_queued"], r["cancelled_in_flight"], r["upstream_errors"],
             r["latency"], quantiles_ms(LATENCY_BUCKETS, r["latency"]), r["gateway_latency"],
             r["queue_wait"], quantiles_ms(LATENCY_BUCKETS, r["queue_wait"]), r["tunnels"],
-            conf["max_tunnels"], r["tunnels_total"]))
+            conf["max_tunnels"], r["tunnels_total"], r["queued_by_priority"], r["estimates"]))
     return present_top(runtime_info, exports, routes, retired, [worker_totals(e) for e in exports])
 
 

@@ -76,6 +76,12 @@ class SnapshotCollector(Collector):
                                      labels=["route"])
         tlimit = GaugeMetricFamily("gatewayd_route_max_tunnels",
                                    "Tunnel limit (0: the route does not carry WebSocket)", labels=["route"])
+        by_class = GaugeMetricFamily("gatewayd_queue_depth_by_priority", "Requests waiting for a slot, by class",
+                                     labels=["route", "priority"])
+        service = GaugeMetricFamily("gatewayd_route_service_seconds",
+                                    "The route's typical service time (absent while unknown)", labels=["route"])
+        completion = GaugeMetricFamily("gatewayd_route_completion_rate",
+                                       "Requests the route completes a second (recent estimate)", labels=["route"])
         for r in routes:
             name = r["name"]
             for code, n in sorted(r["codes"].items()):
@@ -100,10 +106,17 @@ class SnapshotCollector(Collector):
             tunnels.add_metric([name], r["tunnels"])
             opened.add_metric([name], r["tunnels_total"])
             tlimit.add_metric([name], r["max_tunnels"])
+            for priority, n in r["queued_by_priority"].items():
+                by_class.add_metric([name, priority], n)
+            est = r["estimates"]
+            if est["service_ms"] is not None:
+                service.add_metric([name], est["service_ms"] / 1000)
+            completion.add_metric([name], est["completion_rate"])
         for code, n in sorted(s.get("unrouted", {}).items()):
             req.add_metric(["-", code], n)  # answered before or without a route
         yield from (req, inflight, depth, oldest, limit, qlimit, rejected, cancelled,
-                    cancelled_q, uperr, duration, own, qwait, tunnels, opened, tlimit)
+                    cancelled_q, uperr, duration, own, qwait, tunnels, opened, tlimit, by_class, service,
+                    completion)
 
         gcp = HistogramMetricFamily("gatewayd_gc_pause_seconds", "GC pause per collection",
                                     labels=["generation"])

@@ -32,6 +32,17 @@ class Waiter(TypedDict):
     path: str
     client: str
     pid: int  # the worker holding it
+    priority: str  # its class: critical, default or sheddable (SPEC §12)
+    deadline_in: float | None  # seconds left until its deadline (3 decimals); None without one
+
+
+class Estimates(TypedDict):
+    """A route's estimates (SPEC §12, proxy.deadlines.Estimator): how fast it completes
+    requests (a second, summed over the workers) and its typical service time (the
+    largest over the workers; None while unknown)."""
+
+    completion_rate: float
+    service_ms: float | None
 
 
 class LoopLag(TypedDict):
@@ -52,6 +63,7 @@ class RouteSnapshot(TypedDict):
     queued: int
     max_queue: int
     queue_timeout: float
+    queued_by_priority: Counts  # waiters by class: critical, default, sheddable
     oldest_wait_ms: float
     waiters: list[Waiter]  # the oldest few (export.XRAY_SUMMARY); ``queue`` lists all
     requests: int
@@ -59,7 +71,9 @@ class RouteSnapshot(TypedDict):
     gateway_answers: int  # answers the gateway made itself (sheds, refusals, errors)
     responses: Counts  # by class: 1xx ... 5xx
     codes: Counts  # by status code
-    rejected: Counts  # queue_full, queue_timeout, client_queue_full, rate_limited, tunnels_full
+    # queue_full, queue_timeout, client_queue_full, rate_limited, tunnels_full, deadline,
+    # preempted, route_timeout
+    rejected: Counts
     cancelled: int
     cancelled_queued: int
     cancelled_in_flight: int
@@ -67,6 +81,7 @@ class RouteSnapshot(TypedDict):
     upstream_error_reasons: Counts
     latency_ms: Quantiles
     queue_wait_ms: Quantiles
+    estimates: Estimates
     tunnels: int  # WebSocket tunnels open now
     max_tunnels: int  # the gateway-wide cap; 0 on a route without ``websocket = true``
     tunnels_total: int  # tunnels opened since start

@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING
 
 from ..stats.metrics import LATENCY_BUCKETS, quantiles_ms_of
 from .encode import snapshot_json, without_histograms
-from .export import XRAY_SUMMARY, clients, export, process_figures, waiters
+from .export import (
+    XRAY_SUMMARY,
+    clients,
+    estimates,
+    estimator,
+    export,
+    process_figures,
+    queued_by_priority,
+    rejected,
+    waiters,
+)
 from .merge import retire
 from .present import present, present_route, present_top, route_order, route_order_from, runtime_info
 from .protocol import RouteSnapshot, Snapshot
@@ -56,6 +66,7 @@ class Presenter:
             return None
         overrides = runtime.overrides
         loop = runtime.lag._loop
+        now = loop.time() if loop else None
         old = self._entries
         new: dict[str, _Entry] = {}
         out: list[RouteSnapshot] = []
@@ -75,10 +86,13 @@ class Presenter:
             errs = s.upstream_errors
             lat, own, qw = s.latency, s.gateway_latency, s.queue_wait
             nw = len(g.waiters)
+            # (waiters by class need no place in the key: a route with waiters is rebuilt anyway)
+            est = estimator(g, now)
             key = (rc, s, mc, mq, s.requests, lat.count, own.count, qw.count, s.queue_full, s.queue_timeout,
                    s.client_queue_full, s.rate_limited, s.cancelled_queued, s.cancelled_in_flight,
                    sum(errs.values()) if errs else 0,
-                   g.in_flight, nw, s.tunnels, s.tunnels_total, s.tunnels_full)
+                   g.in_flight, nw, s.tunnels, s.tunnels_total, s.tunnels_full, s.deadline, s.preempted,
+                   s.route_timeout, est.rate, est.service)
             requests += s.requests
             in_flight += g.in_flight
             queued += nw
@@ -103,8 +117,7 @@ class Presenter:
                 qw_h = qw.export()
                 qw_q = quantiles_ms_of(LATENCY_BUCKETS, qw_h["counts"], qw_h["count"])
             if nw:
-                now = loop.time() if loop else 0.0
-                oldest = round(g.oldest_wait(now) * 1000, 3)
+                oldest = round(g.oldest_wait(now or 0.0) * 1000, 3)
                 xray = waiters(runtime, name, XRAY_SUMMARY)
             else:
                 oldest, xray = 0.0, []
@@ -114,11 +127,9 @@ class Presenter:
                 oldest, xray, s.requests,
                 {"1xx": resp[1], "2xx": resp[2], "3xx": resp[3], "4xx": resp[4], "5xx": resp[5]},
                 {str(c): n for c, n in s.codes.items()},
-                {"queue_full": s.queue_full, "queue_timeout": s.queue_timeout,
-                 "client_queue_full": s.client_queue_full, "rate_limited": s.rate_limited,
-                 "tunnels_full": s.tunnels_full},
-                s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, own_h, qw_h, qw_q,
-                s.tunnels, rc.max_tunnels if rc.websocket else 0, s.tunnels_total)
+                rejected(s), s.cancelled_queued, s.cancelled_in_flight, dict(errs), lat_h, lat_q, own_h, qw_h,
+                qw_q, s.tunnels, rc.max_tunnels if rc.websocket else 0, s.tunnels_total, queued_by_priority(r),
+                estimates(est))
             new[name] = _Entry(key, route)
             out.append(route)
         self._entries = new

@@ -433,7 +433,7 @@ class Gate:
         loop = self._loop
         assert loop is not None
         expires = waiter.since + timeout
-        leave = waiter.deadline - self.estimator.service
+        leave = waiter.deadline - self.estimator.needed
         if leave < expires:
             waiter.timer = loop.call_at(max(leave, now), self._doomed, waiter, expires)
         else:
@@ -445,7 +445,7 @@ class Gate:
         loop = self._loop
         assert loop is not None
         now = loop.time()
-        if waiter.deadline - self.estimate(now).service > now + 0.001:
+        if waiter.deadline - self.estimate(now).needed > now + 0.001:
             self._watch(waiter, now, expires - waiter.since)
             return
         if self.waiters.remove(waiter):

@@ -346,7 +346,7 @@ class Gateway:
         if deadline:
             estimate = gate.estimate(now)
             wait = estimate.wait(gate.ahead(priority), gate.limit)
-            if wait is not None and now + wait + estimate.service > deadline:
+            if wait is not None and now + wait + estimate.needed > deadline:
                 if body is not None:
                     body.close()
                 stats.deadline += 1

@@ -81,7 +81,7 @@ class Queued:
         route.stats.queue_wait.observe(now - self.start)
         if route.rules is not None:
             deadline = request.deadline
-            if deadline and deadline - now < route.gate.estimator.service:
+            if deadline and deadline - now < route.gate.estimator.needed:
                 # a slot it could not use in time: declined, the next waiter's (SPEC §12)
                 if body is not None:
                     body.close()

@@ -13,7 +13,7 @@ import os
 import resource
 import time
 from collections import deque
-from typing import Any, NotRequired, TypedDict
+from typing import NotRequired, TypedDict
 
 from .metrics import PAUSE_BUCKETS, Histogram, HistogramExport
 
@@ -22,26 +22,20 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class TaskCounter:
-    """A task factory that counts live tasks: +1 on creation, -1 when done."""
+    """The live asyncio tasks, counted when asked (a snapshot) from asyncio's own
+    registry: no task factory, so a request served in a task pays nothing for
+    being counted (a factory cost a Python call and a done callback per task,
+    4.5 % of an in-process ASGI request)."""
 
     def __init__(self) -> None:
-        self.live = 0
-        self.created = 0
-
-    def _done(self, _task: asyncio.Future[Any]) -> None:
-        self.live -= 1
-
-    def factory(self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-        task = asyncio.Task(coro, loop=loop, **kwargs)
-        self.live += 1
-        self.created += 1
-        task.add_done_callback(self._done)
-        return task
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        # tasks that exist before the factory are counted once, as a base
-        self.live += len(asyncio.all_tasks(loop))
-        loop.set_task_factory(self.factory)
+        self._loop = loop
+
+    @property
+    def live(self) -> int:
+        return len(asyncio.all_tasks(self._loop)) if self._loop is not None else 0
 
 
 class LoopLag:

@@ -62,7 +62,9 @@ async def test_snapshot_fields_with_known_load(start_gateway, upstream):
     assert (r["name"], r["in_flight"], r["max_concurrency"], r["queued"], r["max_queue"]) == ("app", 2, 2, 3, 10)
     assert r["requests"] == 5 and r["responses"]["2xx"] == 0
     assert r["rejected"] == {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0, "rate_limited": 0,
-                             "tunnels_full": 0}
+                             "tunnels_full": 0, "deadline": 0, "preempted": 0, "route_timeout": 0}
+    assert r["queued_by_priority"] == {"critical": 0, "default": 3, "sheddable": 0}  # a route without classes
+    assert {w["priority"] for w in r["waiters"]} == {"default"} and {w["deadline_in"] for w in r["waiters"]} == {None}
     assert (r["tunnels"], r["max_tunnels"], r["tunnels_total"]) == (0, 0, 0)  # not a websocket route
     assert r["cancelled"] == 0 and r["upstream_errors"] == 0
     assert set(r["latency_ms"]) >= {"p50", "p99"}

@@ -137,7 +137,8 @@ def test_snapshot_json_is_json_dumps():
         record(stats, rng)
     exp = stats.export()
     exp.update({"in_flight": 1, "queued": 0, "oldest_wait_ms": 0.0, "waiters": [], "tunnels": 2,
-                "tunnels_total": 5})
+                "tunnels_total": 5, "queued_by_priority": {"critical": 0, "default": 0, "sheddable": 0},
+                "estimates": {"completion_rate": 12.5, "service_ms": None}})
     order = [{"name": "é \"q\"", "upstream": "u", "path_prefix": "/", "host": None,
               "max_concurrency": 3, "max_queue": 4, "queue_timeout": 2.0, "max_tunnels": 9}]
     info = {"version": "x", "pid": 1, "last_reload": {"ok": False, "error": "bad\nline ☃"}}
@@ -226,6 +227,14 @@ CHANGES = [
      lambda r: r["tunnels_total"]),
     ("tunnels_full", lambda s, g: setattr(s, "tunnels_full", s.tunnels_full + 1),
      lambda r: r["rejected"]),
+    ("deadline", lambda s, g: setattr(s, "deadline", s.deadline + 1),
+     lambda r: r["rejected"]),
+    ("preempted", lambda s, g: setattr(s, "preempted", s.preempted + 1),
+     lambda r: r["rejected"]),
+    ("route_timeout", lambda s, g: setattr(s, "route_timeout", s.route_timeout + 1),
+     lambda r: r["rejected"]),
+    ("service time", lambda s, g: g.estimator.observe(0.25),
+     lambda r: r["estimates"]),
 ]
 
 

@@ -35,6 +35,8 @@ def route_export(tunnels: int, opened: int, full: int) -> dict[str, Any]:
     counters: dict[str, Any] = dict(stats.export())
     counters["rejected"]["tunnels_full"] = full
     return {**counters, "tunnels": tunnels, "tunnels_total": opened, "in_flight": 0, "queued": 0,
+            "queued_by_priority": {"critical": 0, "default": 0, "sheddable": 0},
+            "estimates": {"completion_rate": 0.0, "service_ms": None},
             "limit": 5, "queue_limit": 5, "oldest_wait_ms": 0.0, "waiters": []}
 
 

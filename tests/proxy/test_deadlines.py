@@ -5,7 +5,6 @@ real clients; waits on conditions, never bare sleeps."""
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
@@ -100,7 +99,7 @@ async def test_a_request_that_cannot_make_it_is_refused_at_arrival(start_gateway
     seen = upstream.started
     began = time.monotonic()
     head = await head_of(gw.port, get("/slow?ms=100", f"{HEADER}: 1.0"))
-    assert time.monotonic() - began < 0.1
+    assert time.monotonic() - began < 0.5  # at once, not after a wait (its budget is 1 s)
     assert head.startswith(b"HTTP/1.1 503 ") and reason_of(head) == "deadline"
     assert stats(gw).deadline == 1
     await asyncio.gather(*waiting)
@@ -109,7 +108,8 @@ async def test_a_request_that_cannot_make_it_is_refused_at_arrival(start_gateway
 
 async def test_a_waiter_leaves_once_its_budget_cannot_cover_the_service(start_gateway, upstream) -> None:
     """Service 300 ms, one slot held for 3 s: a waiter with 1 s of budget leaves at about
-    0.7 s (when what is left no longer covers the service), before its deadline."""
+    0.625 s (when what is left no longer covers the service and its quarter more),
+    before its deadline."""
     gw = await start_gateway(app_route(upstream.url, max_concurrency=1, max_queue=10, queue_timeout=10,
                                        deadline_header=HEADER))
     await learn(gw, n=4, ms=300)
@@ -119,28 +119,26 @@ async def test_a_waiter_leaves_once_its_budget_cannot_cover_the_service(start_ga
     head = await head_of(gw.port, get("/slow?ms=10", f"{HEADER}: 1.0"))
     took = time.monotonic() - began
     assert head.startswith(b"HTTP/1.1 503 ") and reason_of(head) == "deadline"
-    assert 0.55 <= took < 0.95, took
+    assert 0.55 <= took < 0.98, took  # out before its deadline, not at it
     holder.cancel()
 
 
 async def test_retry_after_is_computed_from_the_route(start_gateway, upstream) -> None:
-    """Two slots of 100 ms (20 a second) and 40 waiters: a shed waits about 41 / 20 s."""
-    gw = await start_gateway(app_route(upstream.url, max_concurrency=2, max_queue=40, queue_timeout=10,
+    """Two slots of 100 ms (20 a second) and a queue of 20: a request shed at the full
+    queue is told about 21 / 20 s, whatever the configured retry_after."""
+    gw = await start_gateway(app_route(upstream.url, max_concurrency=2, max_queue=20, queue_timeout=10,
                                        retry_after=17))
-    waiting = [asyncio.ensure_future(head_of(gw.port, get("/slow?ms=100"))) for _ in range(42)]
-    await wait_for(lambda: gate(gw).queued == 40)
-    await wait_for(lambda: upstream.finished >= 12)  # the route has run full for a while
-    waiting += [asyncio.ensure_future(head_of(gw.port, get("/slow?ms=100")))
-                for _ in range(40 - gate(gw).queued)]
-    await wait_for(lambda: gate(gw).queued == 40)
-    capacity = gate(gw).estimator.capacity(2)
-    assert 15 < capacity < 25, capacity  # two slots of 100 ms
-    head = await head_of(gw.port, get("/slow?ms=100"))
-    assert reason_of(head) == "queue_full"
-    got = retry_after_of(head)
-    assert got == min(60, max(1, math.ceil(41 / capacity))) and got != 17
-    assert 1 <= got <= 6
-    await asyncio.gather(*waiting)
+    first = [asyncio.ensure_future(head_of(gw.port, get("/slow?ms=100"))) for _ in range(22)]
+    await wait_for(lambda: gate(gw).queued == 20)
+    await wait_for(lambda: upstream.finished >= 12, timeout=10)  # the route has run full for a while
+    # (as a shed does, this takes a sample: its rate is over the time since the first waiter)
+    capacity = gate(gw).estimate(asyncio.get_running_loop().time()).capacity(2)
+    assert 12 < capacity < 28, capacity  # two slots of 100 ms
+    # a burst: the queue fills again and the rest is shed, each told when to come back
+    burst = await asyncio.gather(*(head_of(gw.port, get("/slow?ms=100")) for _ in range(30)))
+    shed = [retry_after_of(h) for h in burst if reason_of(h) == "queue_full"]
+    assert shed and all(v is not None and 1 <= v <= 3 for v in shed), shed
+    await asyncio.gather(*first)
 
 
 async def test_retry_after_is_the_configured_one_while_nothing_is_known(start_gateway, upstream) -> None:

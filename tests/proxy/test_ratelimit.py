@@ -224,7 +224,7 @@ async def test_access_log_and_metrics_name_rate_limited(start_gateway, upstream,
     rejected = {x.labels["reason"]: x.value for x in families["gatewayd_rejected"].samples
                 if x.name == "gatewayd_rejected_total"}
     assert rejected == {"queue_full": 0, "queue_timeout": 0, "client_queue_full": 0, "rate_limited": 1,
-                        "tunnels_full": 0}
+                        "tunnels_full": 0, "deadline": 0, "preempted": 0, "route_timeout": 0}
 
 
 async def test_two_workers_share_one_allowance(gateway_process, upstream):

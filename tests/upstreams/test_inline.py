@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from .. import faults
-from ..conftest import status_of, wait_for
+from ..conftest import TasksMade, status_of, wait_for
 from ..faults import RawUpstream, Respond
 from .test_failures import READ_TIMEOUT, Baseline, _reason, route_to
 
@@ -73,14 +73,14 @@ async def test_warm_gets_make_no_task(start_gateway) -> None:
     try:
         gw = await start_gateway(route_to(relay.url))
         client = await _warm(gw, relay)
-        created = gw.runtime.tasks.created
-        for i in range(20):
-            method = "HEAD" if i % 4 == 3 else "GET"
-            head, body = await client.get(f"/n{i}", method)
-            assert status_of(head) == 200, head
-            assert body == (b"" if method == "HEAD" else b"ok\n")
-            assert b"content-length: 3" in head.lower()
-        assert gw.runtime.tasks.created == created
+        with TasksMade() as tasks:
+            for i in range(20):
+                method = "HEAD" if i % 4 == 3 else "GET"
+                head, body = await client.get(f"/n{i}", method)
+                assert status_of(head) == 200, head
+                assert body == (b"" if method == "HEAD" else b"ok\n")
+                assert b"content-length: 3" in head.lower()
+        assert tasks.made == 0
         assert len(relay.connections) == 1 and len(relay.requests) == 21
         stats = gw.runtime.table.routes["app"].stats
         assert stats.codes == {200: 21} and stats.latency.count == 21  # counted as any other
@@ -182,16 +182,16 @@ async def test_queued_requests_make_no_task(start_gateway) -> None:
         warm = await _warm(gw, relay)
         route = gw.runtime.table.routes["app"]
         clients = [await Client.open(gw.port) for _ in range(4)]
-        created = gw.runtime.tasks.created
-        for i, c in enumerate(clients):
-            c.writer.write(f"GET /q{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            await wait_for(lambda i=i: route.stats.requests == 2 + i)  # in this order
-        assert len(route.gate.waiters) == 3
-        for c in clients:
-            async with asyncio.timeout(5):
-                head = await c.reader.readuntil(b"\r\n\r\n")
-                assert status_of(head) == 200 and await c.reader.readexactly(3) == b"ok\n"
-        assert gw.runtime.tasks.created == created
+        with TasksMade() as tasks:
+            for i, c in enumerate(clients):
+                c.writer.write(f"GET /q{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                await wait_for(lambda i=i: route.stats.requests == 2 + i)  # in this order
+            assert len(route.gate.waiters) == 3
+            for c in clients:
+                async with asyncio.timeout(5):
+                    head = await c.reader.readuntil(b"\r\n\r\n")
+                    assert status_of(head) == 200 and await c.reader.readexactly(3) == b"ok\n"
+        assert tasks.made == 0
         assert [r.request_line.split(" ")[1] for r in relay.requests] == ["/warm", "/q0", "/q1", "/q2", "/q3"]
         assert len(relay.connections) == 1
         assert route.stats.queue_wait.count == 5 and route.gate.in_flight == 0
