@@ -12,7 +12,7 @@ import asyncio
 import ssl
 from typing import cast
 
-REQUEST = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+REQUEST = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n"
 
 
 class ConnectionClosed(Exception):
@@ -50,14 +50,15 @@ class Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def request(self, path: bytes = b"/") -> asyncio.Future[Response]:
+    def request(self, path: bytes = b"/", headers: bytes = b"") -> asyncio.Future[Response]:
+        """Send ``GET path`` (``headers``: more header lines, each ending in CRLF)."""
         assert self.transport is not None and self._future is None
         fut = self._future = asyncio.get_running_loop().create_future()
         if self.closed:
             fut.set_exception(ConnectionClosed())
             self._future = None
             return fut
-        self.transport.write(REQUEST % path)
+        self.transport.write(REQUEST % (path, headers))
         return fut
 
     def close(self) -> None:

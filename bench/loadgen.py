@@ -154,8 +154,13 @@ class OpenLoop:
             return
         self._send(conn, offset)
 
+    def headers(self, offset: float) -> bytes:
+        """Header lines (each ending in CRLF) for the request scheduled at ``offset``: none
+        here; a subclass may add some."""
+        return b""
+
     def _send(self, conn: Conn, offset: float) -> None:
-        fut = conn.request(self.path)
+        fut = conn.request(self.path, self.headers(offset))
         self._seq += 1
         heapq.heappush(self._inflight, (self._t0 + offset + self.timeout, self._seq, conn, fut))
         fut.add_done_callback(partial(self._done, conn, offset))

@@ -114,6 +114,35 @@ def served_rate(upstream: Server, start: float, end: float) -> float:
     return (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
 
 
+@dataclass
+class LateCounts:
+    """What a ``report``-ing python_upstream counted between two instants."""
+
+    tagged: int = 0  # requests with X-Bench-Give-Up finished
+    late: int = 0  # ... of them after that instant
+    budgeted: int = 0  # requests received with X-Request-Timeout
+    budget_ms: float = float("nan")  # its mean value, ms
+
+    @property
+    def late_share(self) -> float:
+        return 100 * self.late / self.tagged if self.tagged else float("nan")
+
+
+def late_counts(upstream: Server, start: float, end: float) -> LateCounts:
+    """A ``report``-ing python_upstream's counts between two ``time.monotonic()`` instants
+    (the samples closest inside them); zeros with fewer than two."""
+    samples = []
+    for line in upstream.proc.log.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if (len(parts) == 7 and parts[0] == "late" and parts[1] == str(upstream.proc.pid)
+                and start <= float(parts[2]) <= end):
+            samples.append((int(parts[3]), int(parts[4]), int(parts[5]), float(parts[6])))
+    if len(samples) < 2:
+        return LateCounts()
+    (t0, l0, b0, s0), (t1, l1, b1, s1) = samples[0], samples[-1]
+    return LateCounts(t1 - t0, l1 - l0, b1 - b0, (s1 - s0) / (b1 - b0) if b1 > b0 else float("nan"))
+
+
 # ----------------------------------------------------------------------------- proxies
 def start_proxy(env: Env, kind: str, upstream_port: int, limits: Limits | None = None,
                 nogate: bool = False, tls: Pem | None = None) -> Server:
@@ -170,10 +199,12 @@ def _gatewayd_tls(tls: Pem) -> str:
     """)
 
 
-def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits, tls: Pem | None = None) -> str:
-    """The route every scenario measures; ``$GATEWAYD_ROUTE_KEYS`` (TOML lines) adds keys
-    to it, to measure what a feature costs: ``GATEWAYD_ROUTE_KEYS='rate_limit = {rate =
-    1e6, burst = 1000000}' bench/run --scenarios instructions``."""
+def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits, tls: Pem | None = None,
+                    route_keys: str = "") -> str:
+    """The route every scenario measures, with ``route_keys`` (TOML lines) added;
+    ``$GATEWAYD_ROUTE_KEYS`` adds keys to it, to measure what a feature costs:
+    ``GATEWAYD_ROUTE_KEYS='rate_limit = {rate = 1e6, burst = 1000000}' bench/run --scenarios
+    instructions``."""
     return gatewayd_head(port, upstream_port, sock, tls=tls) + textwrap.dedent(f"""
         [[routes]]
         name = "{ROUTE}"
@@ -182,15 +213,17 @@ def gatewayd_config(port: int, upstream_port: int, sock: Path, limits: Limits, t
         max_concurrency = {limits.max_concurrency}
         max_queue = {limits.max_queue}
         queue_timeout = {limits.queue_timeout}
-    """) + os.environ.get("GATEWAYD_ROUTE_KEYS", "") + "\n"
+    """) + route_keys + os.environ.get("GATEWAYD_ROUTE_KEYS", "") + "\n"
 
 
-def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False, tls: Pem | None = None) -> Server:
-    """gatewayd, one worker; ``nogate`` swaps the admission gate for a no-op (bench only)."""
+def gatewayd(env: Env, upstream_port: int, limits: Limits, nogate: bool = False, tls: Pem | None = None,
+             route_keys: str = "") -> Server:
+    """gatewayd, one worker; ``nogate`` swaps the admission gate for a no-op (bench only);
+    ``route_keys``: TOML lines added to the route."""
     d = env.folder("gatewayd")
     port = free_port()
     conf = d / "gatewayd.toml"
-    conf.write_text(gatewayd_config(port, upstream_port, d / "gatewayd.sock", limits, tls))
+    conf.write_text(gatewayd_config(port, upstream_port, d / "gatewayd.sock", limits, tls, route_keys))
     module = "bench.gatewayd_nogate" if nogate else "gatewayd"
     argv = [env.python, "-m", module, "--config", str(conf)]
     name = "gatewayd" if module == "gatewayd" else module.removeprefix("bench.").replace("_", "-")
@@ -286,9 +319,10 @@ def nginx_proxy(env: Env, upstream_port: int, tls: Pem | None = None) -> Server:
     return _start_nginx(env, "nginx", d, conf, port, env.proxy_cpu, _scheme(tls))
 
 
-def haproxy(env: Env, upstream_port: int, limits: Limits, tls: Pem | None = None) -> Server:
+def haproxy(env: Env, upstream_port: int, limits: Limits, tls: Pem | None = None,
+            backend: tuple[str, ...] = ()) -> Server:
     """HAProxy ``mode http``, one thread; limits become ``maxconn`` and ``timeout queue``;
-    ``tls``: ``bind ... ssl crt``."""
+    ``tls``: ``bind ... ssl crt``; ``backend``: more lines for the backend section."""
     d = env.folder("haproxy")
     port = free_port()
     server_opts = f" maxconn {limits.max_concurrency}" if limits.binding else ""
@@ -316,8 +350,7 @@ def haproxy(env: Env, upstream_port: int, limits: Limits, tls: Pem | None = None
 
         backend be
             http-reuse always
-            server s1 127.0.0.1:{upstream_port}{server_opts}
-    """))
+    """) + "".join(f"    {line}\n" for line in backend) + f"    server s1 127.0.0.1:{upstream_port}{server_opts}\n")
     proc = env.procs.start("haproxy", [tool("haproxy"), "-db", "-f", str(conf)], env.proxy_cpu)
     proc.wait_port(port)
     return Server("haproxy", proc, port, conf, d, _scheme(tls))

@@ -9,6 +9,13 @@ limit), first come first served; a queued request whose connection closed is
 skipped, as a worker pool that checks its socket would. A request with a
 body (Content-Length or chunked) is answered only once its whole body is in.
 
+A request may carry ``X-Bench-Give-Up``: the ``time.monotonic()`` instant its
+client gives up (the deadlines scenario); a worker that finishes such a request
+after that instant counts it as ``late``, work done for nobody (whether or not
+the proxy still holds the connection: the worker spent its slot either way).
+The budget a request arrives with in ``X-Request-Timeout`` (seconds; what a
+deadline-aware proxy passes on) is summed, to report its mean.
+
     python -m bench.upstream --port 9000 --delay 0.1 --slots 100
 """
 
@@ -41,6 +48,10 @@ class Upstream:
         self.on_arrival: Callable[[int], None] | None = None
         self.on_abort: Callable[[int], None] | None = None
         self.served = 0
+        self.tagged = 0  # served requests that carried X-Bench-Give-Up
+        self.late = 0  # ... and were finished after it
+        self.budgeted = 0  # requests received with X-Request-Timeout
+        self.budget_ms = 0.0  # ... the sum of its values
         self._server: asyncio.Server | None = None
 
     async def start(self, port: int, host: str = "127.0.0.1") -> None:
@@ -68,6 +79,11 @@ class Upstream:
 
     def _done(self, conn: _Conn) -> None:
         self.busy -= 1
+        give_up = conn.give_ups.popleft() if conn.give_ups else 0.0
+        if give_up:
+            self.tagged += 1
+            if time.monotonic() > give_up:
+                self.late += 1
         conn.respond()
         self.served += 1
         while self.waiting and (not self.slots or self.busy < self.slots):
@@ -84,7 +100,8 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.skip = 0  # request body bytes still to discard
-        self.after_body: bytes | None = None  # a request answered once its body is all in
+        self.after_body: tuple[bytes, float] | None = None  # a request answered once its body is all in
+        self.give_ups: deque[float] = deque()  # X-Bench-Give-Up of each request received (0: none)
         self.chunked = False  # in a chunked body's chunk-size lines
         self.pending = 0  # requests received, not yet answered
         self.hold_id: int | None = None
@@ -115,22 +132,28 @@ class _Conn(asyncio.Protocol):
                 continue
             if self.after_body is not None:
                 # as applications do: the whole body is read before the answer begins
-                path, self.after_body = self.after_body, None
-                self._request(path)
+                (path, give_up), self.after_body = self.after_body, None
+                self._request(path, give_up)
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 break
             head, buf = buf[:end], buf[end + 4:]
+            lower = head.lower()
             self.skip = _content_length(head)
-            self.chunked = b"\r\ntransfer-encoding: chunked" in head.lower()
+            self.chunked = b"\r\ntransfer-encoding: chunked" in lower
             path = head.split(b" ", 2)[1]
+            give_up = _header_float(lower, b"\r\nx-bench-give-up:")
+            budget = _header_float(lower, b"\r\nx-request-timeout:")
+            if budget:
+                self.server.budgeted += 1
+                self.server.budget_ms += budget * 1000
             if self.skip or self.chunked:
-                self.after_body = path
+                self.after_body = path, give_up
             else:
-                self._request(path)
+                self._request(path, give_up)
         self.buf = buf
 
-    def _request(self, path: bytes) -> None:
+    def _request(self, path: bytes, give_up: float = 0.0) -> None:
         self.pending += 1
         server = self.server
         if path.startswith(b"/hold/"):
@@ -140,7 +163,9 @@ class _Conn(asyncio.Protocol):
             if server.on_arrival is not None:
                 server.on_arrival(rid)
             asyncio.get_running_loop().call_later(server.hold, self.respond)
-        elif self.pending == 1:
+            return
+        self.give_ups.append(give_up)
+        if self.pending == 1:
             server.submit(self)
 
     def respond(self) -> None:
@@ -161,6 +186,19 @@ class _Conn(asyncio.Protocol):
                 self.server.on_abort(rid)
 
 
+def _header_float(lower_head: bytes, name: bytes) -> float:
+    """The value of header ``name`` (CRLF, lower-case name, colon) in a lower-cased request
+    head as a number; 0.0 without it."""
+    i = lower_head.find(name)
+    if i < 0:
+        return 0.0
+    end = lower_head.find(b"\r\n", i + 2)
+    try:
+        return float(lower_head[i + len(name):end if end >= 0 else None])
+    except ValueError:
+        return 0.0
+
+
 def _content_length(head: bytes) -> int:
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -176,7 +214,8 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=0, help="requests served at once (0: no limit)")
     p.add_argument("--hold", type=float, default=5.0, help="how long /hold/<id> requests are held")
     p.add_argument("--report", type=float, default=0.0,
-                   help="every this many seconds print 'served PID MONOTONIC COUNT' (0: never)")
+                   help="every this many seconds print 'served PID MONOTONIC COUNT' and "
+                        "'late PID MONOTONIC TAGGED LATE BUDGETED BUDGET_MS_SUM' (0: never)")
     args = p.parse_args()
 
     async def serve() -> None:
@@ -184,7 +223,10 @@ def main() -> None:
         await up.start(args.port)
         while True:
             if args.report:
-                print(f"served {os.getpid()} {time.monotonic():.4f} {up.served}", flush=True)
+                now = time.monotonic()
+                print(f"served {os.getpid()} {now:.4f} {up.served}\n"
+                      f"late {os.getpid()} {now:.4f} {up.tagged} {up.late} {up.budgeted} {up.budget_ms:.1f}",
+                      flush=True)
             await asyncio.sleep(args.report or 3600)
 
     from .aio import run
