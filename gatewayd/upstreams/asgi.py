@@ -39,7 +39,7 @@ from ..http.turn import Turn
 from ..http.wire import NO_BODY_STATUS
 from ..proxy.exchange import Exchange
 from .application import Application, reason_phrase
-from .appscope import Target, client_of, scheme_of, server_of
+from .appscope import Target, client_of, server_of
 from .handler import _Request, _Session
 from .lifespan import Lifespan
 
@@ -81,31 +81,45 @@ class AsgiUpstream(Application):
     # -- HTTP ----------------------------------------------------------------------------
     def _scope(self, ex: Exchange, kind: str) -> dict[str, Any]:
         request = ex.request
-        target = Target(ex)
+        protocol = request.protocol
         raw = request.raw_headers
         if raw is not self._raw_memo and raw != self._raw_memo:
             # lower-case names (ASGI), values as received; one list per distinct head
             self._headers_memo = [(n.lower(), v) for n, v in raw]
             self._raw_memo = raw
-        root = target.root_path
-        if root:
-            # The request's whole path, the stripped prefix as root_path (ASGI: frameworks
-            # route on path minus root_path, and build URLs from path).
-            path, raw_path = target.full_path, target.full_raw_path
+        forwarded = ex.path
+        if ex.route.config.strip_prefix or "%" in forwarded:
+            target = Target(ex)
+            root = target.root_path
+            if root:
+                # The request's whole path, the stripped prefix as root_path (ASGI: frameworks
+                # route on path minus root_path, and build URLs from path).
+                path, raw_path = target.full_path, target.full_raw_path
+            else:
+                path, raw_path = target.path, target.raw_path
+            query = target.query
+        else:  # (the common case, without a Target: nothing to decode, nothing stripped)
+            root = ""
+            path, _, text = forwarded.partition("?")
+            raw_path = path.encode("utf-8", "surrogateescape")
+            query = text.encode("utf-8", "surrogateescape")
+        peer = protocol.peername
+        if protocol.server.trusted_proxies is None and isinstance(peer, tuple) and len(peer) > 1:
+            client: tuple[str, int] = (peer[0], peer[1])  # (appscope.client_of, without proxies)
         else:
-            path, raw_path = target.path, target.raw_path
+            client = client_of(ex)
         scope: dict[str, Any] = {
             "type": kind,
             "asgi": ASGI_VERSION,
             "http_version": "1.1" if request.version.minor == 1 else "1.0",
             "method": request.method,
-            "scheme": scheme_of(ex),
+            "scheme": "https" if protocol.secure else "http",
             "path": path,
             "raw_path": raw_path,
-            "query_string": target.query,
+            "query_string": query,
             "root_path": root,
             "headers": self._headers_memo.copy(),  # (an application may change its own)
-            "client": client_of(ex),
+            "client": client,
             "server": server_of(ex),
         }
         if self.state is not None:

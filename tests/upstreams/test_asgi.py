@@ -54,6 +54,21 @@ async def test_the_scope_is_the_asgi_spec(start_gateway) -> None:
     assert scope["messages"] == [[0, False]]  # one http.request message, no body
 
 
+async def test_the_scope_of_a_route_that_strips_nothing(start_gateway) -> None:
+    """The common case, built without decoding: the path as forwarded, no root_path."""
+    gw = await start_gateway(asgi("a", "scope_echo"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /plain/path?a=1&b HTTP/1.1\r\nHost: h\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    scope = json.loads(await reader.readexactly(length))
+    local_port = writer.get_extra_info("sockname")[1]
+    writer.close()
+    assert (scope["path"], scope["raw_path"], scope["query_string"], scope["root_path"]) == (
+        "/plain/path", "/plain/path", "a=1&b", "")
+    assert scope["client"] == ["127.0.0.1", local_port] and scope["scheme"] == "http"
+
+
 async def test_request_bodies_arrive_as_messages(start_gateway) -> None:
     gw = await start_gateway(asgi("a", "scope_echo"), request_buffer_size=65536)
     async with aiohttp.ClientSession() as s:
