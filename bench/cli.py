@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     proxy_cpu, load_cpu = _cpus(args.proxy_cpu, args.load_cpu)
     _raise_fd_limit()
 
-    out = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")
+    # absolute: gatewayd takes a relative control socket path from its configuration's folder
+    out = (args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="run-", dir=out))
     procs = Processes(tmp)
