@@ -277,9 +277,10 @@ class Gateway:
     def _end_unadmitted(self, request: Request, route: Route, status: int, reason: str,
                         start: float) -> None:
         request.task = None
-        retry_after = route.gate.retry_after(self._loop.time(), route.retry_after) if status == 503 else None
+        now = self._loop.time()
+        retry_after = route.gate.retry_after(now, route.retry_after) if status == 503 else None
         answer(request, status, reason, retry_after, close=True)
-        route.stats.answered(status, self._loop.time() - start)
+        route.stats.answered(status, now - start)
         self._log(request, route, status, body_size(status), start, reason)
         request.protocol.finish(request)
 
